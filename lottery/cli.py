@@ -1,0 +1,98 @@
+"""The `lottery` command: Hydra config -> validated config -> IMP run. Nothing else.
+
+    lottery experiment=lenet_mnist train.steps=5000 prune.levels=5 replicates=2
+    lottery -m experiment=lenet_mnist rewind.step=0,500 seed=0,1
+
+Any bad input (unknown name, out-of-range value, missing data) stops before training with
+one line on stderr and exit status 2.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lottery.config import ConfigError, validate
+from lottery.data import DataError
+from lottery.models import ModelError
+from lottery.train import OptimizerError, use_cpu_cores
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
+
+
+def fail(message: str) -> None:
+    print(f"lottery: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config for each value of the command line's overrides (each value of a
+    sweep on its own), so that an unknown group option or key fails in one line, exit 2."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # Hydra's own flags (--help, --cfg, ...): let Hydra handle the command line
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:
+        fail(f"cannot parse the overrides: {str(error).splitlines()[0]}")
+    first = [o.input_line if not o.is_sweep_override()
+             else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    trials = [first]
+    for i, override in enumerate(parsed):
+        if override.is_sweep_override():
+            trials += [first[:i] + [f"{override.get_key_element()}={value}"] + first[i + 1:]
+                       for value in list(override.sweep_string_iterator())[1:]]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for trial in trials:
+            try:
+                compose("config", overrides=trial, return_hydra_config=True)
+            except Exception as error:
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                fail(f"{message} (overrides: {' '.join(trial)}); see `lottery --help` "
+                     "for the config groups and their options")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    from lottery import imp
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+    try:
+        run_cfg = validate(cfg)
+        use_cpu_cores(run_cfg.stack_size)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        summaries = imp.run(run_cfg, out_dir)
+    except USER_ERRORS as error:
+        fail(str(error))
+    print_table(imp.results_table(summaries))
+
+
+def print_table(table) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title="early-stop test accuracy (mean ± std over replicates)")
+    for column in ("level", "density", "branch", "test accuracy", "early-stop step", "n"):
+        view.add_column(column, justify="left" if column == "branch" else "right")
+    for row in table.itertuples():
+        std = 0.0 if row.replicates < 2 else row.accuracy_std
+        view.add_row(str(row.level), f"{100 * row.density:.2f}%", row.branch,
+                     f"{100 * row.accuracy_mean:.2f} ± {100 * std:.2f}",
+                     f"{row.early_stop_step:.0f}", str(row.replicates))
+    Console().print(view)
+
+
+def main() -> None:
+    check_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The validated run configuration: every bad input is one clear `ConfigError` line.
+
+`validate(cfg)` turns the composed Hydra config into a frozen `RunConfig` before anything
+is loaded or trained; the CLI prints the error and exits with status 2.
+"""
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from lottery.branches import BRANCHES
+from lottery.data import DATASETS
+from lottery.models import MODELS
+from lottery.pruning.prune import PrunePlan
+
+SCOPES = ("layerwise", "global")
+LOGGERS = ("none", "wandb")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(Exception):
+    """A config value that cannot run; the message names the key and how to fix it."""
+
+
+def _int(value, key: str, low: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer{why}")
+    if value < low:
+        raise ConfigError(f"{key}={value} must be at least {low}{why}")
+    return value
+
+
+def _fraction(value, key: str, why: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number in [0, 1){why}")
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key}={value} must be in [0, 1){why}")
+    return float(value)
+
+
+def _choice(value, key: str, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
+    return value
+
+
+def _section(cfg: dict, key: str) -> dict:
+    value = cfg.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a config group or mapping, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    seed: int
+    replicates: int
+    branches: tuple[str, ...]
+    dataset: dict
+    model: dict
+    optimizer: dict
+    steps: int
+    batch_size: int
+    eval_every: int
+    eval_batch_size: int
+    levels: int
+    rate: float
+    scope: str
+    layer_rates: dict
+    prune_layers: tuple[str, ...] | None
+    rewind_step: int
+    logger: dict
+    resolved: dict  # the whole resolved config, for the record and W&B
+
+    @property
+    def stack_size(self) -> int:
+        return self.replicates * len(self.branches)
+
+    def prune_plan(self, prunable: tuple[str, ...]) -> PrunePlan:
+        """Layerwise: every chosen layer at `rate` unless `layer_rates` names it. Global: the
+        chosen layers not named in `layer_rates` form one pool at `rate`."""
+        layers = self.prune_layers or prunable
+        if self.scope == "layerwise":
+            return PrunePlan({layer: self.layer_rates.get(layer, self.rate) for layer in layers})
+        own = {layer: rate for layer, rate in self.layer_rates.items() if layer in layers}
+        return PrunePlan(own, tuple(layer for layer in layers if layer not in own), self.rate)
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Check types, ranges, names and cross-field constraints; raise one `ConfigError`."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    except Exception as error:
+        raise ConfigError(f"config does not resolve: {error}") from None
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    dataset, model = _section(raw, "dataset"), _section(raw, "model")
+    optimizer, train = _section(raw, "optimizer"), _section(raw, "train")
+    prune, rewind, logger = _section(raw, "prune"), _section(raw, "rewind"), _section(raw, "logger")
+
+    _choice(dataset.get("name"), "dataset", DATASETS)
+    _choice(model.get("name"), "model", MODELS)
+    _choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
+    _choice(logger.get("name"), "logger", LOGGERS)
+    lr = optimizer.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number")
+
+    branches = raw.get("branches")
+    if isinstance(branches, str) or not isinstance(branches, (list, tuple)) or not branches:
+        raise ConfigError(f"branches={branches!r} must be a non-empty list, e.g. "
+                          "'branches=[ticket,reinit,random_prune]'")
+    for branch in branches:
+        _choice(branch, "branches", BRANCHES)
+    if len(set(branches)) != len(branches):
+        raise ConfigError(f"branches={list(branches)} names a branch twice")
+    if "ticket" not in branches:
+        raise ConfigError("branches must include ticket: its trained weights choose each level's masks")
+
+    steps = _int(train.get("steps"), "train.steps", 1)
+    rewind_step = _int(rewind.get("step"), "rewind.step", 0)
+    if rewind_step >= steps:
+        raise ConfigError(f"rewind.step={rewind_step} must be below train.steps={steps}: "
+                          "the rewind point is a step of the dense training run")
+    prunable = MODELS[model["name"]].prunable
+    layer_rates = prune.get("layer_rates") or {}
+    if not isinstance(layer_rates, dict):
+        raise ConfigError(f"prune.layer_rates={layer_rates!r} must map layer names to rates")
+    layers = prune.get("layers")
+    if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))):
+        raise ConfigError(f"prune.layers={layers!r} must be a list of layer names or null")
+    for layer in list(layer_rates) + list(layers or []):
+        if layer not in prunable:
+            raise ConfigError(f"prune layer {layer!r} is not a prunable layer of {model['name']}; "
+                              f"its prunable layers are {', '.join(prunable)}")
+    why = ": the fraction of the remaining weights removed per level"
+    return RunConfig(
+        name=str(raw.get("name", "default")),
+        seed=_int(raw.get("seed"), "seed", 0),
+        replicates=_int(raw.get("replicates"), "replicates", 1),
+        branches=tuple(branches),
+        dataset=dataset, model=model, optimizer=optimizer,
+        steps=steps,
+        batch_size=_int(train.get("batch_size"), "train.batch_size", 1),
+        eval_every=_int(train.get("eval_every"), "train.eval_every", 1),
+        eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
+        levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
+        rate=_fraction(prune.get("rate"), "prune.rate", why),
+        scope=_choice(prune.get("scope"), "prune.scope", SCOPES),
+        layer_rates={k: _fraction(v, f"prune.layer_rates.{k}", why) for k, v in layer_rates.items()},
+        prune_layers=tuple(layers) if layers else None,
+        rewind_step=rewind_step,
+        logger=logger,
+        resolved=raw,
+    )

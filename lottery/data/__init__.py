@@ -1,0 +1,16 @@
+"""Dataset registry: `load_dataset(name, **options)` returns a verified, normalised `Dataset`."""
+
+from lottery.data.dataset import DataError, Dataset
+from lottery.data.mnist import load_mnist
+from lottery.data.synthetic import load_synthetic
+
+DATASETS = {"mnist": load_mnist, "synthetic": load_synthetic}
+
+
+def load_dataset(name: str, **options) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name](**options)
+
+
+__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset"]

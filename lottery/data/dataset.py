@@ -1,0 +1,35 @@
+"""The in-memory dataset every reader returns: train / validation / test splits as numpy arrays."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(Exception):
+    """Data that cannot be found, fetched or verified; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images as float32 (N, H, W, C), already normalised; labels as int32 (N,)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """Split the last `size` examples off the training set as the validation set."""
+    if not 0 <= size < len(x):
+        raise DataError(f"validation_size={size} must be in [0, {len(x)}) for this dataset")
+    cut = len(x) - size
+    return x[:cut], y[:cut], x[cut:], y[cut:]

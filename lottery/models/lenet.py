@@ -1,0 +1,26 @@
+"""LeNet-300-100 (LeCun et al. 1998) as used by Frankle & Carbin 2019: Gaussian Glorot init."""
+
+import math
+
+from flax import nnx
+
+glorot_normal = nnx.initializers.glorot_normal()
+
+
+class LeNet300100(nnx.Module):
+    """784-300-100-10 fully connected network with ReLU; its three kernels are prunable."""
+
+    prunable = ("fc1", "fc2", "out")
+
+    def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs,
+                 hidden: tuple[int, ...] = (300, 100)):
+        inputs = math.prod(input_shape)
+        self.fc1 = nnx.Linear(inputs, hidden[0], kernel_init=glorot_normal, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)
+        self.out = nnx.Linear(hidden[1], num_classes, kernel_init=glorot_normal, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        x = nnx.relu(self.fc1(x))
+        x = nnx.relu(self.fc2(x))
+        return self.out(x)

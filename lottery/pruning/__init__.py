@@ -1,0 +1,1 @@
+"""Masks, scores and the pruning of one level."""

@@ -1,0 +1,131 @@
+"""The run's record: JSONL rows written as they happen, mirrored to W&B, loaded with pandas.
+
+Row kinds: `eval` (one per level, branch, replicate and evaluation step), `summary` (one per
+level, branch and replicate: final values and the early-stop step, the minimum validation
+loss) and `run` (the resolved config and parameter counts, first line). `record.jsonl` is
+the source of truth; W&B is a mirror that may fail without losing anything.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RECORD_NAME = "record.jsonl"
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot record {type(value).__name__}")
+
+
+class JsonlSink:
+    """Appends each row as one JSON line and flushes it, so a killed run loses no row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row, default=_plain) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """One W&B run per (branch, replicate): group = experiment, job_type = branch.
+
+    Offline unless `$WANDB_MODE` says otherwise. Any W&B failure is warned about once and
+    turns the sink off; the JSONL record is unaffected.
+    """
+
+    def __init__(self, project: str, group: str, config: dict, directory: Path,
+                 init_timeout: float = 60.0):
+        self.project, self.group, self.config = project, group, config
+        self.directory = Path(directory)
+        self.init_timeout = init_timeout
+        self.runs: dict[tuple[str, int], object] = {}
+        self.failed = False
+
+    def _guard(self, action, *args):
+        if self.failed:
+            return None
+        try:
+            return action(*args)
+        except Exception as error:  # W&B must never stop a run
+            self.failed = True
+            print(f"lottery: warning: W&B disabled for this run ({type(error).__name__}: "
+                  f"{error}); the local record is complete", file=sys.stderr)
+            return None
+
+    def _run(self, branch: str, replicate: int):
+        key = (branch, replicate)
+        if key not in self.runs:
+            import wandb
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.runs[key] = wandb.init(
+                project=self.project, group=self.group, job_type=branch,
+                name=f"{self.group}-{branch}-r{replicate}", config=self.config,
+                dir=str(self.directory), mode=os.environ.get("WANDB_MODE", "offline"),
+                reinit="create_new", settings=wandb.Settings(init_timeout=self.init_timeout))
+        return self.runs[key]
+
+    def write(self, row: dict) -> None:
+        if row.get("kind") not in ("eval", "summary"):
+            return
+        prefix = "" if row["kind"] == "eval" else "summary/"
+        values = {prefix + k: v for k, v in row.items()
+                  if isinstance(v, (int, float)) and k not in ("replicate",)}
+        self._guard(lambda: self._run(row["branch"], row["replicate"]).log(values))
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            self._guard(run.finish)
+
+
+class Record:
+    """Fans each row out to its sinks."""
+
+    def __init__(self, sinks):
+        self.sinks = list(sinks)
+
+    def write(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def load(path, kind: str | None = None) -> pd.DataFrame:
+    """All rows of one run directory, a `record.jsonl` file, or every record under a directory.
+
+    A `run` column holds each record's directory relative to `path`; `kind` filters rows
+    (`"eval"`, `"summary"`, `"run"`).
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob(RECORD_NAME))
+    if not files:
+        raise FileNotFoundError(f"no {RECORD_NAME} in {path}")
+    frames = []
+    for file in files:
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        frame = pd.DataFrame(rows)
+        base = path if path.is_dir() else path.parent
+        frame.insert(0, "run", str(file.parent.relative_to(base)) if path.is_dir() else ".")
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    if kind is not None:
+        frame = frame[frame["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
+    return frame

@@ -1,0 +1,167 @@
+"""The compiled training and evaluation programs for a stack of members.
+
+A *member* is one (branch, replicate) network: params, masks and optimizer state. The stack
+of all members is trained by one compiled program: `vmap` over the members, `lax.scan`
+over the steps of a chunk, data resident on the device and shuffled there. The stack axis
+is sharded over every available device (padded to a multiple of the device count). Masks,
+rates and the start step are traced arguments, so a run compiles each program once.
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lottery.data import Dataset
+from lottery.models import ModelSpec
+from lottery.pruning.masks import apply_masks
+
+
+class OptimizerError(Exception):
+    """An unknown optimizer or bad optimizer options."""
+
+
+def build_optimizer(name: str, lr: float, **options) -> optax.GradientTransformation:
+    """`adam` (b1, b2, eps) or `sgd` (momentum, nesterov), optionally with `weight_decay`."""
+    weight_decay = options.pop("weight_decay", 0.0)
+    try:
+        if name == "adam":
+            base = optax.adam(lr, **options)
+        elif name == "sgd":
+            base = optax.sgd(lr, **options)
+        else:
+            raise OptimizerError(f"unknown optimizer {name!r}; choose adam or sgd")
+    except TypeError as error:
+        raise OptimizerError(f"optimizer {name}: {error}") from None
+    if weight_decay:
+        return optax.chain(optax.add_decayed_weights(weight_decay), base)
+    return base
+
+
+def use_cpu_cores(stack_size: int) -> None:
+    """On CPU, split the cores into as many JAX devices as divide the stack evenly.
+
+    XLA's intra-op threading leaves cores idle for small matrices; one device per core, each
+    with its share of the stack, uses them. `$JAX_NUM_CPU_DEVICES` wins when set. Must run
+    before JAX's backend starts; afterwards it does nothing.
+    """
+    if "JAX_NUM_CPU_DEVICES" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    count = max(d for d in range(1, min(cores, stack_size) + 1) if stack_size % d == 0)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass  # backend already initialised (e.g. a second run in one process)
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
+    """(x, y, weight) reshaped to (num_batches, batch, ...), padding the last batch with weight 0."""
+    batch = min(batch, len(x))
+    pad = -len(x) % batch
+    weight = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    shape = (len(x) // batch, batch)
+    return x.reshape(*shape, *x.shape[1:]), y.reshape(shape), weight.reshape(shape)
+
+
+class Trainer:
+    """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members."""
+
+    def __init__(self, model: ModelSpec, optimizer: optax.GradientTransformation, data: Dataset,
+                 batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000):
+        devices = jax.devices()
+        self.mesh = Mesh(np.array(devices), ("stack",))
+        self.stack_size = stack_size
+        self.padded_size = math.ceil(stack_size / len(devices)) * len(devices)
+        self.stacked = NamedSharding(self.mesh, PartitionSpec("stack"))
+        self.replicated = replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.optimizer = optimizer
+        self.chunk = chunk
+        if len(data.x_train) < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(data.x_train)} training examples")
+        self.train_data = jax.device_put((data.x_train, data.y_train), replicated)
+        self.eval_data = jax.device_put(
+            (_padded_batches(data.x_val, data.y_val, eval_batch_size),
+             _padded_batches(data.x_test, data.y_test, eval_batch_size)), replicated)
+        steps_per_epoch = len(data.x_train) // batch_size
+        epochs_per_chunk = chunk // steps_per_epoch + 2
+
+        def loss_fn(params, x, y):
+            return cross_entropy(model.apply(params, x), y).mean()
+
+        def member_chunk(params, opt_state, masks, key, start_step, train_data):
+            x_all, y_all = train_data
+            first_epoch = start_step // steps_per_epoch
+            epochs = first_epoch + jnp.arange(epochs_per_chunk)
+            orders = jax.vmap(lambda e: jax.random.permutation(
+                jax.random.fold_in(key, e), len(x_all)))(epochs)
+            steps = start_step + jnp.arange(chunk)
+            batches = orders[(steps // steps_per_epoch - first_epoch)[:, None],
+                             ((steps % steps_per_epoch) * batch_size)[:, None]
+                             + jnp.arange(batch_size)[None, :]]
+
+            def step(carry, idx):
+                params, opt_state = carry
+                loss, grads = jax.value_and_grad(loss_fn)(params, x_all[idx], y_all[idx])
+                updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state, params)
+                params = apply_masks(optax.apply_updates(params, updates), masks)
+                return (params, opt_state), loss
+
+            (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+            return params, opt_state, losses.mean()
+
+        def member_eval(params, eval_data):
+            def split_metrics(split):
+                def batch(args):
+                    x, y, w = args
+                    logits = model.apply(params, x)
+                    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+                    return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
+
+                losses, corrects = jax.lax.map(batch, split)
+                total = jnp.sum(split[2])
+                return jnp.sum(losses) / total, jnp.sum(corrects) / total
+
+            (val_loss, val_acc), (test_loss, test_acc) = map(split_metrics, eval_data)
+            return {"val_loss": val_loss, "val_accuracy": val_acc,
+                    "test_loss": test_loss, "test_accuracy": test_acc}
+
+        self._train = jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, None, None)),
+                              donate_argnums=(0, 1), out_shardings=self.stacked)
+        self._eval = jax.jit(jax.vmap(member_eval, in_axes=(0, None)))
+        self._opt_init = jax.jit(jax.vmap(optimizer.init), out_shardings=self.stacked)
+
+    def pad(self, tree):
+        """Pad the stack axis to a multiple of the device count by repeating the last member
+        (traceable: call it inside a jit whose output sharding is `self.stacked`)."""
+        extra = self.padded_size - self.stack_size
+        if not extra:
+            return tree
+        return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]), tree)
+
+    def start(self, params, masks):
+        """The training state (params, opt_state, masks) for padded, placed params and masks."""
+        return params, self._opt_init(params), masks
+
+    def train_chunk(self, state, keys, start_step: int):
+        """Train every member `chunk` steps from global step `start_step`; returns the new
+        state and each member's mean training loss. The input state is donated."""
+        params, opt_state, masks = state
+        params, opt_state, loss = self._train(params, opt_state, masks, keys,
+                                              np.int32(start_step), self.train_data)
+        return (params, opt_state, masks), loss
+
+    def evaluate(self, params) -> dict[str, np.ndarray]:
+        """Validation and test loss and accuracy of every (unpadded) member."""
+        metrics = jax.device_get(self._eval(params, self.eval_data))
+        return {name: value[: self.stack_size] for name, value in metrics.items()}
