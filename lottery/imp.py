@@ -3,7 +3,8 @@
 Level 0 trains every branch dense. Each later level prunes the ticket's trained weights,
 starts every branch from the rewind weights (step k of the dense run; k = 0 is the
 initialisation) and its masks, and trains the whole (branch x replicate) stack together
-from step k to the end. Every evaluation and a summary per member go to the record.
+from step k to the end. Every evaluation and a summary per member go to the record; each level's ticket masks
+(`levels/level_NN.npz`) and the rewind weights (`rewind.npz`) are saved beside it.
 """
 
 import math
@@ -87,6 +88,17 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
             jax.jit(initial, out_shardings=replicated))
 
 
+def save_arrays(path: Path, tree, dtype=None) -> None:
+    """Save a stacked params or masks tree as `path` (npz, keys 'layer/leaf'; axis 0 = replicate),
+    atomically: a killed run never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(str(k.key) for k in keys): np.asarray(leaf, dtype)
+            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        np.savez_compressed(f, **flat)
+    path.with_suffix(".tmp").replace(path)
+
+
 def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Final and early-stop (first minimum of validation loss) values, per member.
 
@@ -147,6 +159,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
             cfg.seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
             rewind)
         alive = {layer: np.asarray(c) for layer, c in alive.items()}
+        save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
         density = sum(alive.values()) / sum(weights[layer] for layer in layers)
         state = trainer.start(params, masks)
         del params, masks
@@ -179,6 +192,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
             if step % cfg.eval_every == 0 or step == T:
                 evaluate(step)
         seconds = time.perf_counter() - started
+        if level == 0:
+            save_arrays(out_dir / "rewind.npz", rewind)
         trained_ticket = ticket_of(state[0])
         del state
 
