@@ -27,9 +27,12 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def hold_out(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
-    """Split the last `size` examples off the training set as the validation set."""
+def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Split a random `size` examples off the training set as the validation set.
+
+    The split is fixed by `seed` (not the run's seed), so every run sees the same split."""
     if not 0 <= size < len(x):
         raise DataError(f"validation_size={size} must be in [0, {len(x)}) for this dataset")
-    cut = len(x) - size
-    return x[:cut], y[:cut], x[cut:], y[cut:]
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, val = np.sort(order[size:]), np.sort(order[:size])
+    return x[train], y[train], x[val], y[val]

