@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from lottery.config import ConfigError, validate
 from lottery.data import DataError
 from lottery.models import ModelError
+from lottery.record import summary_table
 from lottery.train import OptimizerError, use_cpu_cores
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -71,7 +72,7 @@ def hydra_main(cfg: DictConfig) -> None:
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
         fail(str(error))
-    print_table(imp.results_table(summaries))
+    print_table(summary_table(summaries))
 
 
 def print_table(table) -> None:
@@ -82,10 +83,9 @@ def print_table(table) -> None:
     for column in ("level", "density", "branch", "test accuracy", "early-stop step", "n"):
         view.add_column(column, justify="left" if column == "branch" else "right")
     for row in table.itertuples():
-        std = 0.0 if row.replicates < 2 else row.accuracy_std
         view.add_row(str(row.level), f"{100 * row.density:.2f}%", row.branch,
-                     f"{100 * row.accuracy_mean:.2f} ± {100 * std:.2f}",
-                     f"{row.early_stop_step:.0f}", str(row.replicates))
+                     f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}",
+                     f"{row.early_stop_step_mean:.0f}", str(row.replicates))
     Console().print(view)
 
 

@@ -212,14 +212,3 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     progress.close()
     record.close()
     return pd.DataFrame(summaries)
-
-
-def results_table(summaries: pd.DataFrame) -> pd.DataFrame:
-    """Early-stop test accuracy and step, mean and std over replicates, per level and branch."""
-    grouped = summaries.groupby(["level", "branch"], sort=False)
-    table = grouped.agg(density=("density", "mean"),
-                        accuracy_mean=("early_stop_test_accuracy", "mean"),
-                        accuracy_std=("early_stop_test_accuracy", "std"),
-                        early_stop_step=("early_stop_step", "mean"),
-                        replicates=("replicate", "count"))
-    return table.reset_index()

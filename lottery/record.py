@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 RECORD_NAME = "record.jsonl"
+INTEGER_COLUMNS = {"level", "replicate", "step", "final_step", "early_stop_step"}
 
 
 def _plain(value):
@@ -128,4 +129,20 @@ def load(path, kind: str | None = None) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     if kind is not None:
         frame = frame[frame["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
+        for column in INTEGER_COLUMNS & set(frame.columns):
+            if frame[column].notna().all():
+                frame[column] = frame[column].astype(int)
     return frame
+
+
+def summary_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Early-stop test accuracy and step, mean and std over replicates, per level and branch
+    (branches in the order they ran)."""
+    grouped = summaries.groupby(["level", "branch"], sort=False)
+    table = grouped.agg(density=("density", "mean"),
+                        accuracy_mean=("early_stop_test_accuracy", "mean"),
+                        accuracy_std=("early_stop_test_accuracy", "std"),
+                        early_stop_step_mean=("early_stop_step", "mean"),
+                        early_stop_step_std=("early_stop_step", "std"),
+                        replicates=("replicate", "count"))
+    return table.reset_index().fillna({"accuracy_std": 0.0, "early_stop_step_std": 0.0})

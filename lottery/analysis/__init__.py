@@ -1,0 +1,1 @@
+"""Analysis of records: tables and plots (reads records; the core never imports it)."""
