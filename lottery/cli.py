@@ -55,7 +55,8 @@ def check_overrides(args: list[str]) -> None:
             try:
                 compose("config", overrides=trial, return_hydra_config=True)
             except Exception as error:
-                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                lines = str(error).splitlines() or [type(error).__name__]
+                message = " ".join([lines[0]] + [l for l in lines if l.startswith("To append")])
                 fail(f"{message} (overrides: {' '.join(trial)}); see `lottery --help` "
                      "for the config groups and their options")
 

@@ -30,6 +30,13 @@ def _int(value, key: str, low: int, why: str = "") -> int:
     return value
 
 
+def _seed(value) -> int:
+    seed = _int(value, "seed", 0)
+    if seed >= 2**32:
+        raise ConfigError(f"seed={seed} must be below 2**32")
+    return seed
+
+
 def _fraction(value, key: str, why: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}={value!r} must be a number in [0, 1){why}")
@@ -136,7 +143,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     why = ": the fraction of the remaining weights removed per level"
     return RunConfig(
         name=str(raw.get("name", "default")),
-        seed=_int(raw.get("seed"), "seed", 0),
+        seed=_seed(raw.get("seed")),
         replicates=_int(raw.get("replicates"), "replicates", 1),
         branches=tuple(branches),
         dataset=dataset, model=model, optimizer=optimizer,

@@ -3,13 +3,15 @@
 Level 0 trains every branch dense. Each later level prunes the ticket's trained weights,
 starts every branch from the rewind weights (step k of the dense run; k = 0 is the
 initialisation) and its masks, and trains the whole (branch x replicate) stack together
-from step k to the end. Every evaluation and a summary per member go to the record; each level's ticket masks
-(`levels/level_NN.npz`) and the rewind weights (`rewind.npz`) are saved beside it.
+from step k to the end. Every evaluation and a summary per member go to the record; each
+level's ticket masks (`levels/level_NN.npz`) and the rewind weights (`rewind.npz`) are
+saved beside it.
 """
 
 import math
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from tqdm import tqdm
 
 from lottery.branches import BRANCHES
 from lottery.config import ConfigError, RunConfig
-from lottery.data import load_dataset
-from lottery.models import build_model
+from lottery.data import Dataset, load_dataset
+from lottery.models import ModelSpec, build_model
 from lottery.pruning.masks import full_masks, remaining
 from lottery.pruning.prune import PrunePlan, number_to_keep, prune
 from lottery.pruning.scores import magnitude
@@ -73,7 +75,8 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
         keys = [member_keys(seed, R, level, b, "data") for b in branches]
         masks = _stack([m for _, m in begun])
         alive = jax.vmap(partial(remaining, layers=layers))(masks)
-        stack = trainer.pad((_stack([p for p, _ in begun]), masks, jnp.concatenate(keys)))
+        keys = jax.random.key_data(jnp.concatenate(keys))  # raw uint32: one stable sharding
+        stack = trainer.pad((_stack([p for p, _ in begun]), masks, keys))
         return ticket_masks, stack, alive
 
     def initial(seed):
@@ -103,7 +106,7 @@ def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict
     """Final and early-stop (first minimum of validation loss) values, per member.
 
     `history[metric]` has shape (evaluations, members)."""
-    best = np.argmin(history["val_loss"], axis=0)
+    best = np.argmin(np.nan_to_num(history["val_loss"], nan=np.inf), axis=0)  # NaN: diverged
     members = np.arange(best.size)
     summary = {"final_step": np.full(best.size, steps[-1]),
                "early_stop_step": np.asarray(steps)[best]}
@@ -113,21 +116,46 @@ def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict
     return summary
 
 
-def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
-    """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`)."""
-    out_dir = Path(out_dir)
-    data = load_dataset(cfg.dataset["name"], **{k: v for k, v in cfg.dataset.items() if k != "name"})
+@dataclass(frozen=True)
+class Setup:
+    """What a run is built from: data, model, pruning plan, weight counts and trainer."""
+
+    data: Dataset
+    model: ModelSpec
+    plan: PrunePlan
+    weights: dict[str, int]  # prunable weights per layer
+    chunk: int  # steps per compiled training call: gcd(eval_every, steps, rewind step)
+    trainer: Trainer
+
+
+def _options(section: dict) -> dict:
+    return {key: value for key, value in section.items() if key != "name"}
+
+
+def build(cfg: RunConfig) -> Setup:
+    """Load the data and build everything a run needs; refuses impossible schedules."""
+    data = load_dataset(cfg.dataset["name"], **_options(cfg.dataset))
+    if cfg.batch_size > len(data.x_train):
+        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {len(data.x_train)} "
+                          f"training examples of {data.name}")
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
-                        **{k: v for k, v in cfg.model.items() if k != "name"})
+                        **_options(cfg.model))
     plan = cfg.prune_plan(model.prunable)
     weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
     check_reachable(plan, weights, cfg.levels)
-    optimizer = build_optimizer(**cfg.optimizer)
+    chunk = math.gcd(cfg.eval_every, cfg.steps, cfg.rewind_step)
+    trainer = Trainer(model, build_optimizer(**cfg.optimizer), data, cfg.batch_size, chunk,
+                      cfg.stack_size, cfg.eval_batch_size)
+    return Setup(data, model, plan, weights, chunk, trainer)
 
+
+def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
+    """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`)."""
+    out_dir = Path(out_dir)
+    setup = build(cfg)
+    data, model, plan, weights, chunk, trainer = (
+        setup.data, setup.model, setup.plan, setup.weights, setup.chunk, setup.trainer)
     R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
-    chunk = math.gcd(cfg.eval_every, T, k)
-    trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
-                      cfg.eval_batch_size)
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
         f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}); {cfg.stack_size} members "
         f"({len(branches)} branches x {R} replicates) on {len(jax.devices())} "
@@ -158,7 +186,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         ticket_masks, (params, masks, keys), alive = begin(
             cfg.seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
             rewind)
-        alive = {layer: np.asarray(c) for layer, c in alive.items()}
+        alive = {layer: np.asarray(c).astype(np.int64) for layer, c in alive.items()}
         save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
         density = sum(alive.values()) / sum(weights[layer] for layer in layers)
         state = trainer.start(params, masks)
@@ -169,9 +197,12 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         started = time.perf_counter()
         steps, history = [], {metric: [] for metric in METRICS}
 
-        def evaluate(at):
-            metrics = trainer.evaluate(state[0])
-            losses = None if train_loss is None else np.asarray(train_loss)
+        chunk_losses = []  # each chunk's mean training loss since the last evaluation
+
+        def evaluate(at, params):
+            metrics = trainer.evaluate(params)
+            train_loss = np.mean(jax.device_get(chunk_losses), axis=0) if chunk_losses else None
+            chunk_losses.clear()
             steps.append(at)
             for metric in METRICS:
                 history[metric].append(metrics[metric])
@@ -179,18 +210,18 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
                 record.write({"kind": "eval", "level": level, "branch": branch,
                               "replicate": replicate, "density": float(density[m]), "step": at,
                               **{metric: float(metrics[metric][m]) for metric in METRICS},
-                              "train_loss": None if train_loss is None else float(losses[m])})
+                              "train_loss": None if train_loss is None else float(train_loss[m])})
 
-        train_loss = None
-        evaluate(step)
+        evaluate(step, state[0])
         while step < T:
-            state, train_loss = trainer.train_chunk(state, keys, step)
+            state, loss = trainer.train_chunk(state, keys, step)
+            chunk_losses.append(loss)
             step += chunk
             progress.update(chunk)
             if level == 0 and step == k:
                 rewind = ticket_of(state[0])  # a new buffer: survives the donation
             if step % cfg.eval_every == 0 or step == T:
-                evaluate(step)
+                evaluate(step, state[0])
         seconds = time.perf_counter() - started
         if level == 0:
             save_arrays(out_dir / "rewind.npz", rewind)

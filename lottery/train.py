@@ -88,7 +88,8 @@ class Trainer:
         self.optimizer = optimizer
         self.chunk = chunk
         if len(data.x_train) < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(data.x_train)} training examples")
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(data.x_train)} "
+                             "training examples")
         self.train_data = jax.device_put((data.x_train, data.y_train), replicated)
         self.eval_data = jax.device_put(
             (_padded_batches(data.x_val, data.y_val, eval_batch_size),
@@ -99,8 +100,9 @@ class Trainer:
         def loss_fn(params, x, y):
             return cross_entropy(model.apply(params, x), y).mean()
 
-        def member_chunk(params, opt_state, masks, key, start_step, train_data):
+        def member_chunk(params, opt_state, masks, key_data, start_step, train_data):
             x_all, y_all = train_data
+            key = jax.random.wrap_key_data(key_data)
             first_epoch = start_step // steps_per_epoch
             epochs = first_epoch + jnp.arange(epochs_per_chunk)
             orders = jax.vmap(lambda e: jax.random.permutation(
@@ -155,7 +157,8 @@ class Trainer:
 
     def train_chunk(self, state, keys, start_step: int):
         """Train every member `chunk` steps from global step `start_step`; returns the new
-        state and each member's mean training loss. The input state is donated."""
+        state and each member's mean training loss. `keys` are raw key data
+        (`jax.random.key_data`), one row per padded member. The input state is donated."""
         params, opt_state, masks = state
         params, opt_state, loss = self._train(params, opt_state, masks, keys,
                                               np.int32(start_step), self.train_data)

@@ -31,8 +31,9 @@ def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0) -> tuple[np
     """Split a random `size` examples off the training set as the validation set.
 
     The split is fixed by `seed` (not the run's seed), so every run sees the same split."""
-    if not 0 <= size < len(x):
-        raise DataError(f"validation_size={size} must be in [0, {len(x)}) for this dataset")
+    if not 0 < size < len(x):
+        raise DataError(f"dataset.validation_size={size} must be in [1, {len(x)}): early "
+                        "stopping needs a validation set")
     order = np.random.default_rng(seed).permutation(len(x))
     train, val = np.sort(order[size:]), np.sort(order[:size])
     return x[train], y[train], x[val], y[val]

@@ -5,12 +5,19 @@ Each class is a fixed random prototype image; examples are prototypes plus Gauss
 
 import numpy as np
 
-from lottery.data.dataset import Dataset
+from lottery.data.dataset import DataError, Dataset
 
 
 def load_synthetic(shape=(28, 28, 1), num_classes: int = 10, train_size: int = 2000,
                    validation_size: int = 500, test_size: int = 500, noise: float = 3.0,
                    seed: int = 0) -> Dataset:
+    sizes = {"train_size": train_size, "validation_size": validation_size, "test_size": test_size,
+             "num_classes": num_classes}
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"dataset.{name}={value!r} must be a positive integer")
+    if not all(isinstance(n, int) and n > 0 for n in shape):
+        raise DataError(f"dataset.shape={list(shape)} must be positive integers")
     rng = np.random.default_rng(seed)
     prototypes = rng.normal(size=(num_classes, *shape)).astype(np.float32)
 

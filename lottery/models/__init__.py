@@ -40,10 +40,13 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
     def make(key):
         return cls(tuple(input_shape), num_classes, rngs=nnx.Rngs(key), **options)
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    try:
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"model {name}: {error}") from None
 
     def init(key):
-        return nnx.split(make(key))[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(make(key))[1])
 
     def apply(params, x):
         return nnx.merge(graphdef, params)(x)

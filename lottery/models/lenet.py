@@ -14,6 +14,8 @@ class LeNet300100(nnx.Module):
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs,
                  hidden: tuple[int, ...] = (300, 100)):
+        if len(hidden) != 2:
+            raise ValueError(f"hidden={list(hidden)} must give the two hidden layers' widths")
         inputs = math.prod(input_shape)
         self.fc1 = nnx.Linear(inputs, hidden[0], kernel_init=glorot_normal, rngs=rngs)
         self.fc2 = nnx.Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)

@@ -1,0 +1,60 @@
+"""Test environment and the runs shared between test modules.
+
+The environment is set before JAX, W&B or lottery are imported: W&B disabled and its
+folders in a temporary directory, the data cache an empty temporary directory (so MNIST is
+never fetched by accident), two CPU devices (so the member stack is really sharded), and a
+persistent XLA compilation cache shared by every run of the session (the same small
+programs are compiled once instead of once per run). Set `$JAX_COMPILATION_CACHE_DIR`
+yourself to keep that cache between sessions.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_TMP = Path(tempfile.mkdtemp(prefix="lottery-tests-"))
+for _name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+    os.environ[_name] = str(_TMP / "wandb" / _name.lower())
+    os.makedirs(os.environ[_name], exist_ok=True)
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["LOTTERY_DATA"] = str(_TMP / "data")
+os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_TMP / "jax-cache"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+import pytest  # noqa: E402
+
+import helpers  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _TMP
+
+
+@pytest.fixture(scope="session")
+def main_run(tmp_path_factory):
+    """The reference run: TINY config (3 branches x 2 replicates, 2 levels, 40 steps,
+    evaluations at 0, 20, 40), with its trainer and level programs kept for inspection."""
+    return helpers.spied_run(helpers.run_config(), tmp_path_factory.mktemp("main") / "run")
+
+
+@pytest.fixture(scope="session")
+def main_run_repeat(tmp_path_factory):
+    """The same config run again in the same process, for determinism."""
+    return helpers.spied_run(helpers.run_config(), tmp_path_factory.mktemp("repeat") / "run")
+
+
+def pytest_configure(config):
+    # flax.nnx warns that nnx.State will become a plain dict (lottery/models/__init__.py calls
+    # `nnx.split(...)[1].to_pure_dict()`); harmless here, and noisy in every test.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`flax.nnx.State` will be deprecated:DeprecationWarning")

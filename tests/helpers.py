@@ -1,0 +1,133 @@
+"""Helpers shared by the test modules: tiny configs, the engine's setup, spied runs.
+
+Every in-process run uses the same tiny synthetic config (`TINY`, 6 members: 3 branches x 2
+replicates), so that the compiled programs are the same ones and the persistent compilation
+cache set up in conftest.py compiles them once for the whole session.
+"""
+
+import collections
+import contextlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import lottery.cli
+from lottery import imp
+from lottery.config import RunConfig, validate
+from lottery.train import Trainer
+
+TINY = {
+    "dataset": "synthetic",
+    "dataset.train_size": "600",
+    "dataset.validation_size": "100",
+    "dataset.test_size": "100",
+    "train.steps": "40",
+    "train.eval_every": "20",
+    "train.batch_size": "20",
+    "prune.levels": "2",
+    "replicates": "2",
+    "seed": "0",
+}
+BRANCHES = ("ticket", "reinit", "random_prune")
+LAYERS = ("fc1", "fc2", "out")
+WEIGHTS = {"fc1": 784 * 300, "fc2": 300 * 100, "out": 100 * 10}  # LeNet-300-100 on 28x28x1
+METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
+
+
+def overrides(*args: str, base: dict | None = TINY) -> list[str]:
+    """`base` overridden by `args` ("key=value"; a later value of a key wins)."""
+    merged = dict(base or {})
+    for arg in args:
+        key, value = arg.split("=", 1)
+        merged[key] = value
+    return [f"{key}={value}" for key, value in merged.items()]
+
+
+def compose_config(*args: str, base: dict | None = TINY):
+    with initialize_config_dir(config_dir=lottery.cli.CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides(*args, base=base))
+
+
+def run_config(*args: str, base: dict | None = TINY) -> RunConfig:
+    return validate(compose_config(*args, base=base))
+
+
+def expected_counts(n: int, rate: float, levels: int) -> list[int]:
+    """Surviving weights after 0..levels levels: n - round(rate * n) each level, in float32
+    arithmetic with round-half-to-even, as the engine does."""
+    counts = [n]
+    for _ in range(levels):
+        n = int(n - np.round(np.float32(rate) * np.float32(n)))
+        counts.append(n)
+    return counts
+
+
+def setup(cfg: RunConfig):
+    """The data, model, plan, chunk and trainer exactly as `imp.run` builds them for `cfg`."""
+    return imp.build(cfg)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Count XLA compilations by program name ("jit(member_chunk)", ...) inside the block.
+
+    Each lowering to XLA records one backend-compile event, whether the executable is then
+    built or taken from the persistent compilation cache."""
+    counts = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            counts[kwargs.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def spied_run(cfg: RunConfig, out_dir: Path) -> SimpleNamespace:
+    """`imp.run(cfg, out_dir)`, keeping its Trainer, its level programs, its log lines and
+    the number of XLA compilations of each program."""
+    seen = {}
+    original_programs = imp.level_programs
+
+    class SpyTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+    def spy_programs(*args, **kwargs):
+        seen["programs"] = original_programs(*args, **kwargs)
+        return seen["programs"]
+
+    logs = []
+    with pytest.MonkeyPatch.context() as patch, count_compilations() as compilations:
+        patch.setattr(imp, "Trainer", SpyTrainer)
+        patch.setattr(imp, "level_programs", spy_programs)
+        summaries = imp.run(cfg, out_dir, log=logs.append)
+    return SimpleNamespace(dir=Path(out_dir), cfg=cfg, summaries=summaries, logs=logs,
+                           trainer=seen["trainer"], programs=seen["programs"],
+                           compilations=dict(compilations))
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def host(tree):
+    """A tree of device arrays as numpy arrays (PRNG keys as their raw key data)."""
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

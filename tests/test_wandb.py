@@ -1,0 +1,89 @@
+"""W&B mirroring: offline runs under the run directory, one per (branch, replicate), and a
+W&B failure that is warned about once and leaves the JSONL record complete."""
+
+import time
+
+import pandas as pd
+import pytest
+import wandb
+
+import helpers
+from lottery.record import load
+
+R, LEVELS, EVALS = 2, 2, 3
+MEMBERS = 3 * R
+
+
+def eval_rows(run_dir):
+    return load(run_dir, kind="eval").drop(columns="run")
+
+
+def assert_record_complete(run_dir, main_run):
+    """Every row of the reference run, with the same numbers (W&B changes nothing)."""
+    pd.testing.assert_frame_equal(eval_rows(run_dir), eval_rows(main_run.dir))
+    summaries = load(run_dir, kind="summary").drop(columns=["run", "seconds"])
+    reference = load(main_run.dir, kind="summary").drop(columns=["run", "seconds"])
+    pd.testing.assert_frame_equal(summaries, reference)
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory, session_tmp):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        run = helpers.spied_run(helpers.run_config("logger=wandb"),
+                                tmp_path_factory.mktemp("wandb") / "run")
+    return run
+
+
+KEYS = (b"val_loss", b"test_accuracy", b"summary/early_stop_step", b"lenet_300_100")
+
+
+def wandb_log(run_dir, patience: float = 60.0) -> bytes:
+    """The offline run's transaction log (uncompressed protobuf records). `run.finish()`
+    returns a few milliseconds before W&B's writer process has flushed it, so wait (at most
+    `patience` seconds) until it holds what was logged."""
+    files = list(run_dir.glob("run-*.wandb"))
+    assert len(files) == 1, files
+    deadline = time.monotonic() + patience
+    while True:
+        data = files[0].read_bytes()
+        if all(key in data for key in KEYS) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.1)
+
+
+def test_offline_runs_are_written_under_the_run_directory(offline_run, main_run):
+    runs = sorted((offline_run.dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == MEMBERS  # one per (branch, replicate)
+    for run in runs:
+        data = wandb_log(run)
+        for key in KEYS:
+            assert key in data, (run.name, key)
+    assert_record_complete(offline_run.dir, main_run)
+
+
+def test_record_is_complete_with_wandb(offline_run, main_run):
+    record = load(offline_run.dir)
+    assert record[record.kind == "run"]["config"].iloc[0]["logger"]["name"] == "wandb"
+    assert len(record[record.kind == "eval"]) == (LEVELS + 1) * MEMBERS * EVALS
+    assert len(record[record.kind == "summary"]) == (LEVELS + 1) * MEMBERS
+
+
+def test_wandb_failure_warns_once_and_keeps_the_record(tmp_path, monkeypatch, capsys, main_run):
+    calls = []
+
+    def broken_init(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("no W&B here")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = helpers.spied_run(helpers.run_config("logger=wandb"), tmp_path / "run")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "W&B" in line]
+    assert warnings == ["lottery: warning: W&B disabled for this run (RuntimeError: no W&B here); "
+                        "the local record is complete"]
+    assert len(calls) == 1  # the sink turned itself off after the first failure
+    assert calls[0]["job_type"] == "ticket" and calls[0]["dir"] == str(run.dir)
+    assert_record_complete(run.dir, main_run)
+    assert not (run.dir / "wandb").exists() or not list((run.dir / "wandb").glob("offline-run-*"))
