@@ -136,6 +136,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     layers = prune.get("layers")
     if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))):
         raise ConfigError(f"prune.layers={layers!r} must be a list of layer names or null")
+    if layers is not None and not layers:
+        raise ConfigError("prune.layers=[] names no layer: give layer names, or null for all")
+    for layer in layer_rates:
+        if layers is not None and layer in prunable and layer not in layers:
+            raise ConfigError(f"prune.layer_rates names {layer}, which prune.layers={list(layers)} "
+                              "leaves out")
     for layer in list(layer_rates) + list(layers or []):
         if layer not in prunable:
             raise ConfigError(f"prune layer {layer!r} is not a prunable layer of {model['name']}; "

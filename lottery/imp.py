@@ -152,6 +152,9 @@ def build(cfg: RunConfig) -> Setup:
 def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`)."""
     out_dir = Path(out_dir)
+    if (out_dir / RECORD_NAME).exists():
+        raise ConfigError(f"{out_dir / RECORD_NAME} already exists: choose a new hydra.run.dir "
+                          "(or delete that run) so that two runs never share one record")
     setup = build(cfg)
     data, model, plan, weights, chunk, trainer = (
         setup.data, setup.model, setup.plan, setup.weights, setup.chunk, setup.trainer)
@@ -174,7 +177,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
 
     layers = plan.layers
     begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer)
-    rewind, ticket_masks = initial(cfg.seed)
+    seed = np.uint32(cfg.seed)  # a Python int above 2**31 would overflow jit's int32
+    rewind, ticket_masks = initial(seed)
     trained_ticket = rewind
     ticket_at = branches.index("ticket") * R
     names = [(b, r) for b in branches for r in range(R)]
@@ -184,7 +188,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     summaries = []
     for level in range(cfg.levels + 1):
         ticket_masks, (params, masks, keys), alive = begin(
-            cfg.seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
+            seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
             rewind)
         alive = {layer: np.asarray(c).astype(np.int64) for layer, c in alive.items()}
         save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)

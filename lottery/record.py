@@ -76,7 +76,8 @@ class WandbSink:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.runs[key] = wandb.init(
                 project=self.project, group=self.group, job_type=branch,
-                name=f"{self.group}-{branch}-r{replicate}", config=self.config,
+                name=f"{self.group}-s{self.config.get('seed', 0)}-{branch}-r{replicate}",
+                config=self.config,
                 dir=str(self.directory), mode=os.environ.get("WANDB_MODE", "offline"),
                 reinit="create_new", settings=wandb.Settings(init_timeout=self.init_timeout))
         return self.runs[key]
@@ -90,8 +91,11 @@ class WandbSink:
         self._guard(lambda: self._run(row["branch"], row["replicate"]).log(values))
 
     def close(self) -> None:
-        for run in self.runs.values():
-            self._guard(run.finish)
+        for run in self.runs.values():  # even after a failure: never leave a run open
+            try:
+                run.finish()
+            except Exception:
+                pass
 
 
 class Record:

@@ -27,6 +27,9 @@ class OptimizerError(Exception):
 
 def build_optimizer(name: str, lr: float, **options) -> optax.GradientTransformation:
     """`adam` (b1, b2, eps) or `sgd` (momentum, nesterov), optionally with `weight_decay`."""
+    for key, value in {"lr": lr, **options}.items():
+        if not isinstance(value, (int, float)):  # bools are ints: nesterov=true passes
+            raise OptimizerError(f"optimizer.{key}={value!r} must be a number or a boolean")
     weight_decay = options.pop("weight_decay", 0.0)
     try:
         if name == "adam":

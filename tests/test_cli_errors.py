@@ -177,8 +177,16 @@ def test_unknown_keys_fail_to_compose():
     ["+model.bogus=1"],  # an option the model does not take
     ["model.hidden=[300]"],  # LeNet-300-100 has two hidden layers
     ["seed=5000000000"],  # beyond the 32-bit seed of a PRNG key
+    ["+dataset.foo=1"],  # an option the dataset reader does not take
+    ["dataset.noise=abc"],
+    ["model.hidden=[0,100]"],
+    ["+optimizer.b1=x"],  # an Adam option that is not a number
+    ["prune.layers=[]"],  # names no layer
+    ["prune.layers=[fc1]", "+prune.layer_rates.out=0.1"],  # an exception for a layer left out
 ], ids=["batch_larger_than_data", "empty_validation_set", "negative_train_size",
-        "unknown_model_option", "wrong_hidden_layers", "seed_too_large"])
+        "unknown_model_option", "wrong_hidden_layers", "seed_too_large", "unknown_dataset_option",
+        "non_numeric_dataset_option", "zero_width_layer", "non_numeric_optimizer_option",
+        "no_prune_layers", "exception_for_unpruned_layer"])
 def test_bad_input_beyond_validate_is_a_user_error(overrides, tmp_path):
     from lottery import imp
     from lottery.cli import USER_ERRORS
@@ -227,3 +235,12 @@ def _plain(cfg):
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_a_run_directory_holding_a_record_is_refused(main_run):
+    from lottery import imp
+
+    before = (main_run.dir / "record.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"record\.jsonl already exists: choose a new hydra\.run\.dir"):
+        imp.run(main_run.cfg, main_run.dir, log=lambda message: None)
+    assert (main_run.dir / "record.jsonl").read_bytes() == before  # nothing appended

@@ -200,3 +200,12 @@ def test_check_reachable_refuses_a_schedule_that_empties_a_layer():
         check_reachable(PrunePlan({}, ("fc1", "fc2", "out"), 0.9), WEIGHTS, 200)
     # the paper's schedule is fine: 15 levels at 20% (10% for the output layer)
     check_reachable(PrunePlan({"fc1": 0.2, "fc2": 0.2, "out": 0.1}), WEIGHTS, 15)
+
+
+def test_nan_scores_never_revive_pruned_weights():
+    from lottery.pruning.prune import keep_top
+
+    scores = jnp.array([jnp.nan, 0.5, 1.0, 2.0])
+    mask = jnp.array([1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(keep_top(scores, mask, 1), [0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(keep_top(scores, mask, 2), [1.0, 1.0, 0.0, 0.0])

@@ -10,7 +10,10 @@ DATASETS = {"mnist": load_mnist, "synthetic": load_synthetic}
 def load_dataset(name: str, **options) -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](**options)
+    try:
+        return DATASETS[name](**options)
+    except (TypeError, ValueError) as error:  # an option the reader doesn't take, or a bad value
+        raise DataError(f"dataset {name}: {error}") from None
 
 
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset"]

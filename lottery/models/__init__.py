@@ -42,7 +42,7 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
 
     try:
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ArithmeticError) as error:
         raise ModelError(f"model {name}: {error}") from None
 
     def init(key):

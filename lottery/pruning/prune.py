@@ -39,7 +39,8 @@ def number_to_keep(surviving, rate):
 
 def keep_top(scores, mask, n_keep):
     """A mask keeping exactly the `n_keep` highest-scoring surviving entries of `mask`."""
-    flat = jnp.where(mask.ravel() > 0, scores.ravel(), -jnp.inf)
+    lowest = jnp.finfo(scores.dtype).min  # a NaN score (diverged weight): last of the survivors
+    flat = jnp.where(mask.ravel() > 0, jnp.nan_to_num(scores.ravel(), nan=lowest), -jnp.inf)
     order = jnp.argsort(-flat, stable=True)
     ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     return (ranks < n_keep).astype(MASK_DTYPE).reshape(mask.shape)
