@@ -58,7 +58,7 @@ def training_rate(replicates: int, steps: int, repeats: int) -> tuple[float, flo
     masks = jax.jit(jax.vmap(full_masks), out_shardings=trainer.stacked)(params)
     weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
     state = trainer.start(params, masks)
-    keys = jax.device_put(keys, trainer.stacked)
+    keys = jax.device_put(jax.random.key_data(keys), trainer.stacked)
     state, loss = trainer.train_chunk(state, keys, 0)
     loss.block_until_ready()
     times = []
@@ -147,9 +147,11 @@ def main(argv=None) -> None:
         env = dict(os.environ)
         if devices is not None:
             env["JAX_NUM_CPU_DEVICES"] = str(devices)
+        stacks = set(args.replicates)
+        if devices and devices > 1:  # stacks that fill every device (others would be padded)
+            stacks = {r for r in stacks if r % devices == 0} | {devices}
         command = [sys.executable, "-m", "lottery.bench", "--worker", "--steps", str(args.steps),
-                   "--repeats", str(args.repeats), "--replicates",
-                   *map(str, sorted(set(args.replicates) | ({devices} if devices else set())))]
+                   "--repeats", str(args.repeats), "--replicates", *map(str, sorted(stacks))]
         if i == len(settings) - 1:
             command.append("--compilations")
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
