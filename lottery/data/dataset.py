@@ -1,6 +1,7 @@
 """The in-memory dataset every reader returns: train / validation / test splits as numpy arrays."""
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -11,7 +12,11 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as float32 (N, H, W, C), already normalised; labels as int32 (N,)."""
+    """Inputs as float32 (N, *input_shape), already normalised; labels as int32 (N,).
+
+    `augment`, when set, is a traceable `(key, x_batch) -> x_batch` applied to every training
+    batch inside the compiled loop (e.g. CIFAR-10's random crop and flip); never at evaluation.
+    """
 
     name: str
     x_train: np.ndarray
@@ -21,6 +26,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    augment: Callable | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

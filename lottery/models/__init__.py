@@ -1,7 +1,16 @@
 """Model registry: `build_model(name, ...)` returns a `ModelSpec` of pure functions.
 
-The engine never holds an `nnx` module: it works on the pure-dict params that `init` returns
-and calls `apply(params, x)`; both are traceable, so they run under jit and vmap.
+The engine never holds an `nnx` module: it works on the pure-dict `params` (trained and
+pruned) and `state` (everything else a module carries, e.g. batch-norm running statistics:
+never pruned, never touched by the optimizer) that `init` returns, and calls `apply`; both
+are traceable, so they run under jit and vmap.
+
+A registered model is an `nnx.Module` class with
+  * `__init__(self, input_shape, num_classes, *, rngs, **options)`,
+  * `__call__(self, x, *, train=False, rngs=None)`: batch norm uses batch statistics and
+    updates its running ones when `train`; dropout draws from `rngs` when `train`,
+  * a class attribute `prunable`: the dotted paths (`"stage1.0.conv1"`) of the layers whose
+    `kernel` is pruned. The model declares them; nothing is guessed from names.
 """
 
 import math
@@ -20,16 +29,28 @@ class ModelError(Exception):
     """An unknown model name or bad model options."""
 
 
+def lookup(tree, path: str):
+    """The subtree of a pure dict at a dotted `path` (integer keys, as `nnx.List` makes, too)."""
+    for key in path.split("."):
+        tree = tree[int(key)] if key not in tree and key.isdigit() else tree[key]
+    return tree
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    init: Callable  # key -> params (nested dict of arrays)
-    apply: Callable  # (params, x) -> logits
-    prunable: tuple[str, ...]  # layer names whose `kernel` is pruned; nothing else is
+    init: Callable  # key -> (params, state), nested dicts of arrays
+    apply: Callable  # (params, state, x, train=False, key=None) -> (logits, new state)
+    prunable: tuple[str, ...]  # paths of the layers whose `kernel` is pruned; nothing else is
 
     def param_counts(self, params) -> dict[str, int]:
         """Number of weights per prunable layer (for unbatched params)."""
-        return {layer: math.prod(params[layer]["kernel"].shape) for layer in self.prunable}
+        return {layer: math.prod(lookup(params, layer)["kernel"].shape)
+                for layer in self.prunable}
+
+    def logits(self, params, state, x):
+        """Evaluation-mode outputs (running batch-norm statistics, no dropout)."""
+        return self.apply(params, state, x)[0]
 
 
 def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpec:
@@ -41,14 +62,19 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
         return cls(tuple(input_shape), num_classes, rngs=nnx.Rngs(key), **options)
 
     try:
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+        graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))),
+                                   nnx.Param, ...)
     except (TypeError, ValueError, ArithmeticError) as error:
         raise ModelError(f"model {name}: {error}") from None
 
     def init(key):
-        return nnx.to_pure_dict(nnx.split(make(key))[1])
+        _, params, state = nnx.split(make(key), nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
 
-    def apply(params, x):
-        return nnx.merge(graphdef, params)(x)
+    def apply(params, state, x, train=False, key=None):
+        module = nnx.merge(graphdef, params, state)
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        logits = module(x, train=train, rngs=rngs)
+        return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 
     return ModelSpec(name, init, apply, tuple(cls.prunable))

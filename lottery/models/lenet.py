@@ -21,7 +21,7 @@ class LeNet300100(nnx.Module):
         self.fc2 = nnx.Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)
         self.out = nnx.Linear(hidden[1], num_classes, kernel_init=glorot_normal, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.fc1(x))
         x = nnx.relu(self.fc2(x))
