@@ -48,16 +48,18 @@ def training_rate(replicates: int, steps: int, repeats: int) -> tuple[float, flo
     from lottery.data.synthetic import load_synthetic
     from lottery.models import build_model
     from lottery.pruning.masks import full_masks
-    from lottery.train import Trainer, build_optimizer
+    from lottery.optim import build_optimizer
+    from lottery.train import Trainer
 
     data = load_synthetic(train_size=55000, validation_size=100, test_size=100)
     model = build_model("lenet_300_100", data.input_shape, data.num_classes)
-    trainer = Trainer(model, build_optimizer("adam", 1.2e-3), data, BATCH, steps, replicates)
+    trainer = Trainer(model, build_optimizer("adam", 1.2e-3, steps_per_epoch=1), data, BATCH,
+                      steps, replicates)
     keys = jax.random.split(jax.random.key(0), trainer.padded_size)
-    params = jax.jit(jax.vmap(model.init), out_shardings=trainer.stacked)(keys)
+    params, model_state = jax.jit(jax.vmap(model.init), out_shardings=trainer.stacked)(keys)
     masks = jax.jit(jax.vmap(full_masks), out_shardings=trainer.stacked)(params)
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
-    state = trainer.start(params, masks)
+    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
+    state = trainer.start(params, model_state, masks)
     keys = jax.device_put(jax.random.key_data(keys), trainer.stacked)
     state, loss = trainer.train_chunk(state, keys, 0)
     loss.block_until_ready()

@@ -19,7 +19,8 @@ from lottery.config import ConfigError, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table
-from lottery.train import OptimizerError, use_cpu_cores
+from lottery.optim import OptimizerError
+from lottery.train import use_cpu_cores
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)

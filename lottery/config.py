@@ -4,13 +4,15 @@
 is loaded or trained; the CLI prints the error and exits with status 2.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES
 from lottery.data import DATASETS
+from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS
+from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
 
 SCOPES = ("layerwise", "global")
@@ -67,22 +69,30 @@ class RunConfig:
     dataset: dict
     model: dict
     optimizer: dict
-    steps: int
+    steps: int | str  # a duration: steps, or "<n>ep" until `in_steps` resolves it
     batch_size: int
-    eval_every: int
+    eval_every: int | str
     eval_batch_size: int
     levels: int
     rate: float
     scope: str
     layer_rates: dict
     prune_layers: tuple[str, ...] | None
-    rewind_step: int
+    rewind_step: int | str
     logger: dict
     resolved: dict  # the whole resolved config, for the record and W&B
 
     @property
     def stack_size(self) -> int:
         return self.replicates * len(self.branches)
+
+    def in_steps(self, steps_per_epoch: int) -> "RunConfig":
+        """This config with every duration in steps (epochs are `steps_per_epoch` steps)."""
+        steps, eval_every, rewind_step = (
+            to_steps(value, steps_per_epoch) for value in
+            (self.steps, self.eval_every, self.rewind_step))
+        _check_durations(steps, eval_every, rewind_step, steps_per_epoch)
+        return replace(self, steps=steps, eval_every=eval_every, rewind_step=rewind_step)
 
     def prune_plan(self, prunable: tuple[str, ...]) -> PrunePlan:
         """Layerwise: every chosen layer at `rate` unless `layer_rates` names it. Global: the
@@ -92,6 +102,26 @@ class RunConfig:
             return PrunePlan({layer: self.layer_rates.get(layer, self.rate) for layer in layers})
         own = {layer: rate for layer, rate in self.layer_rates.items() if layer in layers}
         return PrunePlan(own, tuple(layer for layer in layers if layer not in own), self.rate)
+
+
+def _duration(value, key: str, low: int):
+    try:
+        count, unit = parse_duration(value, key)
+    except DurationError as error:
+        raise ConfigError(str(error)) from None
+    if count < low:
+        raise ConfigError(f"{key}={value!r} must be at least {low}")
+    return value
+
+
+def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_epoch=None):
+    epoch = f" ({steps_per_epoch} steps per epoch)" if steps_per_epoch else ""
+    for key, value in (("train.steps", steps), ("train.eval_every", eval_every)):
+        if value < 1:
+            raise ConfigError(f"{key} is {value} steps{epoch}: it must be at least 1 step")
+    if rewind_step >= steps:
+        raise ConfigError(f"rewind.step={rewind_step} must be below train.steps={steps}{epoch}: "
+                          "the rewind point is a step of the dense training run")
 
 
 def validate(cfg: DictConfig | dict) -> RunConfig:
@@ -109,9 +139,6 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     _choice(model.get("name"), "model", MODELS)
     _choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
     _choice(logger.get("name"), "logger", LOGGERS)
-    lr = optimizer.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number")
 
     branches = raw.get("branches")
     if isinstance(branches, str) or not isinstance(branches, (list, tuple)) or not branches:
@@ -124,11 +151,15 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     if "ticket" not in branches:
         raise ConfigError("branches must include ticket: its trained weights choose each level's masks")
 
-    steps = _int(train.get("steps"), "train.steps", 1)
-    rewind_step = _int(rewind.get("step"), "rewind.step", 0)
-    if rewind_step >= steps:
-        raise ConfigError(f"rewind.step={rewind_step} must be below train.steps={steps}: "
-                          "the rewind point is a step of the dense training run")
+    steps = _duration(train.get("steps"), "train.steps", 1)
+    eval_every = _duration(train.get("eval_every"), "train.eval_every", 1)
+    rewind_step = _duration(rewind.get("step"), "rewind.step", 0)
+    if all(isinstance(v, int) for v in (steps, eval_every, rewind_step)):
+        _check_durations(steps, eval_every, rewind_step)  # epochs are checked once data loads
+    try:
+        build_optimizer(**optimizer, steps_per_epoch=1)
+    except OptimizerError as error:
+        raise ConfigError(str(error)) from None
     prunable = MODELS[model["name"]].prunable
     layer_rates = prune.get("layer_rates") or {}
     if not isinstance(layer_rates, dict):
@@ -155,7 +186,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         dataset=dataset, model=model, optimizer=optimizer,
         steps=steps,
         batch_size=_int(train.get("batch_size"), "train.batch_size", 1),
-        eval_every=_int(train.get("eval_every"), "train.eval_every", 1),
+        eval_every=eval_every,
         eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
         levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
         rate=_fraction(prune.get("rate"), "prune.rate", why),

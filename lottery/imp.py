@@ -30,7 +30,8 @@ from lottery.pruning.prune import PrunePlan, number_to_keep, prune
 from lottery.pruning.scores import magnitude
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
 from lottery.seeds import member_keys
-from lottery.train import Trainer, build_optimizer
+from lottery.optim import OptimizerError, build_optimizer
+from lottery.train import Trainer
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
 
@@ -61,8 +62,9 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
 
     `begin(seed, level, rates, trained_ticket, ticket_masks, rewind)` prunes the ticket's
     masks (rates of 0 at level 0), starts every branch and returns the new ticket masks, the
-    padded stack (params, masks, data keys) and each member's surviving weights per layer.
-    `ticket_of(stack_params)` takes the ticket's replicates out of the stack.
+    padded stack (params, model state, masks, data keys) and each member's surviving weights
+    per layer. `rewind` is `(params, model_state)`; `trained_ticket` is params.
+    `ticket_of(tree)` takes the ticket's replicates out of a stacked tree.
     """
     layers, R = plan.layers, replicates
 
@@ -76,12 +78,13 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
         masks = _stack([m for _, m in begun])
         alive = jax.vmap(partial(remaining, layers=layers))(masks)
         keys = jax.random.key_data(jnp.concatenate(keys))  # raw uint32: one stable sharding
-        stack = trainer.pad((_stack([p for p, _ in begun]), masks, keys))
+        params, model_state = _stack([start for start, _ in begun])
+        stack = trainer.pad((params, model_state, masks, keys))
         return ticket_masks, stack, alive
 
     def initial(seed):
-        params = jax.vmap(model.init)(member_keys(seed, R, 0, "ticket", "init"))
-        return params, jax.vmap(full_masks)(params)
+        params, model_state = jax.vmap(model.init)(member_keys(seed, R, 0, "ticket", "init"))
+        return (params, model_state), jax.vmap(full_masks)(params)
 
     at = branches.index("ticket") * R
     replicated = trainer.replicated
@@ -92,7 +95,7 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
 
 
 def save_arrays(path: Path, tree, dtype=None) -> None:
-    """Save a stacked params or masks tree as `path` (npz, keys 'layer/leaf'; axis 0 = replicate),
+    """Save a stacked tree of arrays as `path` (npz, keys 'layer/leaf'; axis 0 = replicate),
     atomically: a killed run never leaves a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {"/".join(str(k.key) for k in keys): np.asarray(leaf, dtype)
@@ -118,8 +121,10 @@ def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict
 
 @dataclass(frozen=True)
 class Setup:
-    """What a run is built from: data, model, pruning plan, weight counts and trainer."""
+    """What a run is built from: the config in steps, data, model, pruning plan, weight counts
+    and trainer."""
 
+    cfg: RunConfig  # every duration in steps
     data: Dataset
     model: ModelSpec
     plan: PrunePlan
@@ -141,12 +146,18 @@ def build(cfg: RunConfig) -> Setup:
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
     plan = cfg.prune_plan(model.prunable)
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
+    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
     check_reachable(plan, weights, cfg.levels)
+    steps_per_epoch = len(data.x_train) // cfg.batch_size
+    cfg = cfg.in_steps(steps_per_epoch)
     chunk = math.gcd(cfg.eval_every, cfg.steps, cfg.rewind_step)
-    trainer = Trainer(model, build_optimizer(**cfg.optimizer), data, cfg.batch_size, chunk,
-                      cfg.stack_size, cfg.eval_batch_size)
-    return Setup(data, model, plan, weights, chunk, trainer)
+    try:
+        optimizer = build_optimizer(**cfg.optimizer, steps_per_epoch=steps_per_epoch)
+    except OptimizerError as error:
+        raise ConfigError(str(error)) from None
+    trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
+                      cfg.eval_batch_size)
+    return Setup(cfg, data, model, plan, weights, chunk, trainer)
 
 
 def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
@@ -156,8 +167,9 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         raise ConfigError(f"{out_dir / RECORD_NAME} already exists: choose a new hydra.run.dir "
                           "(or delete that run) so that two runs never share one record")
     setup = build(cfg)
-    data, model, plan, weights, chunk, trainer = (
-        setup.data, setup.model, setup.plan, setup.weights, setup.chunk, setup.trainer)
+    cfg, data, model, plan, weights, chunk, trainer = (
+        setup.cfg, setup.data, setup.model, setup.plan, setup.weights, setup.chunk,
+        setup.trainer)
     R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
         f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}); {cfg.stack_size} members "
@@ -179,7 +191,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer)
     seed = np.uint32(cfg.seed)  # a Python int above 2**31 would overflow jit's int32
     rewind, ticket_masks = initial(seed)
-    trained_ticket = rewind
+    trained_ticket = rewind[0]
     ticket_at = branches.index("ticket") * R
     names = [(b, r) for b in branches for r in range(R)]
 
@@ -187,14 +199,14 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
                     dynamic_ncols=True)
     summaries = []
     for level in range(cfg.levels + 1):
-        ticket_masks, (params, masks, keys), alive = begin(
+        ticket_masks, (params, model_state, masks, keys), alive = begin(
             seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
             rewind)
         alive = {layer: np.asarray(c).astype(np.int64) for layer, c in alive.items()}
         save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
         density = sum(alive.values()) / sum(weights[layer] for layer in layers)
-        state = trainer.start(params, masks)
-        del params, masks
+        state = trainer.start(params, model_state, masks)
+        del params, model_state, masks
 
         step = 0 if level == 0 else k
         progress.set_description(f"level {level}/{cfg.levels} ({100 * density[ticket_at]:.1f}%)")
@@ -203,8 +215,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
 
         chunk_losses = []  # each chunk's mean training loss since the last evaluation
 
-        def evaluate(at, params):
-            metrics = trainer.evaluate(params)
+        def evaluate(at, state):
+            metrics = trainer.evaluate(state[0], state[1])
             train_loss = np.mean(jax.device_get(chunk_losses), axis=0) if chunk_losses else None
             chunk_losses.clear()
             steps.append(at)
@@ -216,19 +228,19 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
                               **{metric: float(metrics[metric][m]) for metric in METRICS},
                               "train_loss": None if train_loss is None else float(train_loss[m])})
 
-        evaluate(step, state[0])
+        evaluate(step, state)
         while step < T:
             state, loss = trainer.train_chunk(state, keys, step)
             chunk_losses.append(loss)
             step += chunk
             progress.update(chunk)
             if level == 0 and step == k:
-                rewind = ticket_of(state[0])  # a new buffer: survives the donation
+                rewind = ticket_of(state[:2])  # new buffers: survive the donation
             if step % cfg.eval_every == 0 or step == T:
-                evaluate(step, state[0])
+                evaluate(step, state)
         seconds = time.perf_counter() - started
         if level == 0:
-            save_arrays(out_dir / "rewind.npz", rewind)
+            save_arrays(out_dir / "rewind.npz", {"params": rewind[0], "state": rewind[1]})
         trained_ticket = ticket_of(state[0])
         del state
 

@@ -18,31 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lottery.data import Dataset
 from lottery.models import ModelSpec
+from lottery.optim import Optimizer
 from lottery.pruning.masks import apply_masks
-
-
-class OptimizerError(Exception):
-    """An unknown optimizer or bad optimizer options."""
-
-
-def build_optimizer(name: str, lr: float, **options) -> optax.GradientTransformation:
-    """`adam` (b1, b2, eps) or `sgd` (momentum, nesterov), optionally with `weight_decay`."""
-    for key, value in {"lr": lr, **options}.items():
-        if not isinstance(value, (int, float)):  # bools are ints: nesterov=true passes
-            raise OptimizerError(f"optimizer.{key}={value!r} must be a number or a boolean")
-    weight_decay = options.pop("weight_decay", 0.0)
-    try:
-        if name == "adam":
-            base = optax.adam(lr, **options)
-        elif name == "sgd":
-            base = optax.sgd(lr, **options)
-        else:
-            raise OptimizerError(f"unknown optimizer {name!r}; choose adam or sgd")
-    except TypeError as error:
-        raise OptimizerError(f"optimizer {name}: {error}") from None
-    if weight_decay:
-        return optax.chain(optax.add_decayed_weights(weight_decay), base)
-    return base
+from lottery.seeds import name_id
 
 
 def use_cpu_cores(stack_size: int) -> None:
@@ -78,9 +56,14 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
 
 
 class Trainer:
-    """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members."""
+    """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members.
 
-    def __init__(self, model: ModelSpec, optimizer: optax.GradientTransformation, data: Dataset,
+    A member's training state is `(params, model_state, opt_state, masks)`: `model_state`
+    (batch-norm statistics) is carried through training and used at evaluation; the
+    optimizer sees only `params`.
+    """
+
+    def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000):
         devices = jax.devices()
         self.mesh = Mesh(np.array(devices), ("stack",))
@@ -99,11 +82,14 @@ class Trainer:
              _padded_batches(data.x_test, data.y_test, eval_batch_size)), replicated)
         steps_per_epoch = len(data.x_train) // batch_size
         epochs_per_chunk = chunk // steps_per_epoch + 2
+        augment = data.augment
 
-        def loss_fn(params, x, y):
-            return cross_entropy(model.apply(params, x), y).mean()
+        def loss_fn(params, model_state, x, y, key):
+            logits, model_state = model.apply(params, model_state, x, train=True, key=key)
+            return cross_entropy(logits, y).mean(), model_state
 
-        def member_chunk(params, opt_state, masks, key_data, start_step, train_data):
+        def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
+                         train_data):
             x_all, y_all = train_data
             key = jax.random.wrap_key_data(key_data)
             first_epoch = start_step // steps_per_epoch
@@ -114,22 +100,29 @@ class Trainer:
             batches = orders[(steps // steps_per_epoch - first_epoch)[:, None],
                              ((steps % steps_per_epoch) * batch_size)[:, None]
                              + jnp.arange(batch_size)[None, :]]
+            step_keys = jax.random.fold_in(key, name_id("step"))
 
-            def step(carry, idx):
-                params, opt_state = carry
-                loss, grads = jax.value_and_grad(loss_fn)(params, x_all[idx], y_all[idx])
-                updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state, params)
+            def step(carry, inputs):
+                params, model_state, opt_state = carry
+                at, idx = inputs
+                augment_key, dropout_key = jax.random.split(jax.random.fold_in(step_keys, at))
+                x = x_all[idx] if augment is None else augment(augment_key, x_all[idx])
+                (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    params, model_state, x, y_all[idx], dropout_key)
+                updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state,
+                                                      params, at)
                 params = apply_masks(optax.apply_updates(params, updates), masks)
-                return (params, opt_state), loss
+                return (params, model_state, opt_state), loss
 
-            (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
-            return params, opt_state, losses.mean()
+            (params, model_state, opt_state), losses = jax.lax.scan(
+                step, (params, model_state, opt_state), (steps, batches))
+            return params, model_state, opt_state, losses.mean()
 
-        def member_eval(params, eval_data):
+        def member_eval(params, model_state, eval_data):
             def split_metrics(split):
                 def batch(args):
                     x, y, w = args
-                    logits = model.apply(params, x)
+                    logits = model.logits(params, model_state, x)
                     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
                     return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
 
@@ -141,9 +134,9 @@ class Trainer:
             return {"val_loss": val_loss, "val_accuracy": val_acc,
                     "test_loss": test_loss, "test_accuracy": test_acc}
 
-        self._train = jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, None, None)),
-                              donate_argnums=(0, 1), out_shardings=self.stacked)
-        self._eval = jax.jit(jax.vmap(member_eval, in_axes=(0, None)))
+        self._train = jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None)),
+                              donate_argnums=(0, 1, 2), out_shardings=self.stacked)
+        self._eval = jax.jit(jax.vmap(member_eval, in_axes=(0, 0, None)))
         self._opt_init = jax.jit(jax.vmap(optimizer.init), out_shardings=self.stacked)
 
     def pad(self, tree):
@@ -154,20 +147,20 @@ class Trainer:
             return tree
         return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]), tree)
 
-    def start(self, params, masks):
-        """The training state (params, opt_state, masks) for padded, placed params and masks."""
-        return params, self._opt_init(params), masks
+    def start(self, params, model_state, masks):
+        """The training state for padded, placed params, model state and masks."""
+        return params, model_state, self._opt_init(params), masks
 
     def train_chunk(self, state, keys, start_step: int):
         """Train every member `chunk` steps from global step `start_step`; returns the new
         state and each member's mean training loss. `keys` are raw key data
         (`jax.random.key_data`), one row per padded member. The input state is donated."""
-        params, opt_state, masks = state
-        params, opt_state, loss = self._train(params, opt_state, masks, keys,
-                                              np.int32(start_step), self.train_data)
-        return (params, opt_state, masks), loss
+        params, model_state, opt_state, masks = state
+        params, model_state, opt_state, loss = self._train(
+            params, model_state, opt_state, masks, keys, np.int32(start_step), self.train_data)
+        return (params, model_state, opt_state, masks), loss
 
-    def evaluate(self, params) -> dict[str, np.ndarray]:
+    def evaluate(self, params, model_state) -> dict[str, np.ndarray]:
         """Validation and test loss and accuracy of every (unpadded) member."""
-        metrics = jax.device_get(self._eval(params, self.eval_data))
+        metrics = jax.device_get(self._eval(params, model_state, self.eval_data))
         return {name: value[: self.stack_size] for name, value in metrics.items()}

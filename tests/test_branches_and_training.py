@@ -11,7 +11,8 @@ import helpers
 from helpers import BRANCHES, LAYERS, METRICS, WEIGHTS, expected_counts, host
 from lottery import imp
 from lottery.record import load
-from lottery.train import OptimizerError, Trainer, build_optimizer
+from lottery.optim import Optimizer, OptimizerError, build_optimizer
+from lottery.train import Trainer
 
 R = 2  # replicates of the TINY config; member m = branch_index * R + replicate
 
@@ -30,7 +31,7 @@ def programs(parts):
 
 @pytest.fixture(scope="module")
 def init_stack(parts):
-    """Stacked fresh weights, placed like the engine's trained ticket (replicated)."""
+    """Stacked fresh (params, model state), placed like the engine's trained ticket."""
     init = jax.jit(jax.vmap(parts.model.init), out_shardings=parts.trainer.replicated)
 
     def init_stack(seed_or_keys):
@@ -46,10 +47,11 @@ def start(parts, programs, init_stack):
     """Level 0 (rates scaled by 0) and level 1 started from a stand-in trained ticket."""
     begin, _, initial = programs
     rewind, full = initial(0)
-    trained = init_stack(123)
-    level0 = begin(0, 0, parts.plan.rates(0.0), rewind, full, rewind)
+    assert rewind[1] == {}  # LeNet-300-100 has no batch norm: no model state
+    trained = init_stack(123)[0]
+    level0 = begin(0, 0, parts.plan.rates(0.0), rewind[0], full, rewind)
     level1 = begin(0, 1, parts.plan.rates(1.0), trained, full, rewind)
-    return dict(rewind=host(rewind), full=host(full), trained=host(trained),
+    return dict(rewind=host(rewind[0]), full=host(full), trained=host(trained),
                 level0=host(level0), level1=host(level1))
 
 
@@ -76,7 +78,7 @@ def counts(masks):
 
 
 def test_stack_is_branch_major_and_padded_to_the_devices(start, parts):
-    ticket_masks, (params, masks, keys), alive = start["level1"]
+    ticket_masks, (params, _, masks, keys), alive = start["level1"]
     assert parts.trainer.stack_size == 6
     assert parts.trainer.padded_size % len(jax.devices()) == 0
     for tree in (params, masks):
@@ -102,7 +104,7 @@ def test_ticket_masks_prune_the_trained_ticket_at_the_plan_rates(start):
 
 
 def test_ticket_starts_from_rewind_weights_under_its_masks(start):
-    ticket_masks, (params, masks, _), alive = start["level1"]
+    ticket_masks, (params, _, masks, _), alive = start["level1"]
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "ticket", r), tm)
@@ -112,7 +114,7 @@ def test_ticket_starts_from_rewind_weights_under_its_masks(start):
 
 
 def test_reinit_has_ticket_masks_on_fresh_weights(start):
-    ticket_masks, (params, masks, _), _ = start["level1"]
+    ticket_masks, (params, _, masks, _), _ = start["level1"]
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "reinit", r), tm)
@@ -129,7 +131,7 @@ def test_reinit_has_ticket_masks_on_fresh_weights(start):
 
 
 def test_random_prune_has_ticket_counts_but_other_masks(start):
-    ticket_masks, (params, masks, _), alive = start["level1"]
+    ticket_masks, (params, _, masks, _), alive = start["level1"]
     for r in range(R):
         tm, rm = replicate_of(ticket_masks, r), member(masks, "random_prune", r)
         assert counts(rm) == counts(tm)
@@ -146,7 +148,7 @@ def test_random_prune_has_ticket_counts_but_other_masks(start):
 
 
 def test_level_zero_is_dense_for_every_branch(start):
-    ticket_masks, (params, masks, _), alive = start["level0"]
+    ticket_masks, (params, _, masks, _), alive = start["level0"]
     for leaf in jax.tree.leaves((ticket_masks, masks)):
         assert np.all(leaf == 1)
     assert {layer: a[:6].tolist() for layer, a in alive.items()} == {
@@ -163,7 +165,7 @@ def test_initial_weights_come_from_the_member_seeds(start, init_stack):
     from lottery.seeds import member_keys
 
     keys = member_keys(0, R, 0, "ticket", "init")
-    assert_trees_equal(start["rewind"], host(init_stack(keys)))
+    assert_trees_equal(start["rewind"], host(init_stack(keys)[0]))
     # replicate r's keys do not depend on how many replicates run beside it
     for other in (1, 3):
         np.testing.assert_array_equal(
@@ -174,7 +176,7 @@ def test_initial_weights_come_from_the_member_seeds(start, init_stack):
 def test_begin_is_deterministic_and_compiled_once(parts, programs, start, init_stack):
     begin, _, initial = programs
     rewind, full = initial(0)
-    trained = init_stack(123)
+    trained = init_stack(123)[0]
     again = host(begin(0, 1, parts.plan.rates(1.0), trained, full, rewind))
     assert_trees_equal(again, start["level1"])
     other_seed = host(begin(1, 1, parts.plan.rates(1.0), trained, full, rewind))
@@ -193,20 +195,21 @@ def trained(parts, programs, init_stack):
     """Level 1's stack (masks with 20% zeros) trained for two chunks (40 steps)."""
     begin, _, initial = programs
     rewind, full = initial(0)
-    trained_ticket = init_stack(5)
-    _, (params, masks, keys), _ = begin(0, 1, parts.plan.rates(1.0), trained_ticket, full, rewind)
+    trained_ticket = init_stack(5)[0]
+    _, (params, model_state, masks, keys), _ = begin(0, 1, parts.plan.rates(1.0),
+                                                     trained_ticket, full, rewind)
     before = host(params)
-    state = parts.trainer.start(params, masks)
-    before_eval = parts.trainer.evaluate(state[0])
+    state = parts.trainer.start(params, model_state, masks)
+    before_eval = parts.trainer.evaluate(*state[:2])
     state, loss_first = parts.trainer.train_chunk(state, keys, 0)
     state, loss_second = parts.trainer.train_chunk(state, keys, parts.chunk)
-    return dict(before=before, masks=host(masks), params=host(state[0]), opt_state=host(state[1]),
+    return dict(before=before, masks=host(masks), params=host(state[0]), opt_state=host(state[2]),
                 loss_first=np.asarray(loss_first), loss_second=np.asarray(loss_second),
-                before_eval=before_eval, after_eval=parts.trainer.evaluate(state[0]))
+                before_eval=before_eval, after_eval=parts.trainer.evaluate(*state[:2]))
 
 
 def test_pruned_weights_and_adam_moments_stay_exactly_zero(trained):
-    adam = trained["opt_state"][0]
+    adam = trained["opt_state"].inner_state[0]
     assert isinstance(adam, optax.ScaleByAdamState)
     assert np.all(adam.count == 40)
     for layer in LAYERS:
@@ -236,7 +239,7 @@ def test_train_chunk_compiles_once(trained, parts):
 
 
 def test_padding_repeats_the_last_member(parts):
-    trainer = Trainer(parts.model, build_optimizer("adam", 1e-3), parts.data, 20, 20, 3)
+    trainer = Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1), parts.data, 20, 20, 3)
     devices = len(jax.devices())
     assert trainer.padded_size == -(-3 // devices) * devices
     padded = np.asarray(trainer.pad(np.arange(3.0)))
@@ -245,7 +248,7 @@ def test_padding_repeats_the_last_member(parts):
 
 def test_trainer_refuses_a_batch_larger_than_the_training_set(parts):
     with pytest.raises(ValueError, match="batch_size=601 exceeds the 600 training examples"):
-        Trainer(parts.model, build_optimizer("adam", 1e-3), parts.data, 601, 20, 6)
+        Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1), parts.data, 601, 20, 6)
 
 
 def test_use_cpu_cores_picks_the_largest_divisor_of_the_stack(monkeypatch):
@@ -266,11 +269,17 @@ def test_use_cpu_cores_picks_the_largest_divisor_of_the_stack(monkeypatch):
 
 def test_build_optimizer_rejects_bad_names_and_options():
     with pytest.raises(OptimizerError, match="unknown optimizer 'rmsprop'"):
-        build_optimizer("rmsprop", 0.1)
+        build_optimizer("rmsprop", 0.1, steps_per_epoch=1)
     with pytest.raises(OptimizerError, match="optimizer adam"):
-        build_optimizer("adam", 0.1, momentum=0.9)
-    assert isinstance(build_optimizer("sgd", 0.1, momentum=0.9, weight_decay=1e-4),
-                      optax.GradientTransformation)
+        build_optimizer("adam", 0.1, momentum=0.9, steps_per_epoch=1)
+    with pytest.raises(OptimizerError, match="optimizer.milestones='80ep'"):
+        build_optimizer("sgd", 0.1, milestones="80ep", steps_per_epoch=1)
+    with pytest.raises(OptimizerError, match="optimizer.warmup='soon'"):
+        build_optimizer("sgd", 0.1, warmup="soon", steps_per_epoch=1)
+    with pytest.raises(OptimizerError, match="optimizer.lr=0"):
+        build_optimizer("sgd", 0, steps_per_epoch=1)
+    assert isinstance(build_optimizer("sgd", 0.1, momentum=0.9, weight_decay=1e-4,
+                                      steps_per_epoch=1), Optimizer)
 
 
 # ---------------------------------------------------------------- whole runs
@@ -281,7 +290,7 @@ def test_one_compilation_of_each_program_across_levels(main_run):
     exactly once in the run."""
     assert load(main_run.dir, kind="summary")["level"].max() == 2  # it did run 3 levels
     compiled = main_run.compilations
-    for name in ("member_chunk", "member_eval", "init_fn", "begin", "initial", "<lambda>"):
+    for name in ("member_chunk", "member_eval", "init", "begin", "initial", "<lambda>"):
         assert compiled.get(f"jit({name})") == 1, (name, compiled)
     trainer = main_run.trainer
     assert trainer._eval._cache_size() == 1

@@ -112,15 +112,15 @@ def test_bad_input_fails_with_one_line(results, name):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["dataset.name=nope"], r"dataset='nope' is unknown; choose one of mnist, synthetic"),
+    (["dataset.name=nope"], r"dataset='nope' is unknown; choose one of (\w+, )*mnist, (\w+, )*synthetic"),
     (["optimizer.name=rmsprop"], r"optimizer='rmsprop' is unknown"),
     (["branches=[reinit]"], r"branches must include ticket"),
     (["branches=[ticket,ticket]"], r"names a branch twice"),
     (["branches=[]"], r"must be a non-empty list"),
-    (["train.steps=many"], r"train\.steps='many' must be an integer"),
+    (["train.steps=many"], r"train\.steps='many' must be a step count or a string like '160ep'"),
     (["train.steps=0"], r"train\.steps=0 must be at least 1"),
     (["rewind.step=41"], r"rewind\.step=41 must be below train\.steps=40"),
-    (["rewind.step=-1"], r"rewind\.step=-1 must be at least 0"),
+    (["rewind.step=-1"], r"rewind\.step=-1 must not be negative"),
     (["replicates=0"], r"replicates=0 must be at least 1"),
     (["+prune.layer_rates.fc9=0.1"], r"prune layer 'fc9' is not a prunable layer"),
     (["+prune.layer_rates.out=1.0"], r"prune\.layer_rates\.out=1\.0 must be in \[0, 1\)"),

@@ -31,7 +31,7 @@ def test_preset_composes_validates_and_is_reachable(name):
         shape, classes = INPUTS[cfg.dataset["name"]]
     model = build_model(cfg.model["name"], shape, classes,
                         **{k: v for k, v in cfg.model.items() if k != "name"})
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0)))
+    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
     check_reachable(cfg.prune_plan(model.prunable), weights, cfg.levels)  # raises if not
 
 
@@ -39,7 +39,8 @@ def test_lenet_mnist_has_the_paper_values():
     cfg = validate(compose_config("experiment=lenet_mnist", base=None))
     assert cfg.dataset == {"name": "mnist", "validation_size": 5000}
     assert cfg.model == {"name": "lenet_300_100", "hidden": [300, 100]}
-    assert cfg.optimizer == {"name": "adam", "lr": 1.2e-3}
+    assert cfg.optimizer == {"name": "adam", "lr": 1.2e-3, "weight_decay": 0.0,
+                             "milestones": [], "gamma": 0.1, "warmup": 0}  # no schedule
     assert (cfg.steps, cfg.batch_size, cfg.eval_every) == (50000, 60, 100)
     assert (cfg.levels, cfg.rate, cfg.scope) == (15, 0.2, "layerwise")
     assert cfg.layer_rates == {"out": 0.1}

@@ -27,7 +27,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def params(model):
-    return model.init(jax.random.key(0))
+    return model.init(jax.random.key(0))[0]
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +90,13 @@ def test_layerwise_prunes_exact_count_of_survivors_by_magnitude(params, prune_la
 
 def test_layerwise_iterated_levels_follow_exact_count_sequence(model, prune_layerwise):
     levels = 8
-    masks = full_masks(model.init(jax.random.key(0)))
+    masks = full_masks(model.init(jax.random.key(0))[0])
     expected = {layer: expected_counts(WEIGHTS[layer], rate, levels)
                 for layer, rate in LAYERWISE.layer_rates.items()}
     assert expected["out"][:4] == [1000, 900, 810, 729]
     assert expected["fc1"][:3] == [235200, 188160, 150528]
     for level in range(1, levels + 1):
-        trained = model.init(jax.random.key(100 + level))  # new weights: new ranking
+        trained = model.init(jax.random.key(100 + level))[0]  # new weights: new ranking
         new = prune_layerwise(magnitude(trained, LAYERS), masks, LAYERWISE.rates())
         counts = {layer: int(c) for layer, c in remaining(new, LAYERS).items()}
         assert counts == {layer: seq[level] for layer, seq in expected.items()}, level

@@ -7,6 +7,8 @@ ones, so masks and params always have the same structure (no `None` leaves).
 import jax
 import jax.numpy as jnp
 
+from lottery.models import lookup
+
 MASK_DTYPE = jnp.float32
 
 
@@ -20,15 +22,15 @@ def apply_masks(params, masks):
 
 
 def kernels(tree, layers):
-    """The prunable leaves of a params or masks tree, by layer name."""
-    return {layer: tree[layer]["kernel"] for layer in layers}
+    """The prunable leaves of a params or masks tree, by layer path (`"stage1.0.conv1"`)."""
+    return {layer: lookup(tree, layer)["kernel"] for layer in layers}
 
 
 def with_kernels(tree, new_kernels):
     """A copy of `tree` whose prunable kernels are replaced by `new_kernels`."""
-    tree = jax.tree.map(lambda x: x, tree)
+    tree = jax.tree.map(lambda x: x, tree)  # new dicts all the way down, same leaves
     for layer, kernel in new_kernels.items():
-        tree[layer] = {**tree[layer], "kernel": kernel}
+        lookup(tree, layer)["kernel"] = kernel
     return tree
 
 
