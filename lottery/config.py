@@ -5,6 +5,7 @@ is loaded or trained; the CLI prints the error and exits with status 2.
 """
 
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,8 +77,8 @@ class RunConfig:
     levels: int
     rate: float
     scope: str
-    layer_rates: dict
-    prune_layers: tuple[str, ...] | None
+    layer_rates: dict  # layer -> rate, patterns already matched against the model's layers
+    prune_layers: tuple[str, ...] | None  # the chosen layers (patterns matched), or all
     rewind_step: int | str
     logger: dict
     resolved: dict  # the whole resolved config, for the record and W&B
@@ -112,6 +113,27 @@ def _duration(value, key: str, low: int):
     if count < low:
         raise ConfigError(f"{key}={value!r} must be at least {low}")
     return value
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    """Nested keys joined by dots: `prune.layer_rates.stage1.0.conv1=0.1` on the command line
+    nests in Hydra; a layer path is one dotted name."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _matching(pattern, prunable, model: str) -> list[str]:
+    """The prunable layers a name or shell-style pattern (`convs.*`, `stage?.*.conv1`) names."""
+    hits = [layer for layer in prunable if fnmatchcase(layer, str(pattern))]
+    if not hits:
+        raise ConfigError(f"prune layer {pattern!r} is not a prunable layer of {model}; "
+                          f"its prunable layers are {', '.join(prunable)}")
+    return hits
 
 
 def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_epoch=None):
@@ -169,14 +191,20 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"prune.layers={layers!r} must be a list of layer names or null")
     if layers is not None and not layers:
         raise ConfigError("prune.layers=[] names no layer: give layer names, or null for all")
-    for layer in layer_rates:
-        if layers is not None and layer in prunable and layer not in layers:
-            raise ConfigError(f"prune.layer_rates names {layer}, which prune.layers={list(layers)} "
-                              "leaves out")
-    for layer in list(layer_rates) + list(layers or []):
-        if layer not in prunable:
-            raise ConfigError(f"prune layer {layer!r} is not a prunable layer of {model['name']}; "
-                              f"its prunable layers are {', '.join(prunable)}")
+    if layers is not None:
+        matched = {hit for pattern in layers for hit in _matching(pattern, prunable, model["name"])}
+        layers = [layer for layer in prunable if layer in matched]
+    why = ": the fraction of the remaining weights removed per level"
+    rates = {}
+    for pattern, rate in _flatten(layer_rates).items():
+        hits = [hit for hit in _matching(pattern, prunable, model["name"])
+                if layers is None or hit in layers]
+        if not hits:
+            raise ConfigError(f"prune.layer_rates names {pattern}, which prune.layers="
+                              f"{list(layers)} leaves out")
+        rate = _fraction(rate, f"prune.layer_rates.{pattern}", why)
+        exact = pattern in prunable  # an exact name beats any pattern, wherever it is listed
+        rates.update({hit: rate for hit in hits if exact or hit not in layer_rates})
     why = ": the fraction of the remaining weights removed per level"
     return RunConfig(
         name=str(raw.get("name", "default")),
@@ -191,7 +219,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
         rate=_fraction(prune.get("rate"), "prune.rate", why),
         scope=_choice(prune.get("scope"), "prune.scope", SCOPES),
-        layer_rates={k: _fraction(v, f"prune.layer_rates.{k}", why) for k, v in layer_rates.items()},
+        layer_rates=rates,
         prune_layers=tuple(layers) if layers else None,
         rewind_step=rewind_step,
         logger=logger,

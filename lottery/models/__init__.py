@@ -14,15 +14,34 @@ A registered model is an `nnx.Module` class with
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 from flax import nnx
 
+from lottery.models.conv import Conv2, Conv4, Conv6
 from lottery.models.lenet import LeNet300100
+from lottery.models.lenet5 import LeNet5, LeNet5Caffe
+from lottery.models.mlp import MNIST1DMLP
+from lottery.models.resnet import ResNet20, ResNet32, ResNet56
+from lottery.models.vgg import VGG11, VGG16, VGG19
 
-MODELS = {"lenet_300_100": LeNet300100}
+MODELS = {
+    "lenet_300_100": LeNet300100,
+    "lenet5": LeNet5,
+    "lenet5_caffe": LeNet5Caffe,
+    "conv2": Conv2,
+    "conv4": Conv4,
+    "conv6": Conv6,
+    "vgg11": VGG11,
+    "vgg16": VGG16,
+    "vgg19": VGG19,
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet56": ResNet56,
+    "mnist1d_mlp": MNIST1DMLP,
+}
 
 
 class ModelError(Exception):

@@ -1,0 +1,114 @@
+"""ResNet-20/32/56 for CIFAR-10 (He et al. 2016, Section 4.2) as OpenLTH's `models/cifar_resnet.py`.
+
+A 3x3 conv (16w filters) -> BN -> ReLU, then three stages of n = (depth - 2) / 6 basic blocks
+with 16w, 32w, 64w filters (w = option `width`, default 1; OpenLTH's `cifar_resnet_D_W` is
+`width = W / 16`); the first block of stages 2 and 3 has stride 2 and a 1x1 stride-2 conv + BN
+projection shortcut as in OpenLTH (He et al.'s own CIFAR nets use the parameter-free zero-padding
+shortcut, option A), the others the identity. Block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, add
+the shortcut, ReLU. Then global average pool and a linear layer. Convs have no bias.
+
+Initialisation as OpenLTH's defaults: Kaiming-normal kernels (untruncated, fan-in, gain
+sqrt 2), batch-norm scale uniform in [0, 1), shift 0. Choices: the final linear's bias starts
+at zero; batch norm momentum 0.9 / epsilon 1e-5 (PyTorch's defaults: its momentum 0.1 is
+flax's 0.9); 3x3 convs pad 1 on each side (PyTorch's `padding=1`, so stride-2 windows align as
+in OpenLTH, not as XLA's "SAME"). ResNet-20 has 272,474 parameters, equal to OpenLTH's test.
+Prunable: every conv kernel (shortcut convs too) and the final linear.
+"""
+
+from flax import nnx
+
+kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+bn_scale_uniform = nnx.initializers.uniform(1.0)
+
+
+def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, scale_init=bn_scale_uniform,
+                         rngs=rngs)
+
+
+def _conv(c_in: int, c_out: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(c_in, c_out, (size, size), strides=stride, padding=size // 2,
+                    use_bias=False, kernel_init=kaiming_normal, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Basic residual block; a 1x1 conv + BN shortcut when it downsamples."""
+
+    def __init__(self, c_in: int, c_out: int, downsample: bool, *, rngs: nnx.Rngs):
+        stride = 2 if downsample else 1
+        self.conv1 = _conv(c_in, c_out, 3, stride, rngs)
+        self.bn1 = _bn(c_out, rngs)
+        self.conv2 = _conv(c_out, c_out, 3, 1, rngs)
+        self.bn2 = _bn(c_out, rngs)
+        if downsample:
+            self.shortcut = _conv(c_in, c_out, 1, 2, rngs)
+            self.shortcut_bn = _bn(c_out, rngs)
+        else:
+            self.shortcut = self.shortcut_bn = None
+
+    def __call__(self, x, train: bool):
+        average = not train
+        out = nnx.relu(self.bn1(self.conv1(x), use_running_average=average))
+        out = self.bn2(self.conv2(out), use_running_average=average)
+        if self.shortcut is not None:
+            x = self.shortcut_bn(self.shortcut(x), use_running_average=average)
+        return nnx.relu(out + x)
+
+
+class ResNet(nnx.Module):
+    """CIFAR ResNet of `depth` = 6n + 2 layers; `width` multiplies the 16/32/64 filters."""
+
+    depth: int = 0
+
+    def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, width: int = 1):
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape={tuple(input_shape)} must be (height, width, channels)")
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise TypeError(f"width={width!r} must be a positive integer")
+        if width < 1:
+            raise ValueError(f"width={width} must be a positive integer")
+        blocks = (self.depth - 2) // 6
+        filters = [16 * width, 32 * width, 64 * width]
+        self.conv = _conv(input_shape[2], filters[0], 3, 1, rngs)
+        self.bn = _bn(filters[0], rngs)
+        channels = filters[0]
+        for stage, out in enumerate(filters, start=1):
+            stage_blocks = []
+            for index in range(blocks):
+                stage_blocks.append(Block(channels, out, stage > 1 and index == 0, rngs=rngs))
+                channels = out
+            setattr(self, f"stage{stage}", nnx.List(stage_blocks))
+        self.fc = nnx.Linear(channels, num_classes, kernel_init=kaiming_normal, rngs=rngs)
+
+    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        for stage in (self.stage1, self.stage2, self.stage3):
+            for block in stage:
+                x = block(x, train)
+        return self.fc(x.mean(axis=(1, 2)))
+
+
+def _prunable(depth: int) -> tuple[str, ...]:
+    """Every conv (the stem, two per block, the shortcuts of stages 2 and 3), then the fc."""
+    paths = ["conv"]
+    for stage in (1, 2, 3):
+        for index in range((depth - 2) // 6):
+            paths += [f"stage{stage}.{index}.conv1", f"stage{stage}.{index}.conv2"]
+            if stage > 1 and index == 0:
+                paths.append(f"stage{stage}.{index}.shortcut")
+    return (*paths, "fc")
+
+
+class ResNet20(ResNet):
+    depth = 20
+    prunable = _prunable(20)
+
+
+class ResNet32(ResNet):
+    depth = 32
+    prunable = _prunable(32)
+
+
+class ResNet56(ResNet):
+    depth = 56
+    prunable = _prunable(56)
