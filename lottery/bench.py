@@ -41,7 +41,8 @@ def matmul_gflops(repeats: int) -> float:
     return 2 * n**3 / _median(times) / 1e9
 
 
-def training_rate(replicates: int, steps: int, repeats: int) -> tuple[float, float]:
+def training_rate(replicates: int, steps: int, repeats: int,
+                  members: str = "auto") -> tuple[float, float]:
     """Median replica-steps/s of LeNet-300-100 training, and the MFLOP of one step."""
     import jax
 
@@ -54,7 +55,7 @@ def training_rate(replicates: int, steps: int, repeats: int) -> tuple[float, flo
     data = load_synthetic(train_size=55000, validation_size=100, test_size=100)
     model = build_model("lenet_300_100", data.input_shape, data.num_classes)
     trainer = Trainer(model, build_optimizer("adam", 1.2e-3, steps_per_epoch=1), data, BATCH,
-                      steps, replicates)
+                      steps, replicates, members=members)
     keys = jax.random.split(jax.random.key(0), trainer.padded_size)
     params, model_state = jax.jit(jax.vmap(model.init), out_shardings=trainer.stacked)(keys)
     masks = jax.jit(jax.vmap(full_masks), out_shardings=trainer.stacked)(params)
@@ -120,7 +121,7 @@ def worker(args) -> None:
     result = {"devices": len(jax.devices()), "platform": jax.devices()[0].platform,
               "matmul_gflops": matmul_gflops(args.repeats), "rates": {}}
     for replicates in args.replicates:
-        rate, mflop = training_rate(replicates, args.steps, args.repeats)
+        rate, mflop = training_rate(replicates, args.steps, args.repeats, args.members)
         result["rates"][replicates] = rate
         result["step_mflop"] = mflop
     if args.compilations:
@@ -133,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="steps per timed chunk")
     parser.add_argument("--repeats", type=int, default=5, help="timed chunks (median reported)")
     parser.add_argument("--replicates", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--members", choices=("auto", "vmap", "map"), default="auto",
+                        help="how each device runs its members (train.members)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compilations", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -153,7 +156,8 @@ def main(argv=None) -> None:
         if devices and devices > 1:  # stacks that fill every device (others would be padded)
             stacks = {r for r in stacks if r % devices == 0} | {devices}
         command = [sys.executable, "-m", "lottery.bench", "--worker", "--steps", str(args.steps),
-                   "--repeats", str(args.repeats), "--replicates", *map(str, sorted(stacks))]
+                   "--repeats", str(args.repeats), "--members", args.members,
+                   "--replicates", *map(str, sorted(stacks))]
         if i == len(settings) - 1:
             command.append("--compilations")
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)

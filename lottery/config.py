@@ -15,6 +15,7 @@ from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
+from lottery.train import MEMBER_MODES
 
 SCOPES = ("layerwise", "global")
 LOGGERS = ("none", "wandb")
@@ -74,6 +75,7 @@ class RunConfig:
     batch_size: int
     eval_every: int | str
     eval_batch_size: int
+    members: str  # how a device runs its members: auto | vmap | map
     levels: int
     rate: float
     scope: str
@@ -195,8 +197,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         matched = {hit for pattern in layers for hit in _matching(pattern, prunable, model["name"])}
         layers = [layer for layer in prunable if layer in matched]
     why = ": the fraction of the remaining weights removed per level"
-    rates = {}
-    for pattern, rate in _flatten(layer_rates).items():
+    rates, named = {}, _flatten(layer_rates)  # nested keys as the dotted names they give
+    for pattern, rate in named.items():
         hits = [hit for hit in _matching(pattern, prunable, model["name"])
                 if layers is None or hit in layers]
         if not hits:
@@ -204,7 +206,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
                               f"{list(layers)} leaves out")
         rate = _fraction(rate, f"prune.layer_rates.{pattern}", why)
         exact = pattern in prunable  # an exact name beats any pattern, wherever it is listed
-        rates.update({hit: rate for hit in hits if exact or hit not in layer_rates})
+        rates.update({hit: rate for hit in hits if exact or hit not in named})
     why = ": the fraction of the remaining weights removed per level"
     return RunConfig(
         name=str(raw.get("name", "default")),
@@ -216,6 +218,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         batch_size=_int(train.get("batch_size"), "train.batch_size", 1),
         eval_every=eval_every,
         eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
+        members=_choice(train.get("members", "auto"), "train.members", MEMBER_MODES),
         levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
         rate=_fraction(prune.get("rate"), "prune.rate", why),
         scope=_choice(prune.get("scope"), "prune.scope", SCOPES),

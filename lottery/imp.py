@@ -156,7 +156,7 @@ def build(cfg: RunConfig) -> Setup:
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
     trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
-                      cfg.eval_batch_size)
+                      cfg.eval_batch_size, cfg.members)
     return Setup(cfg, data, model, plan, weights, chunk, trainer)
 
 
@@ -174,7 +174,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
         f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}); {cfg.stack_size} members "
         f"({len(branches)} branches x {R} replicates) on {len(jax.devices())} "
-        f"{jax.devices()[0].platform} device(s); record: {out_dir / RECORD_NAME}")
+        f"{jax.devices()[0].platform} device(s), members by {trainer.members}; record: "
+        f"{out_dir / RECORD_NAME}")
     if chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {chunk} (the gcd of eval_every, "
             "steps and rewind.step); choose multiples of a larger number for speed")

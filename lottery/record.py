@@ -139,14 +139,34 @@ def load(path, kind: str | None = None) -> pd.DataFrame:
     return frame
 
 
-def summary_table(summaries: pd.DataFrame) -> pd.DataFrame:
-    """Early-stop test accuracy and step, mean and std over replicates, per level and branch
-    (branches in the order they ran)."""
+def summary_table(summaries: pd.DataFrame, accuracy: str = "early_stop") -> pd.DataFrame:
+    """Test accuracy (`accuracy`: "early_stop", at the minimum validation loss, or "final")
+    and the early-stop step, mean and std over replicates, per level and branch (branches in
+    the order they ran)."""
     grouped = summaries.groupby(["level", "branch"], sort=False)
     table = grouped.agg(density=("density", "mean"),
-                        accuracy_mean=("early_stop_test_accuracy", "mean"),
-                        accuracy_std=("early_stop_test_accuracy", "std"),
+                        accuracy_mean=(f"{accuracy}_test_accuracy", "mean"),
+                        accuracy_std=(f"{accuracy}_test_accuracy", "std"),
                         early_stop_step_mean=("early_stop_step", "mean"),
                         early_stop_step_std=("early_stop_step", "std"),
                         replicates=("replicate", "count"))
     return table.reset_index().fillna({"accuracy_std": 0.0, "early_stop_step_std": 0.0})
+
+
+def markdown_table(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
+    """`summary_table` as Markdown: per level, percent remaining, then each branch's
+    early-stop iteration and test accuracy (mean ± std over replicates)."""
+    table = summary_table(summaries, accuracy)
+    branches = list(dict.fromkeys(table["branch"]))
+    label = "early-stop" if accuracy == "early_stop" else accuracy
+    lines = ["| level | % remaining | " + " | ".join(
+        f"{b} early-stop iter | {b} {label} test acc (%)" for b in branches) + " |",
+        "|---" * (2 + 2 * len(branches)) + "|"]
+    for level, rows in table.groupby("level", sort=True):
+        cells = [str(level), f"{100 * rows['density'].iloc[0]:.1f}"]
+        for branch in branches:
+            row = rows[rows["branch"] == branch].iloc[0]
+            cells += [f"{row.early_stop_step_mean:.0f} ± {row.early_stop_step_std:.0f}",
+                      f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
