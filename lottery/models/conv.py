@@ -18,6 +18,8 @@ import itertools
 
 from flax import nnx
 
+from lottery.models.layers import Conv
+
 glorot_normal = nnx.initializers.glorot_normal()
 
 
@@ -40,7 +42,7 @@ class ConvNet(nnx.Module):
             raise ValueError(f"input_shape={tuple(input_shape)} is too small for {pools} pools")
         sizes = (channels, *self.filters)
         self.convs = nnx.List([
-            nnx.Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=glorot_normal, rngs=rngs)
+            Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=glorot_normal, rngs=rngs)
             for c_in, c_out in itertools.pairwise(sizes)])
         self.fc1 = nnx.Linear(height * width * self.filters[-1], 256, kernel_init=glorot_normal,
                               rngs=rngs)

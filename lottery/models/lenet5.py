@@ -17,6 +17,8 @@ import math
 
 from flax import nnx
 
+from lottery.models.layers import Conv
+
 glorot_normal = nnx.initializers.glorot_normal()
 
 
@@ -46,9 +48,9 @@ class LeNet5(nnx.Module):
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs):
         height, width, channels = _image(input_shape)
         height, width = (_pooled(height // 2, 5, input_shape), _pooled(width // 2, 5, input_shape))
-        self.conv1 = nnx.Conv(channels, 6, (5, 5), padding="SAME", kernel_init=glorot_normal,
+        self.conv1 = Conv(channels, 6, (5, 5), padding="SAME", kernel_init=glorot_normal,
                               rngs=rngs)
-        self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", kernel_init=glorot_normal,
+        self.conv2 = Conv(6, 16, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
         self.fc1 = nnx.Linear(height * width * 16, 120, kernel_init=glorot_normal, rngs=rngs)
         self.fc2 = nnx.Linear(120, 84, kernel_init=glorot_normal, rngs=rngs)
@@ -72,9 +74,9 @@ class LeNet5Caffe(nnx.Module):
         height, width, channels = _image(input_shape)
         for _ in range(2):
             height, width = _pooled(height, 5, input_shape), _pooled(width, 5, input_shape)
-        self.conv1 = nnx.Conv(channels, 20, (5, 5), padding="VALID", kernel_init=glorot_normal,
+        self.conv1 = Conv(channels, 20, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
-        self.conv2 = nnx.Conv(20, 50, (5, 5), padding="VALID", kernel_init=glorot_normal,
+        self.conv2 = Conv(20, 50, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
         self.fc1 = nnx.Linear(math.prod((height, width, 50)), 500, kernel_init=glorot_normal,
                               rngs=rngs)

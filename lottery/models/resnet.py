@@ -17,6 +17,8 @@ Prunable: every conv kernel (shortcut convs too) and the final linear.
 
 from flax import nnx
 
+from lottery.models.layers import Conv
+
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 bn_scale_uniform = nnx.initializers.uniform(1.0)
 
@@ -27,7 +29,7 @@ def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 def _conv(c_in: int, c_out: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(c_in, c_out, (size, size), strides=stride, padding=size // 2,
+    return Conv(c_in, c_out, (size, size), strides=stride, padding=size // 2,
                     use_bias=False, kernel_init=kaiming_normal, rngs=rngs)
 
 

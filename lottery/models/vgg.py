@@ -17,6 +17,8 @@ do the same in a preset).
 
 from flax import nnx
 
+from lottery.models.layers import Conv
+
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 bn_scale_uniform = nnx.initializers.uniform(1.0)
 
@@ -25,7 +27,7 @@ class ConvBN(nnx.Module):
     """3x3 SAME conv -> batch norm -> ReLU."""
 
     def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=kaiming_normal,
+        self.conv = Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=kaiming_normal,
                              rngs=rngs)
         self.bn = nnx.BatchNorm(c_out, momentum=0.9, epsilon=1e-5, scale_init=bn_scale_uniform,
                                 rngs=rngs)
