@@ -172,7 +172,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         setup.trainer)
     R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
-        f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}); {cfg.stack_size} members "
+        f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}), of which "
+        f"{sum(weights[layer] for layer in plan.layers):,} pruned; {cfg.stack_size} members "
         f"({len(branches)} branches x {R} replicates) on {len(jax.devices())} "
         f"{jax.devices()[0].platform} device(s), members by {trainer.members}; record: "
         f"{out_dir / RECORD_NAME}")

@@ -5,15 +5,18 @@ from pathlib import Path
 
 import jax
 import pytest
-
 from helpers import WEIGHTS, compose_config, expected_counts
+
 from lottery.cli import CONF_DIR
 from lottery.config import validate
 from lottery.imp import check_reachable
-from lottery.models import build_model
+from lottery.models import MODELS, build_model
+from lottery.optim import build_optimizer
 
 PRESETS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
-INPUTS = {"mnist": ((28, 28, 1), 10)}  # input shape and classes of the file datasets
+# input shape and classes of the file datasets
+INPUTS = {"mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+          "cifar10": ((32, 32, 3), 10), "mnist1d": ((40,), 10)}
 
 
 def test_there_are_presets():
@@ -33,6 +36,61 @@ def test_preset_composes_validates_and_is_reachable(name):
                         **{k: v for k, v in cfg.model.items() if k != "name"})
     weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
     check_reachable(cfg.prune_plan(model.prunable), weights, cfg.levels)  # raises if not
+
+
+def preset(name: str):
+    return validate(compose_config(f"experiment={name}", base=None))
+
+
+@pytest.mark.parametrize("name, conv_rate", [
+    ("conv2_cifar10", 0.1), ("conv4_cifar10", 0.1), ("conv6_cifar10", 0.15)])
+def test_conv_presets_prune_every_conv_at_the_papers_rate(name, conv_rate):
+    """Frankle & Carbin 2019, Figure 2: convs at 10% (Conv-6: 15%) per level, the hidden fc
+    layers at 20%, the output layer at 10%; the pattern `convs.*` names every conv."""
+    cfg = preset(name)
+    prunable = MODELS[cfg.model["name"]].prunable
+    convs = [layer for layer in prunable if layer.startswith("convs.")]
+    assert len(convs) == int(cfg.model["name"][-1])
+    assert cfg.layer_rates == {**dict.fromkeys(convs, conv_rate), "out": 0.1}
+    assert cfg.prune_plan(prunable).layer_rates == {
+        **dict.fromkeys(convs, conv_rate), "fc1": 0.2, "fc2": 0.2, "out": 0.1}
+    assert cfg.dataset["augment"] is False  # the paper trains without augmentation
+
+
+@pytest.mark.parametrize("name", ["vgg16_cifar10", "vgg19_cifar10", "resnet20_warmup_cifar10"])
+def test_presets_prune_every_conv_globally_and_leave_the_output_layer_dense(name):
+    cfg = preset(name)
+    prunable = MODELS[cfg.model["name"]].prunable
+    plan = cfg.prune_plan(prunable)
+    assert prunable[-1] == "fc" and "fc" not in plan.layers
+    assert plan.layers == prunable[:-1] and plan.global_layers == prunable[:-1]
+    assert (plan.layer_rates, plan.global_rate) == ({}, 0.2)
+
+
+def test_resnet20_prunes_every_layer_globally():
+    cfg = preset("resnet20_cifar10")
+    plan = cfg.prune_plan(MODELS["resnet20"].prunable)
+    assert plan.global_layers == MODELS["resnet20"].prunable and plan.global_rate == 0.2
+
+
+@pytest.mark.parametrize("name, batch, epochs, warmup", [
+    ("resnet20_cifar10", 128, 160, 0), ("vgg16_cifar10", 128, 160, 0),
+    ("vgg19_cifar10", 64, 160, 10000)])
+def test_epoch_presets_at_cifar10s_steps_per_epoch(name, batch, epochs, warmup):
+    """45,000 training images (5,000 held out): 351 steps per epoch at batch 128, 703 at 64
+    (VGG-19: 112,480 steps, the paper's "112K iterations"); lr x0.1 at epochs 80 and 120."""
+    cfg = preset(name)
+    epoch = 45000 // batch
+    steps = cfg.in_steps(epoch)
+    assert (steps.steps, steps.eval_every, steps.rewind_step) == (epochs * epoch, 4 * epoch, 0)
+    assert cfg.batch_size == batch and cfg.optimizer["warmup"] == warmup
+    schedule = build_optimizer(**cfg.optimizer, steps_per_epoch=epoch).schedule
+    at = [80 * epoch - 1, 80 * epoch, 120 * epoch - 1, 120 * epoch, epochs * epoch - 1]
+    assert [float(schedule(step)) for step in at] == pytest.approx(
+        [0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-6)
+    if warmup:
+        assert [float(schedule(step)) for step in (0, warmup // 2, warmup)] == pytest.approx(
+            [0.0, 0.05, 0.1], rel=1e-6)
 
 
 def test_lenet_mnist_has_the_paper_values():
