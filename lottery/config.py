@@ -109,7 +109,7 @@ class RunConfig:
 
 def _duration(value, key: str, low: int):
     try:
-        count, unit = parse_duration(value, key)
+        count, _ = parse_duration(value, key)
     except DurationError as error:
         raise ConfigError(str(error)) from None
     if count < low:

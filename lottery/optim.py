@@ -7,7 +7,7 @@ passed), whatever the optimizer's own step counter says.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import optax
 
