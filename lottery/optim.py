@@ -6,8 +6,8 @@ branch rewound to step k therefore resumes the schedule at k (warmup done, miles
 passed), whatever the optimizer's own step counter says.
 """
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import optax
 
