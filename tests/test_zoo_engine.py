@@ -3,9 +3,11 @@ global step, batch-norm statistics are carried and rewound, augmentation is dete
 for training only, durations in epochs, layer-name patterns.
 
 Presets (enumerated from conf/experiment/) run on synthetic data of their dataset's real input
-shape: 2 steps, one pruning level, one member. A full `imp.run` of a CIFAR network costs 40-75 s
-on the 2-core test machine (compiling `initial`, `begin`, the training chunk and the
-evaluation; running `begin`'s argsort of up to 20M weights), so `CHECKS` trims some presets:
+shape: 2 steps, one pruning level, one member, every preset end to end (`imp.run`). A full run
+of a CIFAR network costs 20-100 s on the 2-core test machine (compiling `initial`, `begin`,
+the training chunk and the evaluation; running `begin`'s argsort of up to 20M weights): about
+5.6 minutes for all nine presets. For a quicker local loop, `LOTTERY_QUICK_PRESETS=1` trims
+some presets as `CHECKS` says:
 
 - "run" (the default, and every new preset's): `imp.run` end to end; the record, the level-1
   masks' exact counts and the logged prunable-weight total are checked.
@@ -17,7 +19,6 @@ evaluation; running `begin`'s argsort of up to 20M weights), so `CHECKS` trims s
   covers nested layer paths, batch norm and global pruning of a chosen subset of layers with
   the output layer left dense, as the VGG presets do).
 
-`LOTTERY_FULL_PRESETS=1` runs every preset end to end (about 5 min more on 2 cores).
 `XLA_FLAGS=--xla_backend_optimization_level=0` was measured and does not help: it halves the
 compile times but runs the conv nets' training chunks 5x slower.
 """
@@ -63,11 +64,11 @@ PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
           "mnist1d": (40,)}  # the real input shape of each file dataset
 SYNTHETIC_OPTIONS = set(inspect.signature(load_synthetic).parameters)
-# how far each preset runs (see the module docstring); "run" when not listed
-CHECKS = {"conv2_cifar10": "step", "vgg16_cifar10": "step", "conv4_cifar10": "trace",
-          "conv6_cifar10": "trace", "vgg19_cifar10": "trace", "resnet20_cifar10": "trace"}
-if os.environ.get("LOTTERY_FULL_PRESETS") == "1":
-    CHECKS = {}
+# how far each preset runs with LOTTERY_QUICK_PRESETS=1 (module docstring); "run" when not listed
+CHECKS = {}
+if os.environ.get("LOTTERY_QUICK_PRESETS") == "1":
+    CHECKS = {"conv2_cifar10": "step", "vgg16_cifar10": "step", "conv4_cifar10": "trace",
+              "conv6_cifar10": "trace", "vgg19_cifar10": "trace", "resnet20_cifar10": "trace"}
 # prunable weights of presets whose model options change the size set in conf/model/
 RESIZED = {("mnist1d_mlp", (("hidden", 500), ("residual", True))): 40 * 500 + 500 * 500 + 500 * 10}
 
