@@ -7,6 +7,7 @@ is sharded over every available device (padded to a multiple of the device count
 rates and the start step are traced arguments, so a run compiles each program once.
 """
 
+import functools
 import math
 import os
 
@@ -65,17 +66,20 @@ def uses_convolutions(model: ModelSpec, input_shape) -> bool:
     return "conv_general_dilated" in str(jax.make_jaxpr(model.logits)(params, state, x))
 
 
-def member_mode(mode: str, model: ModelSpec, input_shape) -> str:
-    """How a device runs its members: `vmap` (batched into one program) or `map` (one after
-    another). `auto` maps convolutional models on CPU: XLA's CPU backend lowers a vmapped
-    convolution, whose kernels differ per member, to a grouped convolution that ran about 12x
-    slower than one member at a time (Conv-2 forward, 3 members: 2.8 vs 36 GFLOP/s)."""
+def member_mode(mode: str, model: ModelSpec, input_shape, per_device: int) -> str:
+    """How a device runs its `per_device` members: `vmap` (batched into one program) or `map`
+    (one after another). `auto` maps on CPU and vmaps elsewhere. On CPU, XLA lowers a
+    convolution vmapped over members with different kernels to a grouped convolution (Conv-2
+    forward, 3 members: 2.8 GFLOP/s vmapped vs 36 mapped), and even LeNet-300-100's batched
+    matmuls trained slower than one member at a time (`lottery-bench`, 2 devices x 2 members:
+    about 830 vs 920 replica-steps/s; 1 device x 4: 520 vs 830)."""
     if mode not in MEMBER_MODES:
         raise ValueError(f"train.members={mode!r}: choose one of {', '.join(MEMBER_MODES)}")
     if mode != "auto":
         return mode
-    on_cpu = jax.default_backend() == "cpu"
-    return "map" if on_cpu and uses_convolutions(model, input_shape) else "vmap"
+    if jax.default_backend() != "cpu":
+        return "vmap"
+    return "map" if per_device > 1 or uses_convolutions(model, input_shape) else "vmap"
 
 
 def over_members(fn, batched: tuple[bool, ...], mode: str):
@@ -84,6 +88,7 @@ def over_members(fn, batched: tuple[bool, ...], mode: str):
     if mode == "vmap":
         return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
 
+    @functools.wraps(fn)  # the compiled program keeps the member function's name
     def mapped(*args):
         def one(members):
             members = iter(members)
@@ -106,10 +111,11 @@ class Trainer:
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000,
                  members: str = "auto"):
         devices = jax.devices()
-        self.members = member_mode(members, model, data.input_shape)
         self.mesh = Mesh(np.array(devices), ("stack",))
         self.stack_size = stack_size
         self.padded_size = math.ceil(stack_size / len(devices)) * len(devices)
+        self.members = member_mode(members, model, data.input_shape,
+                                   self.padded_size // len(devices))
         self.stacked = NamedSharding(self.mesh, PartitionSpec("stack"))
         self.replicated = replicated = NamedSharding(self.mesh, PartitionSpec())
         self.optimizer = optimizer

@@ -339,3 +339,36 @@ def test_identical_runs_give_identical_records(main_run, main_run_repeat):
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+
+
+# ---------------------------------------------------------------- how a device runs its members
+
+
+def test_member_modes_train_the_same_networks(parts, programs):
+    """`map` (one member at a time) and `vmap` (batched) give the same training to float
+    tolerance; `auto` maps on CPU when a device holds several members."""
+    begin, _, initial = programs
+    rewind, full = initial(0)
+    trained = {}
+    for mode in ("vmap", "map"):
+        trainer = Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1),
+                          parts.data, 20, parts.chunk, parts.trainer.stack_size, members=mode)
+        assert trainer.members == mode
+        _, (params, model_state, masks, keys), _ = begin(0, 1, parts.plan.rates(1.0),
+                                                         rewind[0], full, rewind)
+        state, loss = trainer.train_chunk(trainer.start(params, model_state, masks), keys, 0)
+        trained[mode] = host((state[0], loss, trainer.evaluate(*state[:2])))
+    for a, b in zip(jax.tree.leaves(trained["vmap"]), jax.tree.leaves(trained["map"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    per_device = parts.trainer.padded_size // len(jax.devices())
+    assert parts.trainer.members == ("map" if per_device > 1 else "vmap")  # LeNet on CPU
+
+
+def test_an_unknown_member_mode_is_refused(parts):
+    with pytest.raises(ValueError, match="train.members='loop'"):
+        Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1), parts.data,
+                20, 20, 6, members="loop")
+    from lottery.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.members='loop' is unknown"):
+        helpers.run_config("train.members=loop")
