@@ -1,9 +1,32 @@
-"""Pruning scores: higher means more worth keeping. Pure functions of params (and a key)."""
+"""Pruning scores: higher means more worth keeping. Pure, traceable functions.
+
+Two kinds live here:
+
+* the historical helpers `magnitude(params, layers)` and `uniform_random(key, params,
+  layers)`, used directly by IMP and the random-pruning control;
+* the uniform interface `SCORES[name](model, params, model_state, masks, layers, batch, key)
+  -> {layer: scores shaped like the layer's kernel}` used by the pruning engine, for ONE
+  network (the engine vmaps it over replicates and jits it). `model` is a `ModelSpec`,
+  `params`/`model_state` its pure dicts, `masks` 0/1 arrays with the params' structure,
+  `layers` the prunable layer paths to score, `batch = (x, y)` training examples (x float32
+  with the model's input shape, y integer labels), `key` a PRNG key.
+
+Every score is computed on the *masked* network: θ = params ⊙ masks. Pruned entries get
+finite (usually zero) scores; the engine only ranks surviving entries, so their value is
+irrelevant. Gradient-based scores (SNIP, GraSP) differentiate with respect to the
+effective (masked) kernels θ only; biases and batch-norm parameters are held fixed, as the
+reference implementations only take gradients with respect to conv / linear weights.
+
+Magnitude pruning at initialisation is `SCORES["magnitude"]` applied to the initial weights.
+"""
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from lottery.pruning.masks import kernels
+from lottery.pruning.masks import apply_masks, kernels, with_kernels
+
+GRASP_TEMPERATURE = 200.0
 
 
 def magnitude(params, layers):
@@ -16,3 +39,131 @@ def uniform_random(key, params, layers):
     keys = jax.random.split(key, len(layers))
     return {layer: jax.random.uniform(k, w.shape)
             for k, (layer, w) in zip(keys, kernels(params, layers).items())}
+
+
+# --- the engine's interface --------------------------------------------------------------
+
+
+def _mean_cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).mean()
+
+
+def _kernel_loss(model, theta, model_state, layers, batch, key, temperature=1.0):
+    """The mean training-mode cross-entropy on `batch` as a function of the prunable kernels
+    of the masked params `theta` (everything else fixed), and those kernels."""
+    x, y = batch
+
+    def loss(ks):
+        logits, _ = model.apply(with_kernels(theta, ks), model_state, x, train=True, key=key)
+        return _mean_cross_entropy(logits / temperature, y)
+
+    return loss, kernels(theta, layers)
+
+
+def magnitude_score(model, params, model_state, masks, layers, batch, key):
+    """|θ| of each prunable kernel of the masked network (magnitude pruning; applied to the
+    initial weights, magnitude pruning at initialisation). Ignores `batch` and `key`."""
+    del model, model_state, batch, key
+    return magnitude(apply_masks(params, masks), layers)
+
+
+def random_score(model, params, model_state, masks, layers, batch, key):
+    """Uniform random scores in [0, 1) from `key` (random pruning)."""
+    del model, model_state, masks, batch
+    return uniform_random(key, params, layers)
+
+
+def snip(model, params, model_state, masks, layers, batch, key):
+    """SNIP connection sensitivity (Lee et al. 2019): |g ⊙ θ| with g = ∂L/∂θ.
+
+    L is the mean cross-entropy of the masked network on `batch` in training mode (batch
+    norm uses the batch's statistics; `key` drives dropout, if any). |g ⊙ θ| is the paper's
+    |∂L/∂c| at c = 1 for the multiplicative connection variables c. The paper's
+    normalisation by the sum of scores is a positive constant and does not change the
+    ranking, so it is left out. Pruned entries score exactly 0.
+    """
+    theta = apply_masks(params, masks)
+    loss, ks = _kernel_loss(model, theta, model_state, layers, batch, key)
+    grads = jax.grad(loss)(ks)
+    return {layer: jnp.abs(grads[layer] * ks[layer]) for layer in layers}
+
+
+def grasp(model, params, model_state, masks, layers, batch, key, *,
+          temperature=GRASP_TEMPERATURE):
+    """GraSP (Wang et al. 2020), in the higher-is-keep convention: θ ⊙ Hg.
+
+    GraSP's score is S(-θ) = -θ ⊙ Hg, where g = ∂L/∂θ and H = ∂²L/∂θ² for the prunable
+    kernels θ of the masked network, and GraSP removes the weights with the HIGHEST S(-θ)
+    (those whose removal least reduces the gradient flow); keeping the highest θ ⊙ Hg is the
+    same selection. L is the mean training-mode cross-entropy with the logits divided by
+    `temperature` (T = 200 in the reference implementation), for both g and Hg; batch norm
+    uses the batch's statistics and `key` drives dropout, if any (the same draw for both).
+
+    Hg is a Hessian-vector product (forward-over-reverse, `jax.jvp` of `jax.grad`) with the
+    Hessian of the kernels only (biases and batch-norm parameters are held fixed, as in the
+    reference code, which differentiates `g · ∇L` with respect to the weights only).
+
+    The same `batch` is used for g and Hg. (The reference code accumulates g over two halves
+    of its batch and then adds the two halves' H_half g: a positive multiple of Hg for the
+    whole batch, up to batch-norm statistics being those of each half rather than of the
+    whole batch.) The reference code's normalisation by |Σ scores| is a positive constant
+    and does not change the ranking, so it is left out.
+    """
+    theta = apply_masks(params, masks)
+    loss, ks = _kernel_loss(model, theta, model_state, layers, batch, key, temperature)
+    grad_fn = jax.grad(loss)
+    g = grad_fn(ks)
+    _, hg = jax.jvp(grad_fn, (ks,), (g,))
+    return {layer: ks[layer] * hg[layer] for layer in layers}
+
+
+def _abs_floats(tree):
+    """|leaf| of every floating-point leaf of `tree` (other leaves unchanged)."""
+    def absolute(a):
+        floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+        return jnp.abs(a) if floating else a
+
+    return jax.tree.map(absolute, tree)
+
+
+def synflow(model, params, model_state, masks, layers, batch, key):
+    """One SynFlow scoring pass (Tanaka et al. 2020): |∂R/∂θ ⊙ θ|, data-free.
+
+    All params and the floating-point model state (batch-norm running statistics) are
+    replaced by their absolute values, the masks are applied (θ = |params| ⊙ masks), and
+    R = 1ᵀ f(1) is the sum of the evaluation-mode logits (running batch-norm statistics,
+    no dropout, as the reference code runs the model in eval mode) for an all-ones input of
+    shape (1, *input_shape), the input shape being `batch[0].shape[1:]`. Only the shape of
+    `batch` is used, and `key` is ignored. Pruned entries score exactly 0.
+
+    This is ONE scoring pass. SynFlow proper is iterative: the engine prunes for 100 rounds
+    to exponentially decreasing densities (density^(k/100) after round k), re-scoring the
+    masked network with this function before each round.
+
+    Numerics: R is a product of |weights| through the depth of the network and is computed
+    in float32 here; for very deep or wide networks it can overflow to inf (and the scores
+    to inf/NaN) where the paper used float64. The engine's ranking puts NaN scores last.
+    """
+    del key
+    input_shape = batch[0].shape[1:]
+    theta = apply_masks(_abs_floats(params), masks)
+    state = _abs_floats(model_state)
+    ones = jnp.ones((1, *input_shape), jnp.float32)
+
+    def r(ks):
+        logits, _ = model.apply(with_kernels(theta, ks), state, ones, train=False)
+        return jnp.sum(logits)
+
+    ks = kernels(theta, layers)
+    grads = jax.grad(r)(ks)
+    return {layer: jnp.abs(grads[layer] * ks[layer]) for layer in layers}
+
+
+SCORES = {
+    "magnitude": magnitude_score,
+    "random": random_score,
+    "snip": snip,
+    "grasp": grasp,
+    "synflow": synflow,
+}
