@@ -7,6 +7,14 @@ measures the fp32 matmul rate (jitted 2048^3 `jnp.dot`) and LeNet-300-100 traini
 replica-steps/s at batch 60 (Adam, masks applied, the engine's own `Trainer`) for stacks of
 R replicates; it reports medians over repeats and the fraction of the matmul rate reached.
 Then a 3-level IMP run on synthetic data counts its compilations.
+
+    lottery-bench --section compact  # or --section all
+
+measures, in this process, structured pruning's payoff: the dense model against models
+compacted to 50%, 25% and 10% of their units (LeNet-300-100's hidden neurons, Conv-2's
+conv channels on 32x32x3; the units with the largest L2 norms kept): training steps/s of
+a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
+batch 1000, medians of repeated timings, and their ratios to the dense model.
 """
 
 import argparse
@@ -48,8 +56,8 @@ def training_rate(replicates: int, steps: int, repeats: int,
 
     from lottery.data.synthetic import load_synthetic
     from lottery.models import build_model
-    from lottery.pruning.masks import full_masks
     from lottery.optim import build_optimizer
+    from lottery.pruning.masks import full_masks
     from lottery.train import Trainer
 
     data = load_synthetic(train_size=55000, validation_size=100, test_size=100)
@@ -115,6 +123,137 @@ def imp_compilations() -> dict[str, int]:
             "evaluate": sum(name == "jit(member_eval)" for name in compiled)}
 
 
+# model, input shape, units removed, training steps per timed (scanned) chunk
+COMPACT_MODELS = (("lenet_300_100", (28, 28, 1), "neurons", 20),
+                  ("conv2", (32, 32, 3), "channels", 1))
+KEPT = (0.5, 0.25, 0.1)
+
+
+class _Timer:
+    """Times `call()` (which blocks) in runs of `count` calls, a count that makes a run last
+    about `min_time`; made after one untimed call (compilation) and one calibrating call."""
+
+    def __init__(self, call, min_time: float):
+        call()
+        start = time.perf_counter()
+        call()
+        once = max(time.perf_counter() - start, 1e-6)
+        self.call, self.count, self.times = call, max(1, round(min_time / once)), []
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        for _ in range(self.count):
+            self.call()
+        self.times.append((time.perf_counter() - start) / self.count)
+
+    def median(self) -> float:
+        """Median seconds per call over the runs so far."""
+        return _median(self.times)
+
+
+def _train_call(spec, params, state, input_shape, batch, steps):
+    """A call running `steps` Adam steps (value_and_grad of the cross-entropy, training
+    mode) in one jitted `lax.scan`, on a few random batches resident on the device."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    optimizer = optax.adam(1e-3)
+    keys = jax.random.split(jax.random.key(1), 2)
+    xs = jax.random.normal(keys[0], (4, batch, *input_shape), jnp.float32)
+    ys = jax.random.randint(keys[1], (4, batch), 0, 10)
+
+    def loss(params, state, x, y):
+        logits, state = spec.apply(params, state, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
+
+    def step(carry, i):
+        params, state, opt_state = carry
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, state, xs[i % 4], ys[i % 4])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), state, opt_state), value
+
+    @jax.jit
+    def chunk(carry):
+        carry, values = jax.lax.scan(step, carry, jnp.arange(steps))
+        return carry, values[-1]
+
+    carry = (params, state, optimizer.init(params))
+
+    def call():
+        nonlocal carry
+        carry, value = chunk(carry)
+        value.block_until_ready()
+
+    return call
+
+
+def _inference_call(spec, params, state, input_shape, batch):
+    """A call of the jitted evaluation-mode forward pass on `batch` random examples."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(2), (batch, *input_shape), jnp.float32)
+    logits = jax.jit(spec.logits)
+    return lambda: logits(params, state, x).block_until_ready()
+
+
+def compact_rates(models=COMPACT_MODELS, kept=KEPT, batch: int = BATCH,
+                  inference_batch: int = 1000, repeats: int = 5,
+                  min_time: float = 0.2) -> list[dict]:
+    """One row per model and kept fraction of its units (1.0: the dense model itself):
+    parameters, training steps/s at `batch` and inference examples/s at `inference_batch`.
+    Each rate is the median of `repeats` runs of about `min_time` seconds; the runs of a
+    model's variants take turns, so that a slow spell of the machine hits them all."""
+    import jax
+
+    from lottery.models import build_model
+    from lottery.pruning.compact import compact, param_count
+    from lottery.pruning.structured import group_scores, keep_fraction, model_groups
+
+    rows = []
+    for name, input_shape, kind, steps in models:
+        spec = build_model(name, input_shape, 10)
+        params, state = jax.jit(spec.init)(jax.random.key(0))
+        groups = model_groups(spec, kind)
+        scores = group_scores(params, groups)
+        variants = [(1.0, spec, params, state)]
+        for fraction in kept:
+            small = compact(spec, params, state, keep_fraction(scores, fraction))
+            variants.append((fraction, small.spec, small.params, small.state))
+        timers = [(_Timer(_train_call(model, weights, model_state, input_shape, batch, steps),
+                          min_time),
+                   _Timer(_inference_call(model, weights, model_state, input_shape,
+                                          inference_batch), min_time))
+                  for _, model, weights, model_state in variants]
+        for _ in range(repeats):
+            for train, infer in timers:
+                train.run()
+                infer.run()
+        rows += [{"model": name, "kind": kind, "kept": fraction, "params": param_count(weights),
+                  "train_steps_per_s": steps / train.median(),
+                  "inference_per_s": inference_batch / infer.median()}
+                 for (fraction, _, weights, _), (train, infer) in zip(variants, timers)]
+    return rows
+
+
+def print_compact(rows, batch: int, inference_batch: int, repeats: int) -> None:
+    print(f"Structured pruning, compacted models vs dense: training steps/s at batch {batch} "
+          f"(Adam), inference examples/s at batch {inference_batch}; medians of {repeats}")
+    print(f"{'model':<14} {'units':<9} {'kept':>5} {'params':>10} {'fewer':>6} "
+          f"{'train steps/s':>14} {'x dense':>8} {'infer ex/s':>11} {'x dense':>8}")
+    dense = {}
+    for row in rows:
+        base = dense.setdefault(row["model"], row)
+        print(f"{row['model']:<14} {row['kind']:<9} {100 * row['kept']:>4.0f}% "
+              f"{row['params']:>10,} {base['params'] / row['params']:>5.1f}x "
+              f"{row['train_steps_per_s']:>14.1f} "
+              f"{row['train_steps_per_s'] / base['train_steps_per_s']:>7.2f}x "
+              f"{row['inference_per_s']:>11.0f} "
+              f"{row['inference_per_s'] / base['inference_per_s']:>7.2f}x")
+
+
 def worker(args) -> None:
     import jax
 
@@ -136,12 +275,21 @@ def main(argv=None) -> None:
     parser.add_argument("--replicates", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--members", choices=("auto", "vmap", "map"), default="auto",
                         help="how each device runs its members (train.members)")
+    parser.add_argument("--section", choices=("training", "compact", "all"), default="training",
+                        help="training: replica-steps/s and compilations (the default); "
+                        "compact: compacted models after structured pruning vs dense")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compilations", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.section in ("training", "all"):
+        training_section(args)
+    if args.section in ("compact", "all"):
+        print_compact(compact_rates(repeats=args.repeats), BATCH, 1000, args.repeats)
 
+
+def training_section(args) -> None:
     import jax
 
     on_cpu = jax.default_backend() == "cpu"

@@ -10,12 +10,14 @@ A registered model is an `nnx.Module` class with
   * `__call__(self, x, *, train=False, rngs=None)`: batch norm uses batch statistics and
     updates its running ones when `train`; dropout draws from `rngs` when `train`,
   * a class attribute `prunable`: the dotted paths (`"stage1.0.conv1"`) of the layers whose
-    `kernel` is pruned. The model declares them; nothing is guessed from names.
+    `kernel` is pruned. The model declares them; nothing is guessed from names,
+  * a method `structure(self)`: the groups of units (hidden neurons, conv channels) that
+    structured pruning may remove (`lottery.models.structure`), kept in `ModelSpec.groups`.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 from flax import nnx
@@ -25,6 +27,7 @@ from lottery.models.lenet import LeNet300100
 from lottery.models.lenet5 import LeNet5, LeNet5Caffe
 from lottery.models.mlp import MNIST1DMLP
 from lottery.models.resnet import ResNet20, ResNet32, ResNet56
+from lottery.models.structure import Group
 from lottery.models.vgg import VGG11, VGG16, VGG19
 
 MODELS = {
@@ -61,6 +64,8 @@ class ModelSpec:
     init: Callable  # key -> (params, state), nested dicts of arrays
     apply: Callable  # (params, state, x, train=False, key=None) -> (logits, new state)
     prunable: tuple[str, ...]  # paths of the layers whose `kernel` is pruned; nothing else is
+    groups: tuple[Group, ...] = ()  # removable units (structured pruning), see models.structure
+    graphdef: nnx.GraphDef | None = field(default=None, compare=False, repr=False)
 
     def param_counts(self, params) -> dict[str, int]:
         """Number of weights per prunable layer (for unbatched params)."""
@@ -81,8 +86,7 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
         return cls(tuple(input_shape), num_classes, rngs=nnx.Rngs(key), **options)
 
     try:
-        graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))),
-                                   nnx.Param, ...)
+        abstract = nnx.eval_shape(lambda: make(jax.random.key(0)))
     except (TypeError, ValueError, ArithmeticError) as error:
         raise ModelError(f"model {name}: {error}") from None
 
@@ -90,10 +94,18 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
         _, params, state = nnx.split(make(key), nnx.Param, ...)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
 
-    def apply(params, state, x, train=False, key=None):
-        module = nnx.merge(graphdef, params, state)
-        rngs = None if key is None else nnx.Rngs(dropout=key)
-        logits = module(x, train=train, rngs=rngs)
-        return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+    return spec_of(name, abstract, init, tuple(cls.prunable))
 
-    return ModelSpec(name, init, apply, tuple(cls.prunable))
+
+def spec_of(name: str, module: nnx.Module, init: Callable, prunable) -> ModelSpec:
+    """The `ModelSpec` of modules like `module` (abstract or not; also a compacted model)."""
+    graphdef, _, _ = nnx.split(module, nnx.Param, ...)
+
+    def apply(params, state, x, train=False, key=None):
+        model = nnx.merge(graphdef, params, state)
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        logits = model(x, train=train, rngs=rngs)
+        return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    groups = tuple(module.structure()) if hasattr(module, "structure") else ()
+    return ModelSpec(name, init, apply, tuple(prunable), groups, graphdef)

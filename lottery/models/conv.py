@@ -19,6 +19,7 @@ import itertools
 from flax import nnx
 
 from lottery.models.layers import Conv
+from lottery.models.structure import chain
 
 glorot_normal = nnx.initializers.glorot_normal()
 
@@ -59,6 +60,11 @@ class ConvNet(nnx.Module):
         x = self.dropout(nnx.relu(self.fc1(x)), deterministic=not train, rngs=rngs)
         x = self.dropout(nnx.relu(self.fc2(x)), deterministic=not train, rngs=rngs)
         return self.out(x)
+
+    def structure(self):
+        """Every conv's channels (the last one's read by fc1 through the flatten), then
+        the neurons of fc1 and fc2."""
+        return chain(self, self.prunable)
 
 
 def _prunable(convs: int) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ import math
 
 from flax import nnx
 
+from lottery.models.structure import chain
+
 glorot_normal = nnx.initializers.glorot_normal()
 
 
@@ -26,3 +28,6 @@ class LeNet300100(nnx.Module):
         x = nnx.relu(self.fc1(x))
         x = nnx.relu(self.fc2(x))
         return self.out(x)
+
+    def structure(self):
+        return chain(self, self.prunable)

@@ -18,6 +18,7 @@ import math
 from flax import nnx
 
 from lottery.models.layers import Conv
+from lottery.models.structure import chain
 
 glorot_normal = nnx.initializers.glorot_normal()
 
@@ -64,6 +65,9 @@ class LeNet5(nnx.Module):
         x = nnx.relu(self.fc2(x))
         return self.out(x)
 
+    def structure(self):
+        return chain(self, self.prunable)
+
 
 class LeNet5Caffe(nnx.Module):
     """conv 20@5x5, pool, conv 50@5x5, pool, fc 500, out (all VALID, ReLU)."""
@@ -88,3 +92,6 @@ class LeNet5Caffe(nnx.Module):
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.fc1(x))
         return self.out(x)
+
+    def structure(self):
+        return chain(self, self.prunable)

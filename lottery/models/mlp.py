@@ -12,6 +12,8 @@ import math
 import jax
 from flax import nnx
 
+from lottery.models.structure import chain, group
+
 torch_kernel = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
@@ -51,3 +53,10 @@ class MNIST1DMLP(nnx.Module):
         update = nnx.relu(self.fc2(h))
         h = h + update if self.residual else update
         return self.out(h)
+
+    def structure(self):
+        """With the residual, fc1 and fc2 both write the hidden stream `h` that fc2 and out
+        read: one group "stream"; without it, the neurons of fc1 and of fc2."""
+        if self.residual:
+            return (group(self, "stream", ["fc1", "fc2"], ["fc2", "out"]),)
+        return chain(self, self.prunable)

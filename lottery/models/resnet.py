@@ -18,6 +18,7 @@ Prunable: every conv kernel (shortcut convs too) and the final linear.
 from flax import nnx
 
 from lottery.models.layers import Conv
+from lottery.models.structure import group
 
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 bn_scale_uniform = nnx.initializers.uniform(1.0)
@@ -88,6 +89,25 @@ class ResNet(nnx.Module):
             for block in stage:
                 x = block(x, train)
         return self.fc(x.mean(axis=(1, 2)))
+
+    def structure(self):
+        """Per stage, the residual stream "stageS.stream": written by the stem conv + bn
+        (stage 1) or the first block's shortcut conv + bn (stages 2, 3) and by every block's
+        conv2 + bn2, read by every block's conv1, the next stage's first conv1 and shortcut,
+        or the fc. Per block, the channels of conv1 + bn1, read by conv2 ("stageS.i.conv1")."""
+        stages = [[f"stage{s}.{i}" for i in range(len(getattr(self, f"stage{s}")))]
+                  for s in (1, 2, 3)]
+        groups = []
+        for s, blocks in enumerate(stages, start=1):
+            writers = ["conv", "bn"] if s == 1 else [f"{blocks[0]}.shortcut",
+                                                     f"{blocks[0]}.shortcut_bn"]
+            writers += [f"{b}.{leaf}" for b in blocks for leaf in ("conv2", "bn2")]
+            readers = [f"{b}.conv1" for b in (blocks if s == 1 else blocks[1:])]
+            readers += [f"{stages[s][0]}.conv1", f"{stages[s][0]}.shortcut"] if s < 3 else ["fc"]
+            groups.append(group(self, f"stage{s}.stream", writers, readers))
+            groups += [group(self, f"{b}.conv1", [f"{b}.conv1", f"{b}.bn1"], [f"{b}.conv2"])
+                       for b in blocks]
+        return tuple(groups)
 
 
 def _prunable(depth: int) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ do the same in a preset).
 from flax import nnx
 
 from lottery.models.layers import Conv
+from lottery.models.structure import group
 
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 bn_scale_uniform = nnx.initializers.uniform(1.0)
@@ -63,6 +64,13 @@ class VGG(nnx.Module):
             else:
                 x = next(layers)(x, train)
         return self.fc(x.mean(axis=(1, 2)))
+
+    def structure(self):
+        """Each conv's channels (with its batch norm), read by the next conv or the fc."""
+        paths = [f"layers.{index}" for index in range(len(self.layers))]
+        readers = [f"{path}.conv" for path in paths[1:]] + ["fc"]
+        return tuple(group(self, f"{path}.conv", [f"{path}.conv", f"{path}.bn"], [reader])
+                     for path, reader in zip(paths, readers))
 
 
 def _prunable(plan) -> tuple[str, ...]:
