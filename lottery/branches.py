@@ -1,44 +1,75 @@
-"""Branches: how a level starts, given the level's ticket masks and the rewind weights.
+"""Branches: how a level starts, given the level's ticket and the start weights.
 
-Each branch is a pure function of one replicate's `(model, layers, rewind, masks, key)`
-returning `((params, model_state), masks)`, where `rewind` is `(params, model_state)` at the
-rewind step (batch-norm statistics rewind with the weights); the engine vmaps it over
-replicates. `key` is the member's own key for this level and branch; a branch folds in a
-purpose name for each use.
+Each branch is a pure function `(model, units, level: LevelStart, key)` of one replicate,
+returning `((params, model_state), masks)`; the engine vmaps it over replicates. `units`
+(`lottery.pruning.units`) says what is pruned (weights, neurons or channels), so every
+control works alike on each. `level.start` is `(params, model_state)` to start from: the
+rewind point (weight rewinding; batch-norm statistics rewind with the weights) or the
+trained weights (learning-rate rewinding, fine-tuning). `key` is the member's own key for
+this level and branch; a branch folds in a purpose name for each use.
 
-- ticket: the rewound weights under the ticket's masks (Frankle & Carbin 2019).
+- ticket: the start weights under the ticket's masks (Frankle & Carbin 2019).
 - reinit: the ticket's masks on fresh weights (and fresh model state) from the init
   distribution.
-- random_prune: random masks with exactly the ticket's per-layer densities, rewound weights.
-At level 0 (all-ones masks) every branch is a dense network: ticket and random_prune start
-from the ticket's init, reinit from a fresh one.
+- random_prune: random masks with exactly the ticket's per-layer (per-group) counts, start
+  weights.
+- shuffle: the ticket's masks permuted at random within each layer (group), start weights:
+  the layerwise-shuffling sanity check of Frankle et al. 2021.
+- inverted: per layer (group), as many units as the ticket keeps, but those with the
+  *lowest* scores among the same candidates (score inversion, Frankle et al. 2021).
+At level 0 (nothing pruned) every branch is a dense network: all start from the ticket's
+init except reinit, which starts from a fresh one.
 """
+
+from typing import NamedTuple
 
 import jax
 
 from lottery.pruning.masks import apply_masks
-from lottery.pruning.prune import random_masks_like
+from lottery.pruning.prune import inverted as lowest_scores
+from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
+
+
+class LevelStart(NamedTuple):
+    start: tuple  # (params, model_state)
+    masks: dict  # the ticket's masks tree
+    selection: dict  # the ticket's kept units, {name: 0/1}
+    base: dict  # the candidates the ticket was chosen from, {name: 0/1}
+    scores: dict  # the scores that chose the ticket, {name: array}
 
 
 def _purpose(key, purpose: str):
     return jax.random.fold_in(key, name_id(purpose))
 
 
-def ticket(model, layers, rewind, masks, key):
-    params, model_state = rewind
+def _with_masks(start, masks):
+    params, model_state = start
     return (apply_masks(params, masks), model_state), masks
 
 
-def reinit(model, layers, rewind, masks, key):
-    params, model_state = model.init(_purpose(key, "init"))
-    return (apply_masks(params, masks), model_state), masks
+def ticket(model, units, level: LevelStart, key):
+    return _with_masks(level.start, level.masks)
 
 
-def random_prune(model, layers, rewind, masks, key):
-    params, model_state = rewind
-    random_masks = random_masks_like(_purpose(key, "mask"), masks, layers)
-    return (apply_masks(params, random_masks), model_state), random_masks
+def reinit(model, units, level: LevelStart, key):
+    return _with_masks(model.init(_purpose(key, "init")), level.masks)
 
 
-BRANCHES = {"ticket": ticket, "reinit": reinit, "random_prune": random_prune}
+def random_prune(model, units, level: LevelStart, key):
+    selection = random_like(_purpose(key, "mask"), level.selection)
+    return _with_masks(level.start, units.expand(level.masks, selection))
+
+
+def shuffle(model, units, level: LevelStart, key):
+    selection = shuffled(_purpose(key, "shuffle"), level.selection)
+    return _with_masks(level.start, units.expand(level.masks, selection))
+
+
+def inverted(model, units, level: LevelStart, key):
+    selection = lowest_scores(level.scores, level.base, level.selection)
+    return _with_masks(level.start, units.expand(level.masks, selection))
+
+
+BRANCHES = {"ticket": ticket, "reinit": reinit, "random_prune": random_prune,
+            "shuffle": shuffle, "inverted": inverted}

@@ -17,7 +17,12 @@ from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
 from lottery.train import MEMBER_MODES
 
-SCOPES = ("layerwise", "global")
+SCOPES = ("layerwise", "global", "erk")
+SCORES = ("magnitude", "random", "snip", "grasp", "synflow")
+SCHEDULES = ("iterative", "oneshot", "gradual")
+PRUNE_AT = ("trained", "init")
+STRUCTURES = ("weights", "neurons", "channels")
+REWIND_MODES = ("weights", "lr", "finetune")
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -78,10 +83,19 @@ class RunConfig:
     members: str  # how a device runs its members: auto | vmap | map
     levels: int
     rate: float
-    scope: str
-    layer_rates: dict  # layer -> rate, patterns already matched against the model's layers
-    prune_layers: tuple[str, ...] | None  # the chosen layers (patterns matched), or all
+    scope: str  # layerwise | global | erk
+    layer_rates: dict  # layer -> rate (weights: patterns matched against the model's layers)
+    prune_layers: tuple[str, ...] | None  # the chosen layers (or patterns), or all
+    score: str  # magnitude | random | snip | grasp | synflow
+    schedule: str  # iterative | oneshot | gradual
+    prune_at: str  # trained | init: the weights that are scored
+    structure: str  # weights | neurons | channels
+    score_batch: int  # training examples that data-dependent scores see
+    score_rounds: int  # scoring rounds per pruning (SynFlow: 100)
+    gradual: dict  # start, end, every: durations of the gradual schedule
     rewind_step: int | str
+    rewind_mode: str  # weights | lr | finetune
+    finetune_lr: float | None  # fine-tuning's constant rate (None: the schedule's last)
     logger: dict
     resolved: dict  # the whole resolved config, for the record and W&B
 
@@ -95,16 +109,24 @@ class RunConfig:
             to_steps(value, steps_per_epoch) for value in
             (self.steps, self.eval_every, self.rewind_step))
         _check_durations(steps, eval_every, rewind_step, steps_per_epoch)
-        return replace(self, steps=steps, eval_every=eval_every, rewind_step=rewind_step)
+        gradual = dict(self.gradual)
+        if self.schedule == "gradual":
+            gradual = _gradual_steps(gradual, steps, rewind_step, steps_per_epoch)
+        return replace(self, steps=steps, eval_every=eval_every, rewind_step=rewind_step,
+                       gradual=gradual)
 
-    def prune_plan(self, prunable: tuple[str, ...]) -> PrunePlan:
-        """Layerwise: every chosen layer at `rate` unless `layer_rates` names it. Global: the
-        chosen layers not named in `layer_rates` form one pool at `rate`."""
-        layers = self.prune_layers or prunable
+    def prune_plan(self, names: tuple[str, ...]) -> PrunePlan:
+        """The plan over `names` (the model's prunable layers, or its structure groups).
+        Layerwise: every chosen name at `rate` unless `layer_rates` names it. Global and ERK:
+        the chosen names not in `layer_rates` form one pool at `rate`."""
+        rates, layers = _resolve(self.layer_rates, self.prune_layers, names,
+                                 self.model["name"], self.structure)
+        layers = layers or names
         if self.scope == "layerwise":
-            return PrunePlan({layer: self.layer_rates.get(layer, self.rate) for layer in layers})
-        own = {layer: rate for layer, rate in self.layer_rates.items() if layer in layers}
-        return PrunePlan(own, tuple(layer for layer in layers if layer not in own), self.rate)
+            return PrunePlan({layer: rates.get(layer, self.rate) for layer in layers})
+        own = {layer: rate for layer, rate in rates.items() if layer in layers}
+        return PrunePlan(own, tuple(layer for layer in layers if layer not in own), self.rate,
+                         erk=self.scope == "erk")
 
 
 def _duration(value, key: str, low: int):
@@ -129,13 +151,51 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _matching(pattern, prunable, model: str) -> list[str]:
-    """The prunable layers a name or shell-style pattern (`convs.*`, `stage?.*.conv1`) names."""
+def _matching(pattern, prunable, model: str, structure: str = "weights") -> list[str]:
+    """The prunable layers (or structure groups) a name or shell-style pattern (`convs.*`,
+    `stage?.*.conv1`) names."""
     hits = [layer for layer in prunable if fnmatchcase(layer, str(pattern))]
     if not hits:
-        raise ConfigError(f"prune layer {pattern!r} is not a prunable layer of {model}; "
-                          f"its prunable layers are {', '.join(prunable)}")
+        what = "prunable layer" if structure == "weights" else f"{structure[:-1]} group"
+        extra = ("" if structure == "weights" else
+                 " (an output layer's units are the classes: never removed)")
+        raise ConfigError(f"prune layer {pattern!r} is not a {what} of {model}; its "
+                          f"{what}s are {', '.join(prunable)}{extra}")
     return hits
+
+
+def _resolve(layer_rates: dict, layers, prunable, model: str, structure: str = "weights"):
+    """`(layer_rates, layers)` with their names and patterns matched against `prunable`: an
+    exact name beats any pattern, wherever it is listed."""
+    if layers is not None:
+        matched = {hit for pattern in layers
+                   for hit in _matching(pattern, prunable, model, structure)}
+        layers = tuple(layer for layer in prunable if layer in matched)
+    rates = {}
+    for pattern, rate in layer_rates.items():
+        hits = [hit for hit in _matching(pattern, prunable, model, structure)
+                if layers is None or hit in layers]
+        if not hits:
+            raise ConfigError(f"prune.layer_rates names {pattern}, which prune.layers="
+                              f"{list(layers)} leaves out")
+        exact = pattern in prunable
+        rates.update({hit: rate for hit in hits if exact or hit not in layer_rates})
+    return rates, layers
+
+
+def _gradual_steps(gradual: dict, steps: int, rewind_step: int, steps_per_epoch=None) -> dict:
+    """The gradual schedule in steps: `end` defaults to half of training; pruning happens at
+    start, start + every, ..., end, inside [rewind.step, train.steps]."""
+    start, every = (to_steps(gradual[key], steps_per_epoch or 1) for key in ("start", "every"))
+    end = gradual.get("end")
+    end = max(start, rewind_step) + (steps - max(start, rewind_step)) // 2 if end is None \
+        else to_steps(end, steps_per_epoch or 1)
+    if not rewind_step <= start < end <= steps:
+        raise ConfigError(f"prune.gradual: start={start} and end={end} (steps) must satisfy "
+                          f"rewind.step={rewind_step} <= start < end <= train.steps={steps}")
+    if every < 1:
+        raise ConfigError(f"prune.gradual.every={every} steps must be at least 1")
+    return {"start": start, "end": start + (end - start) // every * every, "every": every}
 
 
 def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_epoch=None):
@@ -146,6 +206,25 @@ def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_ep
     if rewind_step >= steps:
         raise ConfigError(f"rewind.step={rewind_step} must be below train.steps={steps}{epoch}: "
                           "the rewind point is a step of the dense training run")
+
+
+def _check_method(score, schedule, prune_at, structure, scope, branches) -> None:
+    """Refuse combinations of pruning choices that have no meaning."""
+    if schedule == "gradual":
+        if list(branches) != ["ticket"]:
+            raise ConfigError(f"prune.schedule=gradual prunes while one network trains, so "
+                              f"branches={list(branches)} cannot be built: use branches=[ticket]")
+        if score != "magnitude" or prune_at != "trained":
+            raise ConfigError("prune.schedule=gradual prunes by the magnitude of the weights as "
+                              "they train (Zhu & Gupta 2017): use prune.score=magnitude and "
+                              "prune.at=trained")
+    if structure != "weights":
+        if score not in ("magnitude", "random"):
+            raise ConfigError(f"prune.structure={structure} scores whole units by the norm of "
+                              f"their weights: use prune.score=magnitude (or random), not {score}")
+        if scope == "erk":
+            raise ConfigError(f"prune.scope=erk allocates weights per layer; with "
+                              f"prune.structure={structure} use layerwise or global")
 
 
 def validate(cfg: DictConfig | dict) -> RunConfig:
@@ -184,6 +263,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         build_optimizer(**optimizer, steps_per_epoch=1)
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
+    structure = _choice(prune.get("structure", "weights"), "prune.structure", STRUCTURES)
     prunable = MODELS[model["name"]].prunable
     layer_rates = prune.get("layer_rates") or {}
     if not isinstance(layer_rates, dict):
@@ -193,21 +273,35 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"prune.layers={layers!r} must be a list of layer names or null")
     if layers is not None and not layers:
         raise ConfigError("prune.layers=[] names no layer: give layer names, or null for all")
-    if layers is not None:
-        matched = {hit for pattern in layers for hit in _matching(pattern, prunable, model["name"])}
-        layers = [layer for layer in prunable if layer in matched]
     why = ": the fraction of the remaining weights removed per level"
-    rates, named = {}, _flatten(layer_rates)  # nested keys as the dotted names they give
-    for pattern, rate in named.items():
-        hits = [hit for hit in _matching(pattern, prunable, model["name"])
-                if layers is None or hit in layers]
-        if not hits:
-            raise ConfigError(f"prune.layer_rates names {pattern}, which prune.layers="
-                              f"{list(layers)} leaves out")
-        rate = _fraction(rate, f"prune.layer_rates.{pattern}", why)
-        exact = pattern in prunable  # an exact name beats any pattern, wherever it is listed
-        rates.update({hit: rate for hit in hits if exact or hit not in named})
-    why = ": the fraction of the remaining weights removed per level"
+    rates = {pattern: _fraction(rate, f"prune.layer_rates.{pattern}", why)
+             for pattern, rate in _flatten(layer_rates).items()}  # nested keys: dotted names
+    if structure == "weights":  # structure groups are known once the model is built
+        rates, layers = _resolve(rates, layers, prunable, model["name"])
+    score = _choice(prune.get("score", "magnitude"), "prune.score", SCORES)
+    schedule = _choice(prune.get("schedule", "iterative"), "prune.schedule", SCHEDULES)
+    prune_at = _choice(prune.get("at", "trained"), "prune.at", PRUNE_AT)
+    scope = _choice(prune.get("scope"), "prune.scope", SCOPES)
+    rewind_mode = _choice(rewind.get("mode", "weights"), "rewind.mode", REWIND_MODES)
+    finetune_lr = rewind.get("finetune_lr")
+    if finetune_lr is not None and (isinstance(finetune_lr, bool) or not isinstance(
+            finetune_lr, (int, float)) or finetune_lr <= 0):
+        raise ConfigError(f"rewind.finetune_lr={finetune_lr!r} must be a positive number, or "
+                          "null for the schedule's last learning rate")
+    gradual = prune.get("gradual") or {}
+    if not isinstance(gradual, dict):
+        raise ConfigError(f"prune.gradual={gradual!r} must map start, end and every to durations")
+    gradual = {"start": gradual.get("start", 0), "end": gradual.get("end"),
+               "every": gradual.get("every", 100)}
+    for key in ("start", "every"):
+        _duration(gradual[key], f"prune.gradual.{key}", 0 if key == "start" else 1)
+    if gradual["end"] is not None:
+        _duration(gradual["end"], "prune.gradual.end", 1)
+    _check_method(score, schedule, prune_at, structure, scope, branches)
+    if schedule == "gradual" and all(
+            isinstance(v, int) for v in (steps, rewind_step, *gradual.values()) if v is not None):
+        _gradual_steps(gradual, steps, rewind_step)  # epochs are checked once data loads
+    score_rounds = prune.get("score_rounds")
     return RunConfig(
         name=str(raw.get("name", "default")),
         seed=_seed(raw.get("seed")),
@@ -221,10 +315,20 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         members=_choice(train.get("members", "auto"), "train.members", MEMBER_MODES),
         levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
         rate=_fraction(prune.get("rate"), "prune.rate", why),
-        scope=_choice(prune.get("scope"), "prune.scope", SCOPES),
+        scope=scope,
         layer_rates=rates,
         prune_layers=tuple(layers) if layers else None,
+        score=score,
+        schedule=schedule,
+        prune_at=prune_at,
+        structure=structure,
+        score_batch=_int(prune.get("score_batch", 100), "prune.score_batch", 1),
+        score_rounds=(100 if score == "synflow" else 1) if score_rounds is None else
+        _int(score_rounds, "prune.score_rounds", 1),
+        gradual=gradual,
         rewind_step=rewind_step,
+        rewind_mode=rewind_mode,
+        finetune_lr=None if finetune_lr is None else float(finetune_lr),
         logger=logger,
         resolved=raw,
     )

@@ -1,11 +1,13 @@
-"""Iterative magnitude pruning with rewinding: the level loop.
+"""Iterative pruning with rewinding: the level loop, for every pruning method.
 
-Level 0 trains every branch dense. Each later level prunes the ticket's trained weights,
-starts every branch from the rewind weights (step k of the dense run; k = 0 is the
-initialisation) and its masks, and trains the whole (branch x replicate) stack together
-from step k to the end. Every evaluation and a summary per member go to the record; each
-level's ticket masks (`levels/level_NN.npz`) and the rewind weights (`rewind.npz`) are
-saved beside it.
+Level 0 trains every branch dense. Each later level chooses the ticket (`prune.*`: which
+units, scored how, how many per layer, on the trained or the initial network, from the
+previous level's ticket or from the dense network), starts every branch from the start
+weights (`rewind.mode`: the rewind point, or the trained weights) and its masks, and trains
+the whole (branch x replicate) stack together from step k to the end; gradual pruning
+instead prunes while the level trains. Every evaluation and a summary per member go to the
+record; each level's ticket masks (`levels/level_NN.npz`) and the rewind weights
+(`rewind.npz`) are saved beside it.
 """
 
 import math
@@ -21,16 +23,24 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from lottery.branches import BRANCHES
+from lottery.branches import BRANCHES, LevelStart
 from lottery.config import ConfigError, RunConfig
 from lottery.data import Dataset, load_dataset
 from lottery.models import ModelSpec, build_model
+from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.masks import full_masks, remaining
-from lottery.pruning.prune import PrunePlan, number_to_keep, prune
-from lottery.pruning.scores import magnitude
+from lottery.pruning.prune import (
+    Counts,
+    PlanError,
+    PrunePlan,
+    interpolate,
+    keep_counts,
+    survivors,
+)
+from lottery.pruning.structured import StructureError, model_groups
+from lottery.pruning.units import Structures, Weights
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
 from lottery.seeds import member_keys
-from lottery.optim import OptimizerError, build_optimizer
 from lottery.train import Trainer
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
@@ -38,49 +48,84 @@ METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
 
 def check_reachable(plan: PrunePlan, weights: dict[str, int], levels: int) -> None:
     """Refuse a schedule that would remove every weight of a layer (or of the global pool)."""
-    counts = {layer: weights[layer] for layer in plan.layer_rates}
-    pool = sum(weights[layer] for layer in plan.global_layers)
-    for level in range(1, levels + 1):
-        for layer, rate in plan.layer_rates.items():
-            counts[layer] = int(number_to_keep(np.int32(counts[layer]), np.float32(rate)))
-            if counts[layer] == 0:
-                raise ConfigError(f"prune.levels={levels} at rate {rate} empties layer {layer} "
-                                  f"at level {level}: use fewer levels or a lower rate")
-        if plan.global_layers:
-            pool = int(number_to_keep(np.int32(pool), np.float32(plan.global_rate)))
-            if pool == 0:
-                raise ConfigError(f"prune.levels={levels} empties the global pool at level "
-                                  f"{level}: use fewer levels or a lower rate")
+    try:
+        plan.counts({layer: (count,) for layer, count in weights.items()}, levels)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
 
 
-def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: Trainer):
+@dataclass(frozen=True)
+class Method:
+    """How a level chooses its ticket: `score` (a name in `lottery.pruning.scores.SCORES`),
+    computed on `score_batch` training examples, in `rounds` rounds of pruning with the
+    density falling geometrically between them (SynFlow's iterative procedure)."""
+
+    score: str = "magnitude"
+    score_batch: int = 100
+    rounds: int = 1
+
+
+def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: Trainer,
+                   units=None, method: Method = Method(), measured=None):
     """The compiled programs around training, each compiled once per run.
 
-    `begin(seed, level, rates, trained_ticket, ticket_masks, rewind)` prunes the ticket's
-    masks (rates of 0 at level 0), starts every branch and returns the new ticket masks, the
-    padded stack (params, model state, masks, data keys) and each member's surviving weights
-    per layer. `rewind` is `(params, model_state)`; `trained_ticket` is params.
-    `ticket_of(tree)` takes the ticket's replicates out of a stacked tree.
+    `begin(seed, level, counts, scored, base_masks, start)` scores `scored` (the stacked
+    ticket replicates' `(params, model_state)`), keeps `counts` (`PrunePlan.counts`) of the
+    survivors of `base_masks`, starts every branch from `start` (`(params, model_state)`)
+    and returns the new ticket masks, the padded stack (params, model state, masks, data
+    keys), each member's surviving weights per `measured` layer and its kept units per
+    name of `units`. `ticket_of(tree)` takes the ticket's replicates out of a stacked tree.
     """
-    layers, R = plan.layers, replicates
+    units = units or Weights(plan.layers)
+    measured = measured or plan.layers
+    R, rounds = replicates, method.rounds
 
-    def begin(seed, level, rates, trained_ticket, ticket_masks, rewind):
-        scores = jax.vmap(lambda p: magnitude(p, layers))(trained_ticket)
-        ticket_masks = jax.vmap(partial(prune, plan), in_axes=(0, 0, None))(
-            scores, ticket_masks, rates)
-        begun = [jax.vmap(partial(BRANCHES[b], model, layers))(
-            rewind, ticket_masks, member_keys(seed, R, level, b, "branch")) for b in branches]
+    def score_and_prune(key, scored, base_masks, counts, data):
+        params, model_state = scored
+        x_all, y_all = data
+        index = jax.random.choice(key, len(x_all), (min(method.score_batch, len(x_all)),),
+                                  replace=False)
+        batch = x_all[index], y_all[index]
+        base = units.select(base_masks)
+
+        def one_round(selection, target):
+            masks = units.expand(base_masks, selection)
+            scores = units.scores(method.score, model, params, model_state, masks, batch, key)
+            return keep_counts(plan, scores, selection, target), scores
+
+        if rounds == 1:
+            selection, scores = one_round(base, counts)
+        else:  # geometric steps from the survivors down to the counts (SynFlow)
+            first = survivors(plan, base)
+
+            def body(j, carry):
+                target = interpolate(first, counts, 1 - (j + 1) / rounds, "geometric")
+                return one_round(carry[0], target)
+
+            scores = jax.tree.map(jnp.zeros_like, base)
+            selection, scores = jax.lax.fori_loop(0, rounds, body, (base, scores))
+        return selection, scores, base
+
+    def begin(seed, level, counts, scored, base_masks, start):
+        score_keys = member_keys(seed, R, level, "ticket", "score")
+        selection, scores, base = jax.vmap(score_and_prune, in_axes=(0, 0, 0, None, None))(
+            score_keys, scored, base_masks, counts, trainer.train_data)
+        ticket_masks = jax.vmap(units.expand)(base_masks, selection)
+        inputs = LevelStart(start, ticket_masks, selection, base, scores)
+        begun = [jax.vmap(partial(BRANCHES[b], model, units))(
+            inputs, member_keys(seed, R, level, b, "branch")) for b in branches]
         keys = [member_keys(seed, R, level, b, "data") for b in branches]
         masks = _stack([m for _, m in begun])
-        alive = jax.vmap(partial(remaining, layers=layers))(masks)
+        alive = jax.vmap(partial(remaining, layers=measured))(masks)
+        kept = jax.vmap(lambda m: {n: jnp.sum(s) for n, s in units.select(m).items()})(masks)
         keys = jax.random.key_data(jnp.concatenate(keys))  # raw uint32: one stable sharding
         params, model_state = _stack([start for start, _ in begun])
         stack = trainer.pad((params, model_state, masks, keys))
-        return ticket_masks, stack, alive
+        return ticket_masks, stack, alive, kept
 
     def initial(seed):
         params, model_state = jax.vmap(model.init)(member_keys(seed, R, 0, "ticket", "init"))
@@ -88,10 +133,28 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
 
     at = branches.index("ticket") * R
     replicated = trainer.replicated
-    return (jax.jit(begin, out_shardings=(replicated, trainer.stacked, replicated)),
+    return (jax.jit(begin, out_shardings=(replicated, trainer.stacked, replicated, replicated)),
             jax.jit(lambda stack: jax.tree.map(lambda x: x[at:at + R], stack),
                     out_shardings=replicated),
             jax.jit(initial, out_shardings=replicated))
+
+
+def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, every: int):
+    """The Trainer's `prune_step` for gradual magnitude pruning (Zhu & Gupta 2017): at steps
+    start, start + every, ..., end, keep the largest-magnitude survivors, as many as the
+    cubic schedule gives between `full` and `controls["counts"]` (the level's counts)."""
+    def prune_step(params, masks, step, controls):
+        remaining_fraction = 1 - jnp.clip((step - start) / (end - start), 0, 1)
+        event = (step >= start) & (step <= end) & ((step - start) % every == 0)
+
+        def prune_now(masks):
+            scores = units.scores("magnitude", None, params, None, masks, None, None)
+            target = interpolate(full, controls["counts"], remaining_fraction)
+            return units.expand(masks, keep_counts(plan, scores, units.select(masks), target))
+
+        return jax.lax.cond(event, prune_now, lambda masks: masks, masks)
+
+    return prune_step
 
 
 def save_arrays(path: Path, tree, dtype=None) -> None:
@@ -121,20 +184,35 @@ def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict
 
 @dataclass(frozen=True)
 class Setup:
-    """What a run is built from: the config in steps, data, model, pruning plan, weight counts
-    and trainer."""
+    """What a run is built from: the config in steps, data, model, what is pruned and how
+    much per level, weight counts and trainer."""
 
     cfg: RunConfig  # every duration in steps
     data: Dataset
     model: ModelSpec
     plan: PrunePlan
+    units: Weights | Structures  # what a level prunes: weights, neurons or channels
+    counts: list  # Counts of units kept at each level 0..levels
     weights: dict[str, int]  # prunable weights per layer
+    measured: tuple[str, ...]  # the layers whose remaining weights make up `density`
     chunk: int  # steps per compiled training call: gcd(eval_every, steps, rewind step)
     trainer: Trainer
 
 
 def _options(section: dict) -> dict:
     return {key: value for key, value in section.items() if key != "name"}
+
+
+def _units(cfg: RunConfig, model: ModelSpec, params) -> tuple[PrunePlan, Weights | Structures]:
+    if cfg.structure == "weights":
+        plan = cfg.prune_plan(model.prunable)
+        return plan, Weights(plan.layers)
+    try:
+        groups = model_groups(model, cfg.structure)
+    except StructureError as error:
+        raise ConfigError(str(error)) from None
+    plan = cfg.prune_plan(tuple(group.name for group in groups))
+    return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 
 
 def build(cfg: RunConfig) -> Setup:
@@ -145,9 +223,14 @@ def build(cfg: RunConfig) -> Setup:
                           f"training examples of {data.name}")
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
-    plan = cfg.prune_plan(model.prunable)
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
-    check_reachable(plan, weights, cfg.levels)
+    params = jax.eval_shape(model.init, jax.random.key(0))[0]
+    plan, units = _units(cfg, model, params)
+    try:
+        counts = plan.counts(units.shapes(params), cfg.levels)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
+    weights = model.param_counts(params)
+    measured = plan.layers if cfg.structure == "weights" else model.prunable
     steps_per_epoch = len(data.x_train) // cfg.batch_size
     cfg = cfg.in_steps(steps_per_epoch)
     chunk = math.gcd(cfg.eval_every, cfg.steps, cfg.rewind_step)
@@ -155,9 +238,22 @@ def build(cfg: RunConfig) -> Setup:
         optimizer = build_optimizer(**cfg.optimizer, steps_per_epoch=steps_per_epoch)
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
+    prune_step = None
+    if cfg.schedule == "gradual":
+        prune_step = gradual_pruning(units, plan, counts[0], **cfg.gradual)
     trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
-                      cfg.eval_batch_size, cfg.members)
-    return Setup(cfg, data, model, plan, weights, chunk, trainer)
+                      cfg.eval_batch_size, cfg.members, prune_step)
+    return Setup(cfg, data, model, plan, units, counts, weights, measured, chunk, trainer)
+
+
+def describe(cfg: RunConfig) -> str:
+    """The pruning method in words, for the log."""
+    what = {"weights": "weights", "neurons": "neurons", "channels": "channels"}[cfg.structure]
+    rewind = {"weights": f"weights rewound to step {cfg.rewind_step}",
+              "lr": f"trained weights, learning rate replayed from step {cfg.rewind_step}",
+              "finetune": "trained weights fine-tuned"}[cfg.rewind_mode]
+    return (f"{cfg.schedule} {cfg.scope} pruning of {what} by {cfg.score} scores of the "
+            f"{'initial' if cfg.prune_at == 'init' else 'trained'} network; {rewind}")
 
 
 def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
@@ -167,16 +263,17 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         raise ConfigError(f"{out_dir / RECORD_NAME} already exists: choose a new hydra.run.dir "
                           "(or delete that run) so that two runs never share one record")
     setup = build(cfg)
-    cfg, data, model, plan, weights, chunk, trainer = (
-        setup.cfg, setup.data, setup.model, setup.plan, setup.weights, setup.chunk,
-        setup.trainer)
+    cfg, data, model, plan, units, weights, chunk, trainer = (
+        setup.cfg, setup.data, setup.model, setup.plan, setup.units, setup.weights,
+        setup.chunk, setup.trainer)
     R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
+    layers = setup.measured
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
         f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}), of which "
-        f"{sum(weights[layer] for layer in plan.layers):,} pruned; {cfg.stack_size} members "
-        f"({len(branches)} branches x {R} replicates) on {len(jax.devices())} "
-        f"{jax.devices()[0].platform} device(s), members by {trainer.members}; record: "
-        f"{out_dir / RECORD_NAME}")
+        f"{sum(weights[layer] for layer in layers):,} in pruned layers; {describe(cfg)}; "
+        f"{cfg.stack_size} members ({len(branches)} branches x {R} replicates) on "
+        f"{len(jax.devices())} {jax.devices()[0].platform} device(s), members by "
+        f"{trainer.members}; record: {out_dir / RECORD_NAME}")
     if chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {chunk} (the gcd of eval_every, "
             "steps and rewind.step); choose multiples of a larger number for speed")
@@ -189,23 +286,31 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                   "prunable_weights": weights, "devices": len(jax.devices()), "chunk": chunk})
 
-    layers = plan.layers
-    begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer)
+    method = Method(cfg.score, cfg.score_batch, cfg.score_rounds)
+    begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer, units, method,
+                                               layers)
+    count_alive = jax.jit(jax.vmap(partial(remaining, layers=layers)))
     seed = np.uint32(cfg.seed)  # a Python int above 2**31 would overflow jit's int32
-    rewind, ticket_masks = initial(seed)
-    trained_ticket = rewind[0]
+    rewind, full = initial(seed)
+    ticket_masks, trained, dense = full, rewind, rewind
     ticket_at = branches.index("ticket") * R
     names = [(b, r) for b in branches for r in range(R)]
+    final_lr = np.float32(cfg.finetune_lr or trainer.optimizer.schedule(T - 1))
 
     progress = tqdm(total=T + cfg.levels * (T - k), unit="step", disable=not sys.stderr.isatty(),
                     dynamic_ncols=True)
     summaries = []
     for level in range(cfg.levels + 1):
-        ticket_masks, (params, model_state, masks, keys), alive = begin(
-            seed, level, plan.rates(1.0 if level else 0.0), trained_ticket, ticket_masks,
-            rewind)
+        source = trained if cfg.schedule == "iterative" else dense  # trained in the last level
+        iterative = level and cfg.schedule == "iterative"
+        ticket_masks, (params, model_state, masks, keys), alive, kept = begin(
+            seed, level, setup.counts[0 if cfg.schedule == "gradual" else level],
+            rewind if cfg.prune_at == "init" else source, ticket_masks if iterative else full,
+            rewind if level == 0 or cfg.rewind_mode == "weights" else source)
+        controls = {"lr": np.float32(final_lr if level and cfg.rewind_mode == "finetune" else 0)}
+        if cfg.schedule == "gradual":
+            controls["counts"] = setup.counts[level]
         alive = {layer: np.asarray(c).astype(np.int64) for layer, c in alive.items()}
-        save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
         density = sum(alive.values()) / sum(weights[layer] for layer in layers)
         state = trainer.start(params, model_state, masks)
         del params, model_state, masks
@@ -218,6 +323,11 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         chunk_losses = []  # each chunk's mean training loss since the last evaluation
 
         def evaluate(at, state):
+            nonlocal alive, density
+            if cfg.schedule == "gradual":  # the masks change as the level trains
+                alive = {layer: np.asarray(c)[:len(names)].astype(np.int64)
+                         for layer, c in count_alive(state[3]).items()}
+                density = sum(alive.values()) / sum(weights[layer] for layer in layers)
             metrics = trainer.evaluate(state[0], state[1])
             train_loss = np.mean(jax.device_get(chunk_losses), axis=0) if chunk_losses else None
             chunk_losses.clear()
@@ -232,7 +342,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
 
         evaluate(step, state)
         while step < T:
-            state, loss = trainer.train_chunk(state, keys, step)
+            state, loss = trainer.train_chunk(state, keys, step, controls)
             chunk_losses.append(loss)
             step += chunk
             progress.update(chunk)
@@ -243,7 +353,12 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         seconds = time.perf_counter() - started
         if level == 0:
             save_arrays(out_dir / "rewind.npz", {"params": rewind[0], "state": rewind[1]})
-        trained_ticket = ticket_of(state[0])
+        trained = ticket_of(state[:2])
+        if level == 0:
+            dense = trained
+        if cfg.schedule == "gradual":
+            ticket_masks = ticket_of(state[3])
+        save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
         del state
 
         summary = early_stop_summary(steps, {m: np.stack(v) for m, v in history.items()})
@@ -251,6 +366,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
             row = {"kind": "summary", "level": level, "branch": branch, "replicate": replicate,
                    "density": float(density[m]), "seconds": seconds,
                    **{f"density_{layer}": float(alive[layer][m] / weights[layer]) for layer in layers},
+                   **({f"units_{name}": int(kept[name][m]) for name in units.names}
+                      if cfg.structure != "weights" else {}),
                    **{name: values[m].item() for name, values in summary.items()}}
             record.write(row)
             summaries.append(row)

@@ -3,12 +3,14 @@
 The learning rate is an injected hyperparameter that the training loop sets from
 `schedule(step)` at every step, where `step` counts from the start of the dense run. A
 branch rewound to step k therefore resumes the schedule at k (warmup done, milestones
-passed), whatever the optimizer's own step counter says.
+passed), whatever the optimizer's own step counter says. Fine-tuning instead holds a
+constant rate (a traced value, so it shares the compiled program).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import optax
 
 from lottery.durations import DurationError, to_steps
@@ -26,9 +28,11 @@ class Optimizer:
     def init(self, params):
         return self.transform.init(params)
 
-    def update(self, grads, state, params, step):
-        """One update at global step `step`: the schedule's rate, then the transform."""
-        hyperparams = {**state.hyperparams, "learning_rate": self.schedule(step)}
+    def update(self, grads, state, params, step, constant_lr=0.0):
+        """One update at global step `step`: the schedule's rate (or `constant_lr` where it is
+        positive: fine-tuning), then the transform."""
+        rate = jnp.where(constant_lr > 0, constant_lr, self.schedule(step))
+        hyperparams = {**state.hyperparams, "learning_rate": rate}
         return self.transform.update(grads, state._replace(hyperparams=hyperparams), params)
 
 

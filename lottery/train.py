@@ -104,12 +104,15 @@ class Trainer:
 
     A member's training state is `(params, model_state, opt_state, masks)`: `model_state`
     (batch-norm statistics) is carried through training and used at evaluation; the
-    optimizer sees only `params`.
+    optimizer sees only `params`. `prune_step(params, masks, step, controls) -> masks`, if
+    given, runs before every step (gradual pruning); `controls` are the traced values shared
+    by all members that `train_chunk` passes on (`lr`: a constant learning rate where
+    positive, else the schedule's).
     """
 
     def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000,
-                 members: str = "auto"):
+                 members: str = "auto", prune_step=None):
         devices = jax.devices()
         self.mesh = Mesh(np.array(devices), ("stack",))
         self.stack_size = stack_size
@@ -136,7 +139,7 @@ class Trainer:
             return cross_entropy(logits, y).mean(), model_state
 
         def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
-                         train_data):
+                         train_data, controls):
             x_all, y_all = train_data
             key = jax.random.wrap_key_data(key_data)
             first_epoch = start_step // steps_per_epoch
@@ -150,20 +153,23 @@ class Trainer:
             step_keys = jax.random.fold_in(key, name_id("step"))
 
             def step(carry, inputs):
-                params, model_state, opt_state = carry
+                params, model_state, opt_state, masks = carry
                 at, idx = inputs
+                if prune_step is not None:
+                    masks = prune_step(params, masks, at, controls)
+                    params = apply_masks(params, masks)
                 augment_key, dropout_key = jax.random.split(jax.random.fold_in(step_keys, at))
                 x = x_all[idx] if augment is None else augment(augment_key, x_all[idx])
                 (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                     params, model_state, x, y_all[idx], dropout_key)
                 updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state,
-                                                      params, at)
+                                                      params, at, controls["lr"])
                 params = apply_masks(optax.apply_updates(params, updates), masks)
-                return (params, model_state, opt_state), loss
+                return (params, model_state, opt_state, masks), loss
 
-            (params, model_state, opt_state), losses = jax.lax.scan(
-                step, (params, model_state, opt_state), (steps, batches))
-            return params, model_state, opt_state, losses.mean()
+            (params, model_state, opt_state, masks), losses = jax.lax.scan(
+                step, (params, model_state, opt_state, masks), (steps, batches))
+            return params, model_state, opt_state, masks, losses.mean()
 
         def member_eval(params, model_state, eval_data):
             def split_metrics(split):
@@ -188,7 +194,7 @@ class Trainer:
                                  in_specs=specs, out_specs=PartitionSpec("stack"),
                                  check_vma=False)  # members never communicate
 
-        self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False, False)),
+        self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False,) * 3),
                               donate_argnums=(0, 1, 2), out_shardings=self.stacked)
         self._eval = jax.jit(per_device(member_eval, (True, True, False)))
         self._opt_init = jax.jit(jax.vmap(optimizer.init), out_shardings=self.stacked)
@@ -205,14 +211,15 @@ class Trainer:
         """The training state for padded, placed params, model state and masks."""
         return params, model_state, self._opt_init(params), masks
 
-    def train_chunk(self, state, keys, start_step: int):
+    def train_chunk(self, state, keys, start_step: int, controls=None):
         """Train every member `chunk` steps from global step `start_step`; returns the new
         state and each member's mean training loss. `keys` are raw key data
-        (`jax.random.key_data`), one row per padded member. The input state is donated."""
-        params, model_state, opt_state, masks = state
-        params, model_state, opt_state, loss = self._train(
-            params, model_state, opt_state, masks, keys, np.int32(start_step), self.train_data)
-        return (params, model_state, opt_state, masks), loss
+        (`jax.random.key_data`), one row per padded member; `controls` as in the class
+        docstring (default: the schedule's learning rate). The input params, model state and
+        optimizer state are donated."""
+        controls = {"lr": np.float32(0.0)} if controls is None else controls
+        *state, loss = self._train(*state, keys, np.int32(start_step), self.train_data, controls)
+        return tuple(state), loss
 
     def evaluate(self, params, model_state) -> dict[str, np.ndarray]:
         """Validation and test loss and accuracy of every (unpadded) member."""

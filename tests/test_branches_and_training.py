@@ -49,8 +49,8 @@ def start(parts, programs, init_stack):
     rewind, full = initial(0)
     assert rewind[1] == {}  # LeNet-300-100 has no batch norm: no model state
     trained = init_stack(123)[0]
-    level0 = begin(0, 0, parts.plan.rates(0.0), rewind[0], full, rewind)
-    level1 = begin(0, 1, parts.plan.rates(1.0), trained, full, rewind)
+    level0 = begin(0, 0, parts.counts[0], rewind, full, rewind)
+    level1 = begin(0, 1, parts.counts[1], (trained, rewind[1]), full, rewind)
     return dict(rewind=host(rewind[0]), full=host(full), trained=host(trained),
                 level0=host(level0), level1=host(level1))
 
@@ -78,7 +78,7 @@ def counts(masks):
 
 
 def test_stack_is_branch_major_and_padded_to_the_devices(start, parts):
-    ticket_masks, (params, _, masks, keys), alive = start["level1"]
+    ticket_masks, (params, _, masks, keys), alive = start["level1"][:3]
     assert parts.trainer.stack_size == 6
     assert parts.trainer.padded_size % len(jax.devices()) == 0
     for tree in (params, masks):
@@ -104,7 +104,7 @@ def test_ticket_masks_prune_the_trained_ticket_at_the_plan_rates(start):
 
 
 def test_ticket_starts_from_rewind_weights_under_its_masks(start):
-    ticket_masks, (params, _, masks, _), alive = start["level1"]
+    ticket_masks, (params, _, masks, _), alive = start["level1"][:3]
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "ticket", r), tm)
@@ -114,7 +114,7 @@ def test_ticket_starts_from_rewind_weights_under_its_masks(start):
 
 
 def test_reinit_has_ticket_masks_on_fresh_weights(start):
-    ticket_masks, (params, _, masks, _), _ = start["level1"]
+    ticket_masks, (params, _, masks, _), _ = start["level1"][:3]
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "reinit", r), tm)
@@ -131,7 +131,7 @@ def test_reinit_has_ticket_masks_on_fresh_weights(start):
 
 
 def test_random_prune_has_ticket_counts_but_other_masks(start):
-    ticket_masks, (params, _, masks, _), alive = start["level1"]
+    ticket_masks, (params, _, masks, _), alive = start["level1"][:3]
     for r in range(R):
         tm, rm = replicate_of(ticket_masks, r), member(masks, "random_prune", r)
         assert counts(rm) == counts(tm)
@@ -148,7 +148,7 @@ def test_random_prune_has_ticket_counts_but_other_masks(start):
 
 
 def test_level_zero_is_dense_for_every_branch(start):
-    ticket_masks, (params, _, masks, _), alive = start["level0"]
+    ticket_masks, (params, _, masks, _), alive = start["level0"][:3]
     for leaf in jax.tree.leaves((ticket_masks, masks)):
         assert np.all(leaf == 1)
     assert {layer: a[:6].tolist() for layer, a in alive.items()} == {
@@ -177,9 +177,9 @@ def test_begin_is_deterministic_and_compiled_once(parts, programs, start, init_s
     begin, _, initial = programs
     rewind, full = initial(0)
     trained = init_stack(123)[0]
-    again = host(begin(0, 1, parts.plan.rates(1.0), trained, full, rewind))
+    again = host(begin(0, 1, parts.counts[1], (trained, rewind[1]), full, rewind))
     assert_trees_equal(again, start["level1"])
-    other_seed = host(begin(1, 1, parts.plan.rates(1.0), trained, full, rewind))
+    other_seed = host(begin(1, 1, parts.counts[1], (trained, rewind[1]), full, rewind))
     assert_trees_equal(other_seed[0], start["level1"][0])  # same trained ticket, same masks
     assert not np.array_equal(other_seed[1][0]["fc2"]["kernel"][2],
                               start["level1"][1][0]["fc2"]["kernel"][2])  # reinit weights
@@ -196,8 +196,8 @@ def trained(parts, programs, init_stack):
     begin, _, initial = programs
     rewind, full = initial(0)
     trained_ticket = init_stack(5)[0]
-    _, (params, model_state, masks, keys), _ = begin(0, 1, parts.plan.rates(1.0),
-                                                     trained_ticket, full, rewind)
+    _, (params, model_state, masks, keys), *_ = begin(0, 1, parts.counts[1],
+                                                      (trained_ticket, rewind[1]), full, rewind)
     before = host(params)
     state = parts.trainer.start(params, model_state, masks)
     before_eval = parts.trainer.evaluate(*state[:2])
@@ -354,8 +354,8 @@ def test_member_modes_train_the_same_networks(parts, programs):
         trainer = Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1),
                           parts.data, 20, parts.chunk, parts.trainer.stack_size, members=mode)
         assert trainer.members == mode
-        _, (params, model_state, masks, keys), _ = begin(0, 1, parts.plan.rates(1.0),
-                                                         rewind[0], full, rewind)
+        _, (params, model_state, masks, keys), *_ = begin(0, 1, parts.counts[1],
+                                                          rewind, full, rewind)
         state, loss = trainer.train_chunk(trainer.start(params, model_state, masks), keys, 0)
         trained[mode] = host((state[0], loss, trainer.evaluate(*state[:2])))
     for a, b in zip(jax.tree.leaves(trained["vmap"]), jax.tree.leaves(trained["map"])):

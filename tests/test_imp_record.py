@@ -214,7 +214,7 @@ def test_rewind_weights_are_the_dense_ticket_after_k_steps(rewind_runs):
     begin, ticket_of, initial = imp.level_programs(parts.model, parts.plan, BRANCHES, R,
                                                    parts.trainer)
     init, full = initial(0)
-    _, (params, model_state, masks, keys), _ = begin(0, 0, parts.plan.rates(0.0), init[0],
+    _, (params, model_state, masks, keys), *_ = begin(0, 0, parts.counts[0], init,
                                                      full, init)
     state, _ = parts.trainer.train_chunk(parts.trainer.start(params, model_state, masks), keys, 0)
     after_k = host(ticket_of(state[0]))

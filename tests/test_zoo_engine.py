@@ -407,8 +407,8 @@ def dense_after_k(bn_run):
     begin, ticket_of, initial = imp.level_programs(parts.model, parts.plan, bn_run.cfg.branches,
                                                    R, parts.trainer)
     init, full = initial(np.uint32(0))
-    _, (params, model_state, masks, keys), _ = begin(np.uint32(0), 0, parts.plan.rates(0.0),
-                                                     init[0], full, init)
+    _, (params, model_state, masks, keys), *_ = begin(np.uint32(0), 0, parts.counts[0],
+                                                      init, full, init)
     state, _ = parts.trainer.train_chunk(parts.trainer.start(params, model_state, masks), keys, 0)
     fresh = host(jax.jit(parts.model.init)(jax.random.key(123))[1])
     return host(init), host((ticket_of(state[0]), ticket_of(state[1]))), fresh
@@ -442,7 +442,7 @@ def test_pruned_levels_start_from_the_rewound_statistics(bn_run, dense_after_k):
     assert bn_run.cfg.branches == ("ticket", "reinit", "random_prune")
     assert len(bn_run.begun) == 3  # levels 0, 1, 2
     for level in (1, 2):
-        ticket_masks, (params, model_state, masks, _), _ = bn_run.begun[level]
+        ticket_masks, (params, model_state, masks, _), *_ = bn_run.begun[level]
         ticket, reinit, random = (rows(model_state, b * R, (b + 1) * R) for b in range(3))
         assert_trees_equal(ticket, state_k)
         assert_trees_equal(random, state_k)
@@ -458,7 +458,7 @@ def test_pruned_levels_start_from_the_rewound_statistics(bn_run, dense_after_k):
 def test_batch_norm_is_never_pruned(bn_run, dense_after_k):
     _, (params_k, _), _ = dense_after_k
     for level in (1, 2):
-        _, (params, _, masks, _), _ = bn_run.begun[level]
+        _, (params, _, masks, _), *_ = bn_run.begun[level]
         assert jax.tree.structure(masks) == jax.tree.structure(params)  # no mask for the state
         for leaf in ("scale", "bias"):
             assert (masks["bn"][leaf] == 1).all()

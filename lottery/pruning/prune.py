@@ -1,36 +1,98 @@
-"""Pruning a level: `(scores, masks, rates) -> masks`, exact counts, traceable rates.
+"""Pruning a level: exact kept counts planned on the host, applied by traceable functions.
 
-Among the surviving weights of a layer (layerwise) or of a pool of layers (global), the
-`round(rate * surviving)` lowest-scoring ones are removed. Ties are broken by position,
-so the number removed is exact. Rates are traced values: changing them never recompiles.
+A *unit* is what a score ranks and a mask keeps: a weight of a prunable kernel
+(unstructured pruning) or a whole neuron or channel (structured). Pruning works on
+`{name: 0/1 array}` selections of units (one entry per layer or per structure group) and
+keeps, among the survivors of a base selection, the `count` highest-scoring ones. Ties are
+broken by position, so every count is exact. Counts are traced values: changing them never
+recompiles.
+
+`PrunePlan.counts` plans every level's counts on the host: layerwise (each layer at its
+rate), global (one pool, one threshold) or ERK (the pool's total split over its layers by
+the Erdős–Rényi-Kernel rule). Iterative pruning removes `round(rate * surviving)` per level;
+one-shot and gradual pruning reach the same counts, so every schedule compares at equal
+densities.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lottery.pruning.masks import MASK_DTYPE, kernels, with_kernels
-from lottery.pruning.scores import uniform_random
+
+
+class PlanError(ValueError):
+    """A pruning schedule that cannot be carried out (it would empty a layer)."""
+
+
+class Counts(NamedTuple):
+    """Units kept at one level: per name pruned on its own, and in the global pool."""
+
+    layers: dict  # name -> int32
+    pool: np.int32
 
 
 @dataclass(frozen=True)
 class PrunePlan:
-    """Which layers are pruned how: each of `layer_rates` on its own at its rate, and the
-    `global_layers` together as one pool at `global_rate` (empty for layerwise pruning)."""
+    """Which units are pruned how: each of `layer_rates` on its own at its rate, and the
+    `global_layers` together as one pool at `global_rate` per level: by one threshold, or
+    (`erk`) split over its layers by the ERK rule and then pruned layer by layer."""
 
     layer_rates: dict[str, float]
     global_layers: tuple[str, ...] = ()
     global_rate: float = 0.0
+    erk: bool = False
 
     @property
     def layers(self) -> tuple[str, ...]:
         return tuple(self.layer_rates) + self.global_layers
 
+    @property
+    def pooled(self) -> tuple[str, ...]:
+        """The layers ranked together under one threshold (none for ERK)."""
+        return () if self.erk else self.global_layers
+
     def rates(self, scale: float = 1.0):
         """The rates as arrays, the traced second argument of `prune` (scale 0: prune nothing)."""
         return ({k: np.float32(v * scale) for k, v in self.layer_rates.items()},
                 np.float32(self.global_rate * scale))
+
+    def counts(self, shapes: dict[str, tuple[int, ...]], levels: int) -> list[Counts]:
+        """Units kept at levels 0..`levels` (`shapes`: each name's unit array shape); raises
+        `PlanError` when a level would empty a layer or the pool."""
+        from lottery.pruning.erk import erk_counts
+
+        sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+        own = {layer: sizes[layer] for layer in self.layer_rates}
+        pool_size = sum(sizes[layer] for layer in self.global_layers)
+        pool = pool_size
+        plan = []
+        for level in range(levels + 1):
+            if level:
+                for layer, rate in self.layer_rates.items():
+                    own[layer] = int(number_to_keep(np.int32(own[layer]), np.float32(rate)))
+                    if own[layer] == 0:
+                        raise PlanError(f"prune.levels={levels} at rate {rate} empties layer "
+                                        f"{layer} at level {level}: use fewer levels or a "
+                                        "lower rate")
+                if self.global_layers:
+                    pool = int(number_to_keep(np.int32(pool), np.float32(self.global_rate)))
+                    if pool == 0:
+                        raise PlanError(f"prune.levels={levels} empties the global pool at "
+                                        f"level {level}: use fewer levels or a lower rate")
+            layer_counts = dict(own)
+            if self.erk and self.global_layers:
+                erk = erk_counts({layer: shapes[layer] for layer in self.global_layers},
+                                 pool / pool_size)
+                previous = plan[-1].layers if plan else sizes
+                layer_counts.update({layer: min(erk[layer], previous[layer])
+                                     for layer in self.global_layers})
+            plan.append(Counts({k: np.int32(v) for k, v in layer_counts.items()},
+                               np.int32(0 if self.erk else pool)))
+        return plan
 
 
 def number_to_keep(surviving, rate):
@@ -46,31 +108,82 @@ def keep_top(scores, mask, n_keep):
     return (ranks < n_keep).astype(MASK_DTYPE).reshape(mask.shape)
 
 
+def keep_counts(plan: PrunePlan, scores: dict, base: dict, counts: Counts) -> dict:
+    """The selection keeping, among the survivors of `base`, `counts` of the highest `scores`:
+    per name for the names in `counts.layers`, over the pool for `plan.pooled`."""
+    new = {name: keep_top(scores[name], base[name], count)
+           for name, count in counts.layers.items()}
+    if plan.pooled:
+        flat_scores = jnp.concatenate([scores[name].ravel() for name in plan.pooled])
+        flat_base = jnp.concatenate([base[name].ravel() for name in plan.pooled])
+        kept = keep_top(flat_scores, flat_base, counts.pool)
+        start = 0
+        for name in plan.pooled:
+            size = base[name].size
+            new[name] = kept[start : start + size].reshape(base[name].shape)
+            start += size
+    return new
+
+
+def survivors(plan: PrunePlan, selection: dict) -> Counts:
+    """The counts of a selection, as `keep_counts` takes them (traceable)."""
+    pool = sum((jnp.sum(selection[name]) for name in plan.pooled), jnp.float32(0))
+    return Counts({name: jnp.sum(selection[name]).astype(jnp.int32)
+                   for name in plan.layers if name not in plan.pooled},
+                  pool.astype(jnp.int32))
+
+
+def interpolate(start: Counts, end: Counts, remaining_fraction, power=None) -> Counts:
+    """Counts between `start` (fraction 1) and `end` (fraction 0): `end + (start - end) * f`,
+    with f = remaining_fraction**3 (Zhu & Gupta's cubic schedule, `power=None`), or
+    geometric, `start * (end / start) ** (1 - remaining_fraction)` (`power="geometric"`:
+    SynFlow's exponential schedule). Traceable; exact at both ends."""
+    def one(a, b):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        if power == "geometric":
+            value = a * (b / jnp.maximum(a, 1)) ** (1 - remaining_fraction)
+        else:
+            value = b + (a - b) * remaining_fraction**3
+        value = jnp.where(remaining_fraction <= 0, b, jnp.where(remaining_fraction >= 1, a, value))
+        return jnp.round(value).astype(jnp.int32)
+
+    return jax.tree.map(one, start, end)
+
+
 def prune(plan: PrunePlan, scores, masks, rates):
-    """New masks after one level: `scores` by layer name, `rates` from `plan.rates()`."""
+    """New masks after one iterative level: `scores` by layer name, `rates` from
+    `plan.rates()` (the fraction of each layer's or the pool's survivors removed)."""
     layer_rates, global_rate = rates
     old = kernels(masks, plan.layers)
-    new = {}
-    for layer, rate in layer_rates.items():
-        surviving = jnp.sum(old[layer]).astype(jnp.int32)
-        new[layer] = keep_top(scores[layer], old[layer], number_to_keep(surviving, rate))
-    if plan.global_layers:
-        pool = plan.global_layers
-        flat_scores = jnp.concatenate([scores[layer].ravel() for layer in pool])
-        flat_mask = jnp.concatenate([old[layer].ravel() for layer in pool])
-        surviving = jnp.sum(flat_mask).astype(jnp.int32)
-        kept = keep_top(flat_scores, flat_mask, number_to_keep(surviving, global_rate))
-        start = 0
-        for layer in pool:
-            size = old[layer].size
-            new[layer] = kept[start : start + size].reshape(old[layer].shape)
-            start += size
-    return with_kernels(masks, new)
+    alive = survivors(plan, old)
+    counts = Counts({name: number_to_keep(alive.layers[name], layer_rates[name])
+                     for name in alive.layers}, number_to_keep(alive.pool, global_rate))
+    return with_kernels(masks, keep_counts(plan, scores, old, counts))
+
+
+def random_like(key, selection: dict) -> dict:
+    """Random selections with exactly the per-name counts of `selection` (random_prune)."""
+    keys = jax.random.split(key, len(selection))
+    return {name: keep_top(jax.random.uniform(k, s.shape), jnp.ones_like(s),
+                           jnp.sum(s).astype(jnp.int32))
+            for k, (name, s) in zip(keys, selection.items())}
+
+
+def shuffled(key, selection: dict) -> dict:
+    """Each name's selection with its entries permuted at random (the shuffle control of
+    Frankle et al. 2021): per-name counts unchanged, positions random."""
+    keys = jax.random.split(key, len(selection))
+    return {name: jax.random.permutation(k, s.ravel()).reshape(s.shape)
+            for k, (name, s) in zip(keys, selection.items())}
+
+
+def inverted(scores: dict, base: dict, selection: dict) -> dict:
+    """Among the survivors of `base`, the *lowest*-scoring units, as many per name as
+    `selection` keeps (score inversion, Frankle et al. 2021)."""
+    return {name: keep_top(-scores[name], base[name], jnp.sum(s).astype(jnp.int32))
+            for name, s in selection.items()}
 
 
 def random_masks_like(key, masks, layers):
     """Random masks with exactly the per-layer counts of `masks` (the random_prune control)."""
-    scores = uniform_random(key, masks, layers)
-    return with_kernels(masks, {
-        layer: keep_top(scores[layer], jnp.ones_like(mask), jnp.sum(mask).astype(jnp.int32))
-        for layer, mask in kernels(masks, layers).items()})
+    return with_kernels(masks, random_like(key, kernels(masks, layers)))
