@@ -15,10 +15,10 @@ from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
+from lottery.pruning.scores import SCORES
 from lottery.train import MEMBER_MODES
 
 SCOPES = ("layerwise", "global", "erk")
-SCORES = ("magnitude", "random", "snip", "grasp", "synflow")
 SCHEDULES = ("iterative", "oneshot", "gradual")
 PRUNE_AT = ("trained", "init")
 STRUCTURES = ("weights", "neurons", "channels")
