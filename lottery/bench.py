@@ -14,7 +14,7 @@ measures, in this process, structured pruning's payoff: the dense model against 
 compacted to 50%, 25% and 10% of their units (LeNet-300-100's hidden neurons, Conv-2's
 conv channels on 32x32x3; the units with the largest L2 norms kept): training steps/s of
 a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
-batch 1000, medians of repeated timings, and their ratios to the dense model.
+batch 100, medians of repeated timings, and their ratios to the dense model.
 """
 
 import argparse
@@ -200,7 +200,7 @@ def _inference_call(spec, params, state, input_shape, batch):
 
 
 def compact_rates(models=COMPACT_MODELS, kept=KEPT, batch: int = BATCH,
-                  inference_batch: int = 1000, repeats: int = 5,
+                  inference_batch: int = 100, repeats: int = 5,
                   min_time: float = 0.2) -> list[dict]:
     """One row per model and kept fraction of its units (1.0: the dense model itself):
     parameters, training steps/s at `batch` and inference examples/s at `inference_batch`.
@@ -286,7 +286,7 @@ def main(argv=None) -> None:
     if args.section in ("training", "all"):
         training_section(args)
     if args.section in ("compact", "all"):
-        print_compact(compact_rates(repeats=args.repeats), BATCH, 1000, args.repeats)
+        print_compact(compact_rates(repeats=args.repeats), BATCH, 100, args.repeats)
 
 
 def training_section(args) -> None:

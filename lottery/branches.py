@@ -17,6 +17,10 @@ this level and branch; a branch folds in a purpose name for each use.
   the layerwise-shuffling sanity check of Frankle et al. 2021.
 - inverted: per layer (group), as many units as the ticket keeps, but those with the
   *lowest* scores among the same candidates (score inversion, Frankle et al. 2021).
+- instability: two copies of the ticket (`instability` and its twin `instability_b`), trained
+  with different data orders; the engine records the error barrier on the straight line
+  between them (`lottery.instability`). At level 0 with k > 0 both copies take the dense
+  run's full training state at step k, so they share the first k steps.
 At level 0 (nothing pruned) every branch is a dense network: all start from the ticket's
 init except reinit, which starts from a fresh one.
 """
@@ -72,4 +76,14 @@ def inverted(model, units, level: LevelStart, key):
 
 
 BRANCHES = {"ticket": ticket, "reinit": reinit, "random_prune": random_prune,
-            "shuffle": shuffle, "inverted": inverted}
+            "shuffle": shuffle, "inverted": inverted, "instability": ticket}
+TWIN = "instability_b"  # the second copy of the instability pair: its own data order
+
+
+def members_of(branches) -> tuple[str, ...]:
+    """The branches as trained: `instability` brings its twin."""
+    return tuple(branches) + ((TWIN,) if "instability" in branches else ())
+
+
+def branch_function(name: str):
+    return BRANCHES["instability" if name == TWIN else name]

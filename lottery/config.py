@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 
 from omegaconf import DictConfig, OmegaConf
 
-from lottery.branches import BRANCHES
+from lottery.branches import BRANCHES, members_of
 from lottery.data import DATASETS
 from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS
@@ -44,6 +44,12 @@ def _seed(value) -> int:
     if seed >= 2**32:
         raise ConfigError(f"seed={seed} must be below 2**32")
     return seed
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
 
 
 def _fraction(value, key: str, why: str) -> float:
@@ -81,6 +87,7 @@ class RunConfig:
     eval_every: int | str
     eval_batch_size: int
     members: str  # how a device runs its members: auto | vmap | map
+    save_weights: bool  # save each level's trained ticket weights (levels/trained_NN.npz)
     levels: int
     rate: float
     scope: str  # layerwise | global | erk
@@ -101,7 +108,7 @@ class RunConfig:
 
     @property
     def stack_size(self) -> int:
-        return self.replicates * len(self.branches)
+        return self.replicates * len(members_of(self.branches))
 
     def in_steps(self, steps_per_epoch: int) -> "RunConfig":
         """This config with every duration in steps (epochs are `steps_per_epoch` steps)."""
@@ -313,6 +320,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         eval_every=eval_every,
         eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
         members=_choice(train.get("members", "auto"), "train.members", MEMBER_MODES),
+        save_weights=_bool(train.get("save_weights", False), "train.save_weights"),
         levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
         rate=_fraction(prune.get("rate"), "prune.rate", why),
         scope=scope,

@@ -6,8 +6,9 @@ previous level's ticket or from the dense network), starts every branch from the
 weights (`rewind.mode`: the rewind point, or the trained weights) and its masks, and trains
 the whole (branch x replicate) stack together from step k to the end; gradual pruning
 instead prunes while the level trains. Every evaluation and a summary per member go to the
-record; each level's ticket masks (`levels/level_NN.npz`) and the rewind weights
-(`rewind.npz`) are saved beside it.
+record; each level's ticket masks (`levels/level_NN.npz`), the rewind weights
+(`rewind.npz`) and, with `train.save_weights`, the trained ticket (`levels/trained_NN.npz`)
+are saved beside it.
 """
 
 import math
@@ -23,9 +24,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from lottery.branches import BRANCHES, LevelStart
+from lottery.branches import TWIN, LevelStart, branch_function, members_of
 from lottery.config import ConfigError, RunConfig
 from lottery.data import Dataset, load_dataset
+from lottery.instability import POINTS, barrier, interpolation_errors
 from lottery.models import ModelSpec, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.masks import full_masks, remaining
@@ -116,7 +118,7 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
             score_keys, scored, base_masks, counts, trainer.train_data)
         ticket_masks = jax.vmap(units.expand)(base_masks, selection)
         inputs = LevelStart(start, ticket_masks, selection, base, scores)
-        begun = [jax.vmap(partial(BRANCHES[b], model, units))(
+        begun = [jax.vmap(partial(branch_function(b), model, units))(
             inputs, member_keys(seed, R, level, b, "branch")) for b in branches]
         keys = [member_keys(seed, R, level, b, "data") for b in branches]
         masks = _stack([m for _, m in begun])
@@ -137,6 +139,33 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
             jax.jit(lambda stack: jax.tree.map(lambda x: x[at:at + R], stack),
                     out_shardings=replicated),
             jax.jit(initial, out_shardings=replicated))
+
+
+def instability_programs(model, branches, replicates: int, trainer: Trainer,
+                         statistics_batches: int = 50):
+    """For the `instability` pair: `share(state)` gives both copies the ticket's training
+    state (params, model state, optimizer state) and `pair_errors(params, model_state)` the
+    test errors, shape (replicates, POINTS), on the line between each replicate's copies."""
+    R = replicates
+    ticket, first, second = (branches.index(b) * R for b in ("ticket", "instability", TWIN))
+    x_train = trainer.train_data[0]
+    batch = min(len(x_train) // statistics_batches, 100) or 1
+    statistics = x_train[: batch * statistics_batches].reshape(-1, batch, *x_train.shape[1:])
+
+    def share(state):
+        source = jnp.arange(ticket, ticket + R)
+        targets = jnp.concatenate([jnp.arange(first, first + R), jnp.arange(second, second + R)])
+        return jax.tree.map(lambda x: x.at[targets].set(x[jnp.concatenate([source, source])]),
+                            state)
+
+    def pair_errors(params, model_state):
+        pair = [jax.tree.map(lambda x, at=at: x[at:at + R], (params, model_state))
+                for at in (first, second)]
+        return jax.lax.map(lambda ab: interpolation_errors(
+            model, ab[0], ab[1], trainer.eval_data[1], statistics), tuple(pair))
+
+    return (jax.jit(share, out_shardings=trainer.stacked, donate_argnums=0),
+            jax.jit(pair_errors, out_shardings=trainer.replicated))
 
 
 def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, every: int):
@@ -266,7 +295,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     cfg, data, model, plan, units, weights, chunk, trainer = (
         setup.cfg, setup.data, setup.model, setup.plan, setup.units, setup.weights,
         setup.chunk, setup.trainer)
-    R, branches, k, T = cfg.replicates, cfg.branches, cfg.rewind_step, cfg.steps
+    R, branches, k, T = cfg.replicates, members_of(cfg.branches), cfg.rewind_step, cfg.steps
     layers = setup.measured
     log(f"lottery: {model.name} on {data.name}: {sum(weights.values()):,} prunable weights "
         f"({', '.join(f'{n} {c:,}' for n, c in weights.items())}), of which "
@@ -290,6 +319,8 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer, units, method,
                                                layers)
     count_alive = jax.jit(jax.vmap(partial(remaining, layers=layers)))
+    if "instability" in branches:
+        share, pair_errors = instability_programs(model, branches, R, trainer)
     seed = np.uint32(cfg.seed)  # a Python int above 2**31 would overflow jit's int32
     rewind, full = initial(seed)
     ticket_masks, trained, dense = full, rewind, rewind
@@ -348,19 +379,32 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
             progress.update(chunk)
             if level == 0 and step == k:
                 rewind = ticket_of(state[:2])  # new buffers: survive the donation
+                if "instability" in branches:  # both copies continue from the dense run at k
+                    state = (*share(state[:3]), state[3])
             if step % cfg.eval_every == 0 or step == T:
                 evaluate(step, state)
         seconds = time.perf_counter() - started
         if level == 0:
             save_arrays(out_dir / "rewind.npz", {"params": rewind[0], "state": rewind[1]})
         trained = ticket_of(state[:2])
+        if cfg.save_weights:
+            save_arrays(out_dir / "levels" / f"trained_{level:02d}.npz",
+                        {"params": trained[0], "state": trained[1]})
         if level == 0:
             dense = trained
         if cfg.schedule == "gradual":
             ticket_masks = ticket_of(state[3])
         save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
+        barriers = {}
+        if "instability" in branches:
+            errors = np.asarray(pair_errors(state[0], state[1]))
+            for r in range(R):
+                barriers[r] = float(barrier(errors[r]))
+                record.write({"kind": "instability", "level": level, "replicate": r,
+                              "density": float(density[ticket_at + r]), "rewind_step": k,
+                              "barrier": barriers[r], "errors": errors[r].tolist(),
+                              "alphas": np.linspace(0, 1, POINTS).tolist()})
         del state
-
         summary = early_stop_summary(steps, {m: np.stack(v) for m, v in history.items()})
         for m, (branch, replicate) in enumerate(names):
             row = {"kind": "summary", "level": level, "branch": branch, "replicate": replicate,
@@ -368,13 +412,16 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
                    **{f"density_{layer}": float(alive[layer][m] / weights[layer]) for layer in layers},
                    **({f"units_{name}": int(kept[name][m]) for name in units.names}
                       if cfg.structure != "weights" else {}),
+                   **({"barrier": barriers[replicate]} if branch == "instability" else {}),
                    **{name: values[m].item() for name, values in summary.items()}}
             record.write(row)
             summaries.append(row)
         log(f"level {level}: {100 * density[ticket_at]:.2f}% remaining, {seconds:.0f}s; early-stop "
             "test accuracy " + ", ".join(
                 f"{b} {100 * np.mean(summary['early_stop_test_accuracy'][i * R:(i + 1) * R]):.2f}%"
-                for i, b in enumerate(branches)))
+                for i, b in enumerate(branches))
+            + (f"; instability barrier {100 * np.mean(list(barriers.values())):.2f}%"
+               if barriers else ""))
     progress.close()
     record.close()
     return pd.DataFrame(summaries)
