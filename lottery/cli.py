@@ -2,6 +2,7 @@
 
     lottery experiment=lenet_mnist train.steps=5000 prune.levels=5 replicates=2
     lottery -m experiment=lenet_mnist rewind.step=0,500 seed=0,1
+    lottery report RUN_OR_SWEEP_DIR      # plots and report.md (lottery.analysis.report)
 
 Any bad input (unknown name, out-of-range value, missing data) stops before training with
 one line on stderr and exit status 2.
@@ -92,6 +93,10 @@ def print_table(table) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:  # not a Hydra command line: dispatch before Hydra parses
+        from lottery.analysis.report import main as report
+
+        sys.exit(report(sys.argv[2:]))
     check_overrides(sys.argv[1:])
     hydra_main()
 
