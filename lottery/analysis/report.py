@@ -1,0 +1,139 @@
+"""`lottery report DIR`: the standard plots and a Markdown summary of a run or a sweep.
+
+    lottery report outputs/lenet_mnist/2026-11-28_12-00-00        # one run
+    lottery report multirun/default/2026-11-28_12-00-00           # a Hydra -m sweep
+
+Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, per level and
+branch: early-stop test accuracy and step, mean ± std over replicates, and the count),
+`accuracy_vs_density.png`, `early_stop_vs_density.png`, `learning_curves.png` and, when the
+sweep varies `rewind.step`, `rewind_sweep.png`. A missing directory or one without a record
+stops with one line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from lottery.analysis import plots, results
+
+REWIND = "rewind.step"
+
+
+def _fail(message: str) -> int:
+    print(f"lottery: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lottery report",
+        description="Plots and a Markdown summary (report.md) of a run or a Hydra sweep.")
+    parser.add_argument("path", type=Path, help="a run directory or a multirun sweep directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write report.md and the PNGs (default: PATH)")
+    parser.add_argument("--branch", default="ticket",
+                        help="branch whose learning curves are plotted (default: ticket)")
+    parser.add_argument("--level", type=int, default=None,
+                        help="level of the rewind-step sweep plot (default: the sparsest "
+                             "level every run reached)")
+    parser.add_argument("--accuracy", choices=("early_stop", "final"), default="early_stop",
+                        help="test accuracy at early stop (default) or at the end of training")
+    return parser
+
+
+def _cell(mean: float, std: float, count: int, scale: float, digits: int) -> str:
+    """`mean ± std` (just the mean when one replicate leaves the std undefined)."""
+    text = f"{scale * mean:.{digits}f}"
+    return text if count < 2 or pd.isna(std) else f"{text} ± {scale * std:.{digits}f}"
+
+
+def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
+    """One Markdown table per combination of the swept overrides (one table for a single
+    run): per level and branch, percent remaining, test accuracy and early-stop step (mean ±
+    std over replicates) and the replicate count."""
+    columns = results.swept(summaries)
+    table = results.early_stop(summaries, accuracy=accuracy)
+    metric = f"{accuracy}_test_accuracy"
+    label = "early-stop" if accuracy == "early_stop" else accuracy
+    sections = []
+    for name, rows in plots._panels(table, columns):
+        lines = [f"## {name}\n"] if name else []
+        lines += [f"| level | % remaining | branch | {label} test acc (%) | early-stop step | n |",
+                  "|---:|---:|---|---:|---:|---:|"]
+        for row in rows.sort_values("level", kind="stable").to_dict("records"):
+            count = int(row[f"{metric}_count"])
+            lines.append(
+                f"| {row['level']} | {100 * row['density']:.2f} | {row['branch']} | "
+                f"{_cell(row[f'{metric}_mean'], row[f'{metric}_std'], count, 100, 2)} | "
+                f"{_cell(row['early_stop_step_mean'], row['early_stop_step_std'], count, 1, 0)}"
+                f" | {count} |")
+        sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections)
+
+
+def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
+    """What was loaded: the runs, what the sweep varied and the overrides common to all."""
+    columns = results.swept(summaries)
+    fixed = [c for c in results.overrides(summaries) if c not in columns]
+    first = summaries.iloc[0]
+    when = ("early stop (minimum validation loss)" if accuracy == "early_stop"
+            else "the end of training")
+    lines = [f"# Report: {path}\n",
+             (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks. "
+              f"Test accuracy at {when}; mean ± std over replicates, n = replicates.\n")]
+    if columns:
+        lines.append("Swept: " + ", ".join(
+            f"`{c}` ({', '.join(map(str, summaries[c].drop_duplicates()))})" for c in columns)
+            + ".\n")
+    if fixed:
+        lines.append("Overrides: " + " ".join(f"`{c}={first[c]}`" for c in fixed) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
+                 level: int | None = None, accuracy: str = "early_stop") -> list[Path]:
+    """Write report.md and the PNGs of the run or sweep at `path` into `out` (default:
+    `path`); returns the files written."""
+    out = Path(path) if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = results.load(path, kind="summary")
+    columns = results.swept(summaries)
+    written = [
+        plots.plot_accuracy_vs_density(summaries, out / "accuracy_vs_density.png", columns,
+                                       accuracy),
+        plots.plot_early_stop_vs_density(summaries, out / "early_stop_vs_density.png", columns),
+    ]
+    evals = results.load(path, kind="eval")
+    if branch in set(evals["branch"]):
+        written.append(plots.plot_learning_curves(evals, out / "learning_curves.png", branch,
+                                                  results.swept(evals)))
+    if REWIND in columns:
+        others = [c for c in columns if c != REWIND]
+        written.append(plots.plot_rewind_sweep(summaries, out / "rewind_sweep.png", level,
+                                               others, accuracy))
+    images = "\n".join(f"![{file.stem.replace('_', ' ')}]({file.name})" for file in written)
+    report = out / "report.md"
+    report.write_text(_header(path, summaries, accuracy) + markdown_tables(summaries, accuracy)
+                      + "\n## Plots\n\n" + images + "\n")
+    return [report, *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lottery report PATH [options]`; `argv` is the arguments after `report`. Returns the
+    exit status: 0, or 2 with one line on stderr when PATH holds no run record."""
+    args = _parser().parse_args(sys.argv[2:] if argv is None else argv)
+    if not args.path.is_dir():
+        return _fail(f"no such directory: {args.path}")
+    try:
+        written = write_report(args.path, args.out, args.branch, args.level, args.accuracy)
+    except ValueError as error:  # no record or no summary rows; --level beyond the levels
+        return _fail(str(error))
+    for file in written:
+        print(f"lottery: wrote {file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
