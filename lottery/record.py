@@ -43,7 +43,10 @@ class JsonlSink:
 
 
 class WandbSink:
-    """One W&B run per (branch, replicate): group = experiment, job_type = branch.
+    """One W&B run per (branch, replicate): group = experiment, job_type = branch; at the end
+    one more run of the group (job_type `summary`) holds the record as `wandb.Table`s
+    (`summaries`: one row per level, branch and replicate; `levels`: mean and std over
+    replicates per level and branch; `evaluations`) and the accuracy-vs-density plot.
 
     Offline unless `$WANDB_MODE` says otherwise. Any W&B failure is warned about once and
     turns the sink off; the JSONL record is unaffected.
@@ -55,6 +58,7 @@ class WandbSink:
         self.directory = Path(directory)
         self.init_timeout = init_timeout
         self.runs: dict[tuple[str, int], object] = {}
+        self.rows: dict[str, list] = {"eval": [], "summary": []}
         self.failed = False
 
     def _guard(self, action, *args):
@@ -85,12 +89,38 @@ class WandbSink:
     def write(self, row: dict) -> None:
         if row.get("kind") not in ("eval", "summary"):
             return
+        self.rows[row["kind"]].append(row)
         prefix = "" if row["kind"] == "eval" else "summary/"
         values = {prefix + k: v for k, v in row.items()
                   if isinstance(v, (int, float)) and k not in ("replicate",)}
         self._guard(lambda: self._run(row["branch"], row["replicate"]).log(values))
 
+    def _log_summary(self) -> None:
+        import wandb
+
+        from lottery.analysis.plots import plot_tickets_vs_controls
+
+        summaries = pd.DataFrame(self.rows["summary"])
+        if summaries.empty:
+            return
+        plot = plot_tickets_vs_controls(summaries, self.directory / "accuracy_vs_density.png",
+                                        self.group)
+        run = wandb.init(
+            project=self.project, group=self.group, job_type="summary",
+            name=f"{self.group}-s{self.config.get('seed', 0)}-summary", config=self.config,
+            dir=str(self.directory), mode=os.environ.get("WANDB_MODE", "offline"),
+            reinit="create_new", settings=wandb.Settings(init_timeout=self.init_timeout))
+        try:
+            run.log({"summaries": wandb.Table(dataframe=summaries.drop(columns="kind")),
+                     "levels": wandb.Table(dataframe=summary_table(summaries)),
+                     "evaluations": wandb.Table(
+                         dataframe=pd.DataFrame(self.rows["eval"]).drop(columns="kind")),
+                     "accuracy_vs_density": wandb.Image(str(plot))})
+        finally:
+            run.finish()
+
     def close(self) -> None:
+        self._guard(self._log_summary)
         for run in self.runs.values():  # even after a failure: never leave a run open
             try:
                 run.finish()

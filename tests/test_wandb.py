@@ -38,7 +38,7 @@ def offline_run(tmp_path_factory, session_tmp):
 KEYS = (b"val_loss", b"test_accuracy", b"summary/early_stop_step", b"lenet_300_100")
 
 
-def wandb_log(run_dir, patience: float = 60.0) -> bytes:
+def wandb_log(run_dir, patience: float = 60.0, keys=KEYS) -> bytes:
     """The offline run's transaction log (uncompressed protobuf records). `run.finish()`
     returns a few milliseconds before W&B's writer process has flushed it, so wait (at most
     `patience` seconds) until it holds what was logged."""
@@ -47,18 +47,28 @@ def wandb_log(run_dir, patience: float = 60.0) -> bytes:
     deadline = time.monotonic() + patience
     while True:
         data = files[0].read_bytes()
-        if all(key in data for key in KEYS) or time.monotonic() > deadline:
+        if all(key in data for key in keys) or time.monotonic() > deadline:
             return data
         time.sleep(0.1)
 
 
 def test_offline_runs_are_written_under_the_run_directory(offline_run, main_run):
     runs = sorted((offline_run.dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == MEMBERS  # one per (branch, replicate)
-    for run in runs:
+    assert len(runs) == MEMBERS + 1  # one per (branch, replicate), and the group's summary
+    logs = [wandb_log(run, keys=(b"lenet_300_100",)) for run in runs]
+    summary = [(run, data) for run, data in zip(runs, logs) if b"-summary" in data]
+    assert len(summary) == 1
+    for run, data in zip(runs, logs):
+        if data is summary[0][1]:
+            continue
         data = wandb_log(run)
         for key in KEYS:
             assert key in data, (run.name, key)
+    tables = (b"summaries", b"levels", b"evaluations", b"accuracy_vs_density")
+    data = wandb_log(summary[0][0], keys=tables)
+    for key in tables:
+        assert key in data, key
+    assert (offline_run.dir / "accuracy_vs_density.png").exists()
     assert_record_complete(offline_run.dir, main_run)
 
 
