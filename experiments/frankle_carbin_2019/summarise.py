@@ -1,15 +1,15 @@
-"""Table and plot of the Frankle & Carbin (2019) LeNet-300-100 reproduction from its record.
+"""The table of the Frankle & Carbin (2019) LeNet-300-100 reproduction from its record (the
+plots come from `lottery report`: see README.md).
 
     python experiments/frankle_carbin_2019/summarise.py [RUN_DIR]
 
 Writes `results.md` (early-stop iteration and test accuracy per density and branch, mean ±
-std over replicates) and `tickets_vs_controls.png` beside this file.
+std over replicates) beside this file.
 """
 
 import sys
 from pathlib import Path
 
-from lottery.analysis.plots import plot_tickets_vs_controls
 from lottery.record import load, markdown_table, summary_table
 
 HERE = Path(__file__).resolve().parent
@@ -22,8 +22,6 @@ def main() -> None:
     text = (f"Mean ± std over {replicates} replicates; early stop = minimum validation loss.\n\n"
             + markdown_table(summaries))
     (HERE / "results.md").write_text(text)
-    plot_tickets_vs_controls(summaries, HERE / "tickets_vs_controls.png",
-                             "LeNet-300-100 on MNIST: IMP tickets vs controls")
     print(text)
 
 
