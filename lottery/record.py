@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 RECORD_NAME = "record.jsonl"
-INTEGER_COLUMNS = {"level", "replicate", "step", "final_step", "early_stop_step"}
+INTEGER_COLUMNS = {"rewind_step", "level", "replicate", "step", "final_step", "early_stop_step"}
 
 
 def _plain(value):
