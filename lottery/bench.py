@@ -14,7 +14,7 @@ measures, in this process, structured pruning's payoff: the dense model against 
 compacted to 50%, 25% and 10% of their units (LeNet-300-100's hidden neurons, Conv-2's
 conv channels on 32x32x3; the units with the largest L2 norms kept): training steps/s of
 a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
-batch 100, medians of repeated timings, and their ratios to the dense model.
+batches 100 and 1000, medians of repeated timings, and their ratios to the dense model.
 """
 
 import argparse
@@ -127,6 +127,8 @@ def imp_compilations() -> dict[str, int]:
 COMPACT_MODELS = (("lenet_300_100", (28, 28, 1), "neurons", 20),
                   ("conv2", (32, 32, 3), "channels", 1))
 KEPT = (0.5, 0.25, 0.1)
+# small batches favour Conv-2 (few channels are memory-bound at large ones), large LeNet
+INFERENCE_BATCHES = (100, 1000)
 
 
 class _Timer:
@@ -200,10 +202,11 @@ def _inference_call(spec, params, state, input_shape, batch):
 
 
 def compact_rates(models=COMPACT_MODELS, kept=KEPT, batch: int = BATCH,
-                  inference_batch: int = 100, repeats: int = 5,
+                  inference_batches=INFERENCE_BATCHES, repeats: int = 5,
                   min_time: float = 0.2) -> list[dict]:
     """One row per model and kept fraction of its units (1.0: the dense model itself):
-    parameters, training steps/s at `batch` and inference examples/s at `inference_batch`.
+    parameters, training steps/s at `batch` and inference examples/s at each of
+    `inference_batches` (`inference_per_s`: {batch: rate}).
     Each rate is the median of `repeats` runs of about `min_time` seconds; the runs of a
     model's variants take turns, so that a slow spell of the machine hits them all."""
     import jax
@@ -224,34 +227,41 @@ def compact_rates(models=COMPACT_MODELS, kept=KEPT, batch: int = BATCH,
             variants.append((fraction, small.spec, small.params, small.state))
         timers = [(_Timer(_train_call(model, weights, model_state, input_shape, batch, steps),
                           min_time),
-                   _Timer(_inference_call(model, weights, model_state, input_shape,
-                                          inference_batch), min_time))
+                   {size: _Timer(_inference_call(model, weights, model_state, input_shape,
+                                                 size), min_time)
+                    for size in inference_batches})
                   for _, model, weights, model_state in variants]
         for _ in range(repeats):
             for train, infer in timers:
                 train.run()
-                infer.run()
+                for timer in infer.values():
+                    timer.run()
         rows += [{"model": name, "kind": kind, "kept": fraction, "params": param_count(weights),
                   "train_steps_per_s": steps / train.median(),
-                  "inference_per_s": inference_batch / infer.median()}
+                  "inference_per_s": {size: size / timer.median()
+                                      for size, timer in infer.items()}}
                  for (fraction, _, weights, _), (train, infer) in zip(variants, timers)]
     return rows
 
 
-def print_compact(rows, batch: int, inference_batch: int, repeats: int) -> None:
+def print_compact(rows, batch: int, repeats: int) -> None:
+    sizes = list(rows[0]["inference_per_s"])
     print(f"Structured pruning, compacted models vs dense: training steps/s at batch {batch} "
-          f"(Adam), inference examples/s at batch {inference_batch}; medians of {repeats}")
+          f"(Adam), inference examples/s at batch {' and '.join(map(str, sizes))}; medians "
+          f"of {repeats}")
     print(f"{'model':<14} {'units':<9} {'kept':>5} {'params':>10} {'fewer':>6} "
-          f"{'train steps/s':>14} {'x dense':>8} {'infer ex/s':>11} {'x dense':>8}")
+          f"{'train steps/s':>14} {'x dense':>8}"
+          + "".join(f" {f'infer@{size} ex/s':>16} {'x dense':>8}" for size in sizes))
     dense = {}
     for row in rows:
         base = dense.setdefault(row["model"], row)
         print(f"{row['model']:<14} {row['kind']:<9} {100 * row['kept']:>4.0f}% "
               f"{row['params']:>10,} {base['params'] / row['params']:>5.1f}x "
               f"{row['train_steps_per_s']:>14.1f} "
-              f"{row['train_steps_per_s'] / base['train_steps_per_s']:>7.2f}x "
-              f"{row['inference_per_s']:>11.0f} "
-              f"{row['inference_per_s'] / base['inference_per_s']:>7.2f}x")
+              f"{row['train_steps_per_s'] / base['train_steps_per_s']:>7.2f}x"
+              + "".join(f" {row['inference_per_s'][size]:>16.0f} "
+                        f"{row['inference_per_s'][size] / base['inference_per_s'][size]:>7.2f}x"
+                        for size in sizes))
 
 
 def worker(args) -> None:
@@ -286,7 +296,7 @@ def main(argv=None) -> None:
     if args.section in ("training", "all"):
         training_section(args)
     if args.section in ("compact", "all"):
-        print_compact(compact_rates(repeats=args.repeats), BATCH, 100, args.repeats)
+        print_compact(compact_rates(repeats=args.repeats), BATCH, args.repeats)
 
 
 def training_section(args) -> None:
