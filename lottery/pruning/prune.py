@@ -133,14 +133,14 @@ def survivors(plan: PrunePlan, selection: dict) -> Counts:
                   pool.astype(jnp.int32))
 
 
-def interpolate(start: Counts, end: Counts, remaining_fraction, power=None) -> Counts:
+def interpolate(start: Counts, end: Counts, remaining_fraction, curve="cubic") -> Counts:
     """Counts between `start` (fraction 1) and `end` (fraction 0): `end + (start - end) * f`,
-    with f = remaining_fraction**3 (Zhu & Gupta's cubic schedule, `power=None`), or
-    geometric, `start * (end / start) ** (1 - remaining_fraction)` (`power="geometric"`:
+    with f = remaining_fraction**3 (Zhu & Gupta's cubic schedule, `curve="cubic"`), or
+    `start * (end / start) ** (1 - remaining_fraction)` (`curve="geometric"`:
     SynFlow's exponential schedule). Traceable; exact at both ends."""
     def one(a, b):
         a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-        if power == "geometric":
+        if curve == "geometric":
             value = a * (b / jnp.maximum(a, 1)) ** (1 - remaining_fraction)
         else:
             value = b + (a - b) * remaining_fraction**3
