@@ -1,0 +1,10 @@
+"""Byte-level language models for the transformer prune-and-finetune workflow (issue 7).
+
+  corpus.py    the byte corpus (the Python standard library's source, or a text file),
+               on-device batch sampling, fixed evaluation windows, bits per byte
+  gpt.py       the decoder-only transformer with per-layer sizes and multiplicative gates
+               on heads, FFN units and layers; init / apply / loss / evaluate / param_count
+  compact.py   removal requests checked (`check_masks`) and compacted into a smaller model
+  quantize.py  post-training int8 weights with per-output-channel scales
+  measure.py   measured forward throughput (tokens per second)
+"""
