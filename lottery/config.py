@@ -5,14 +5,16 @@ is loaded or trained; the CLI prints the error and exits with status 2.
 """
 
 from dataclasses import dataclass, replace
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lottery.branches import BRANCHES, members_of
-from lottery.data import DATASETS
+from lottery.data import DATASETS, DataError, describe
 from lottery.durations import DurationError, parse_duration, to_steps
-from lottery.models import MODELS
+from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
 from lottery.pruning.scores import SCORES
@@ -25,6 +27,23 @@ STRUCTURES = ("weights", "neurons", "channels")
 REWIND_MODES = ("weights", "lr", "finetune")
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adam", "sgd")
+# The keys of the sections that `validate` reads whole (dataset, model and optimizer options
+# are checked by their readers and builders); any other key is a typo, not a silent no-op.
+KEYS = {
+    "": ("name", "seed", "replicates", "branches", "dataset", "model", "optimizer", "train",
+         "prune", "rewind", "logger"),
+    "train": ("steps", "batch_size", "eval_every", "eval_batch_size", "save_weights",
+              "checkpoint_every", "members"),
+    "prune": ("levels", "rate", "scope", "layer_rates", "layers", "score", "at", "schedule",
+              "structure", "score_batch", "score_rounds", "gradual"),
+    "prune.gradual": ("start", "end", "every"),
+    "rewind": ("step", "mode", "finetune_lr"),
+    "logger": ("name", "project", "init_timeout"),  # project, init_timeout: wandb only
+}
+MAX_STEPS = 2**31 - 1  # the device counts steps in int32
+MAX_LEVELS = 1000  # each level trains the network again: more is a typo (and would spin the
+#                   level counts for ever at a rate too small to empty a layer)
+MAX_SCORE_ROUNDS = 10_000  # SynFlow's paper uses 100
 
 
 class ConfigError(Exception):
@@ -61,7 +80,7 @@ def _fraction(value, key: str, why: str) -> float:
 
 
 def _choice(value, key: str, choices) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
     return value
 
@@ -71,6 +90,44 @@ def _section(cfg: dict, key: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a config group or mapping, got {value!r}")
     return value
+
+
+def _known_keys(section: dict, where: str, known=None) -> None:
+    """Refuse a key that nothing reads (`+train.stepz=5`): it would be silently ignored."""
+    known = KEYS[where] if known is None else known
+    for key in section:
+        if key not in known:
+            path = f"{where}.{key}" if where else str(key)
+            close = get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{path} is not a config key{hint}; the keys of "
+                              f"{where or 'the config'} are {', '.join(known)}")
+
+
+_FITTING = set()  # (model, input shape, classes, options) that build: a command validates twice
+
+
+def _check_inputs(cfg: "RunConfig") -> None:
+    """The dataset's options and sizes, and the model against the dataset's input shape,
+    without loading any data (the model is built abstractly: no weights are made)."""
+    name = cfg.dataset["name"]
+    try:
+        data = describe(name, **{k: v for k, v in cfg.dataset.items() if k != "name"})
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+    if data is None:  # a dataset known only once it loads: imp.build checks it then
+        return
+    if cfg.batch_size > data.train_size:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {data.train_size} "
+                          f"training examples of {name}: use a smaller batch")
+    options = {k: v for k, v in cfg.model.items() if k != "name"}
+    key = (cfg.model["name"], data.input_shape, data.num_classes, repr(sorted(options.items())))
+    if key not in _FITTING:
+        try:
+            build_model(cfg.model["name"], data.input_shape, data.num_classes, **options)
+        except ModelError as error:
+            raise ConfigError(str(error)) from None
+        _FITTING.add(key)
 
 
 @dataclass(frozen=True)
@@ -88,6 +145,7 @@ class RunConfig:
     eval_batch_size: int
     members: str  # how a device runs its members: auto | vmap | map
     save_weights: bool  # save each level's trained ticket weights (levels/trained_NN.npz)
+    checkpoint_every: int | str  # steps between checkpoints within a level (0: levels only)
     levels: int
     rate: float
     scope: str  # layerwise | global | erk
@@ -120,7 +178,8 @@ class RunConfig:
         if self.schedule == "gradual":
             gradual = _gradual_steps(gradual, steps, rewind_step, steps_per_epoch)
         return replace(self, steps=steps, eval_every=eval_every, rewind_step=rewind_step,
-                       gradual=gradual)
+                       gradual=gradual,
+                       checkpoint_every=to_steps(self.checkpoint_every, steps_per_epoch))
 
     def prune_plan(self, names: tuple[str, ...]) -> PrunePlan:
         """The plan over `names` (the model's prunable layers, or its structure groups).
@@ -210,6 +269,12 @@ def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_ep
     for key, value in (("train.steps", steps), ("train.eval_every", eval_every)):
         if value < 1:
             raise ConfigError(f"{key} is {value} steps{epoch}: it must be at least 1 step")
+    if steps > MAX_STEPS:
+        raise ConfigError(f"train.steps={steps}{epoch} must be at most 2**31 - 1 = {MAX_STEPS} "
+                          "steps: the device counts steps in 32-bit integers")
+    if eval_every > steps:
+        raise ConfigError(f"train.eval_every={eval_every} must be at most train.steps={steps}"
+                          f"{epoch}: a level is evaluated every eval_every steps and at its end")
     if rewind_step >= steps:
         raise ConfigError(f"rewind.step={rewind_step} must be below train.steps={steps}{epoch}: "
                           "the rewind point is a step of the dense training run")
@@ -238,9 +303,15 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     """Check types, ranges, names and cross-field constraints; raise one `ConfigError`."""
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    except Exception as error:
-        raise ConfigError(f"config does not resolve: {error}") from None
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve
+        where = getattr(error, "full_key", None) or "the config"
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{where} does not resolve: {reason}") from None
     raw = {k: v for k, v in raw.items() if k != "hydra"}
+    if raw.get("task") not in (None, "imp"):  # another app's config, e.g. experiment=lm_tiny
+        raise ConfigError(f"task={raw['task']!r}: this is a config of `lottery {raw['task']}`, "
+                          f"not of the IMP command: run `lottery {raw['task']} ...` instead")
+    _known_keys({k: v for k, v in raw.items() if k != "task"}, "")
     dataset, model = _section(raw, "dataset"), _section(raw, "model")
     optimizer, train = _section(raw, "optimizer"), _section(raw, "train")
     prune, rewind, logger = _section(raw, "prune"), _section(raw, "rewind"), _section(raw, "logger")
@@ -249,6 +320,20 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     _choice(model.get("name"), "model", MODELS)
     _choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
     _choice(logger.get("name"), "logger", LOGGERS)
+    for where, section in (("train", train), ("prune", prune), ("rewind", rewind)):
+        _known_keys(section, where)
+    _known_keys(logger, "logger", KEYS["logger"] if logger["name"] == "wandb" else ("name",))
+    if logger["name"] == "wandb":
+        project, timeout = logger.get("project", "lottery"), logger.get("init_timeout", 60)
+        if not isinstance(project, str) or not project:
+            raise ConfigError(f"logger.project={project!r} must be a W&B project name")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError(f"logger.init_timeout={timeout!r} must be a positive number of "
+                              "seconds")
+    name = raw.get("name", "default")
+    if isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
+        raise ConfigError(f"name={name!r} must be a non-empty string: it names the output "
+                          "folder and the W&B group")
 
     branches = raw.get("branches")
     if isinstance(branches, str) or not isinstance(branches, (list, tuple)) or not branches:
@@ -298,6 +383,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     gradual = prune.get("gradual") or {}
     if not isinstance(gradual, dict):
         raise ConfigError(f"prune.gradual={gradual!r} must map start, end and every to durations")
+    _known_keys(gradual, "prune.gradual")
     gradual = {"start": gradual.get("start", 0), "end": gradual.get("end"),
                "every": gradual.get("every", 100)}
     for key in ("start", "every"):
@@ -309,8 +395,15 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
             isinstance(v, int) for v in (steps, rewind_step, *gradual.values()) if v is not None):
         _gradual_steps(gradual, steps, rewind_step)  # epochs are checked once data loads
     score_rounds = prune.get("score_rounds")
-    return RunConfig(
-        name=str(raw.get("name", "default")),
+    if score_rounds is not None and _int(score_rounds, "prune.score_rounds", 1) > MAX_SCORE_ROUNDS:
+        raise ConfigError(f"prune.score_rounds={score_rounds} must be at most "
+                          f"{MAX_SCORE_ROUNDS}: every round scores the whole network")
+    levels = _int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)")
+    if levels > MAX_LEVELS:
+        raise ConfigError(f"prune.levels={levels} must be at most {MAX_LEVELS}: each level "
+                          "trains the network again")
+    run = RunConfig(
+        name=str(name),
         seed=_seed(raw.get("seed")),
         replicates=_int(raw.get("replicates"), "replicates", 1),
         branches=tuple(branches),
@@ -321,7 +414,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
         members=_choice(train.get("members", "auto"), "train.members", MEMBER_MODES),
         save_weights=_bool(train.get("save_weights", False), "train.save_weights"),
-        levels=_int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)"),
+        checkpoint_every=_duration(train.get("checkpoint_every", "5ep"), "train.checkpoint_every", 0),
+        levels=levels,
         rate=_fraction(prune.get("rate"), "prune.rate", why),
         scope=scope,
         layer_rates=rates,
@@ -340,3 +434,5 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         logger=logger,
         resolved=raw,
     )
+    _check_inputs(run)
+    return run

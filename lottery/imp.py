@@ -8,12 +8,14 @@ the whole (branch x replicate) stack together from step k to the end; gradual pr
 instead prunes while the level trains. Every evaluation and a summary per member go to the
 record; each level's ticket masks (`levels/level_NN.npz`), the rewind weights
 (`rewind.npz`) and, with `train.save_weights`, the trained ticket (`levels/trained_NN.npz`)
-are saved beside it.
+are saved beside it. A run checkpoints itself (`lottery.checkpoint`) and resumes where it was
+killed; a member whose loss stops being finite is recorded as diverged.
 """
 
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,9 +26,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lottery import faults
 from lottery.branches import TWIN, LevelStart, branch_function, members_of
+from lottery.checkpoint import CheckpointStore
 from lottery.config import ConfigError, RunConfig
 from lottery.data import Dataset, load_dataset
+from lottery.identity import run_id
 from lottery.instability import POINTS, barrier, interpolation_errors
 from lottery.models import ModelSpec, build_model
 from lottery.optim import OptimizerError, build_optimizer
@@ -41,7 +46,7 @@ from lottery.pruning.prune import (
 )
 from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
-from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
+from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows
 from lottery.seeds import member_keys
 from lottery.train import Trainer
 
@@ -239,7 +244,7 @@ def _units(cfg: RunConfig, model: ModelSpec, params) -> tuple[PrunePlan, Weights
     try:
         groups = model_groups(model, cfg.structure)
     except StructureError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"prune.structure={cfg.structure}: {error}") from None
     plan = cfg.prune_plan(tuple(group.name for group in groups))
     return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 
@@ -285,12 +290,65 @@ def describe(cfg: RunConfig) -> str:
             f"{'initial' if cfg.prune_at == 'init' else 'trained'} network; {rewind}")
 
 
+def _finite(value) -> float | None:
+    """A recorded number: None where training diverged (NaN or infinite)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def prepare_directory(out_dir: Path, store: CheckpointStore) -> str:
+    """What to do with `out_dir`: "finished" (the same run already finished), "resume" (a
+    checkpoint of the same run exists) or "start". Refuses a directory holding another run."""
+    runs = recorded_rows(out_dir / RECORD_NAME, "run")
+    if runs and run_id(runs[0]["config"]) != store.run_id:
+        raise ConfigError(f"{out_dir} holds a run of a different config (run "
+                          f"{run_id(runs[0]['config'])}, this one is {store.run_id}): choose "
+                          "another hydra.run.dir, or delete that run")
+    if runs and store.finished():
+        return "finished"
+    return "resume" if runs else "start"
+
+
+@contextmanager
+def out_of_memory_hint(cfg: RunConfig):
+    """Turn the device's out-of-memory error into one line that says what to change."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+            raise
+        devices = len(jax.devices())
+        per_device = math.ceil(cfg.stack_size / devices)
+        raise ConfigError(
+            f"out of memory training {cfg.stack_size} members ({len(members_of(cfg.branches))} "
+            f"branches x {cfg.replicates} replicates, {per_device} per device on {devices} "
+            f"{jax.devices()[0].platform} device(s)): use fewer replicates per device (e.g. "
+            f"replicates={max(1, cfg.replicates // 2)} and more seeds), fewer branches, a "
+            "smaller train.batch_size or train.eval_batch_size, or more devices") from None
+
+
 def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
-    """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`)."""
+    """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`).
+
+    The run checkpoints itself in `out_dir/checkpoints/` after every level and, within a
+    level, at the first evaluation `train.checkpoint_every` steps after the last checkpoint.
+    Run again on the same directory, it resumes from the newest good checkpoint (the record
+    cut back to that point, so no row is written twice) and gives the same numbers as an
+    uninterrupted run; a finished run is not run again."""
     out_dir = Path(out_dir)
-    if (out_dir / RECORD_NAME).exists():
-        raise ConfigError(f"{out_dir / RECORD_NAME} already exists: choose a new hydra.run.dir "
-                          "(or delete that run) so that two runs never share one record")
+    store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
+    action = prepare_directory(out_dir, store)
+    if action == "finished":
+        log(f"lottery: {out_dir} already finished (run {store.run_id}): nothing to do")
+        return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
+    checkpoint = store.latest(warn=log) if action == "resume" else None
+    if action == "resume" and checkpoint is None:
+        log(f"lottery: {out_dir} holds a run killed before its first checkpoint: starting over")
+    with out_of_memory_hint(cfg):
+        return _run(cfg, out_dir, store, checkpoint, log)
+
+
+def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log):
     setup = build(cfg)
     cfg, data, model, plan, units, weights, chunk, trainer = (
         setup.cfg, setup.data, setup.model, setup.plan, setup.units, setup.weights,
@@ -307,13 +365,23 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         log(f"lottery: warning: steps are compiled in chunks of {chunk} (the gcd of eval_every, "
             "steps and rewind.step); choose multiples of a larger number for speed")
 
-    sinks = [JsonlSink(out_dir / RECORD_NAME)]
+    keep = checkpoint.meta["record_offset"] if checkpoint else 0
+    jsonl = JsonlSink(out_dir / RECORD_NAME, keep=keep)  # cut back to the checkpoint
+    summaries = recorded_rows(out_dir / RECORD_NAME, "summary")  # the levels already done
+    sinks = [jsonl]
     if cfg.logger["name"] == "wandb":
         sinks.append(WandbSink(cfg.logger.get("project", "lottery"), cfg.name, cfg.resolved,
-                               out_dir, cfg.logger.get("init_timeout", 60)))
+                               out_dir, cfg.logger.get("init_timeout", 60), run_id=store.run_id))
     record = Record(sinks)
-    record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
-                  "prunable_weights": weights, "devices": len(jax.devices()), "chunk": chunk})
+    if checkpoint is None:
+        store.clear()
+        record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
+                      "prunable_weights": weights, "devices": len(jax.devices()),
+                      "chunk": chunk})
+    else:
+        where = (f"step {checkpoint.meta['step']} of level {checkpoint.meta['level']}"
+                 if checkpoint.meta["step"] is not None else f"level {checkpoint.meta['level']}")
+        log(f"lottery: resuming {out_dir} (run {store.run_id}) at {where}")
 
     method = Method(cfg.score, cfg.score_batch, cfg.score_rounds)
     begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer, units, method,
@@ -323,15 +391,20 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         share, pair_errors = instability_programs(model, branches, R, trainer)
     seed = np.uint32(cfg.seed)  # a Python int above 2**31 would overflow jit's int32
     rewind, full = initial(seed)
-    ticket_masks, trained, dense = full, rewind, rewind
+    entry = (rewind, full, rewind, rewind)  # a level's rewind, ticket masks, trained, dense
+    first_level, lost = 0, set()  # lost: replicates whose ticket diverged
+    if checkpoint:
+        entry = checkpoint.tree("entry", like=entry)
+        first_level, lost = checkpoint.meta["level"], set(checkpoint.meta["lost"])
     ticket_at = branches.index("ticket") * R
     names = [(b, r) for b in branches for r in range(R)]
     final_lr = np.float32(cfg.finetune_lr or trainer.optimizer.schedule(T - 1))
 
     progress = tqdm(total=T + cfg.levels * (T - k), unit="step", disable=not sys.stderr.isatty(),
                     dynamic_ncols=True)
-    summaries = []
-    for level in range(cfg.levels + 1):
+    progress.update(0 if first_level == 0 else T + (first_level - 1) * (T - k))
+    for level in range(first_level, cfg.levels + 1):
+        rewind, ticket_masks, trained, dense = entry
         source = trained if cfg.schedule == "iterative" else dense  # trained in the last level
         iterative = level and cfg.schedule == "iterative"
         ticket_masks, (params, model_state, masks, keys), alive, kept = begin(
@@ -347,10 +420,22 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         del params, model_state, masks
 
         step = 0 if level == 0 else k
+        steps, history = [], {metric: [] for metric in METRICS}
+        # the step at which each member's loss stopped being finite (-1: never)
+        diverged = np.array([step if r in lost else -1 for _, r in names])
+        elapsed = 0.0
+        within = checkpoint if checkpoint and checkpoint.meta["level"] == level else None
+        if within and within.meta["step"] is not None:  # resume inside the level
+            state = within.tree("state", like=state)
+            rewind = within.tree("rewind", like=rewind)
+            step, steps, elapsed = within.meta["step"], within.meta["steps"], within.meta["seconds"]
+            history = {metric: list(np.asarray(within.meta["history"][metric], np.float32))
+                       for metric in METRICS}
+            diverged = np.asarray(within.meta["diverged"])
+            progress.update(step - (0 if level == 0 else k))
         progress.set_description(f"level {level}/{cfg.levels} ({100 * density[ticket_at]:.1f}%)")
         started = time.perf_counter()
-        steps, history = [], {metric: [] for metric in METRICS}
-
+        saved_at = step
         chunk_losses = []  # each chunk's mean training loss since the last evaluation
 
         def evaluate(at, state):
@@ -366,14 +451,30 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
             for metric in METRICS:
                 history[metric].append(metrics[metric])
             for m, (branch, replicate) in enumerate(names):
+                if diverged[m] >= 0:
+                    continue  # a diverged member is no longer recorded
+                values = {metric: _finite(metrics[metric][m]) for metric in METRICS}
+                loss = None if train_loss is None else _finite(train_loss[m])
+                if None in values.values() or (train_loss is not None and loss is None):
+                    diverged[m] = at  # its accuracies are meaningless too (argmax of NaN)
+                    values, loss = dict.fromkeys(values), None
                 record.write({"kind": "eval", "level": level, "branch": branch,
                               "replicate": replicate, "density": float(density[m]), "step": at,
-                              **{metric: float(metrics[metric][m]) for metric in METRICS},
-                              "train_loss": None if train_loss is None else float(train_loss[m])})
+                              **values, "train_loss": loss})
 
-        evaluate(step, state)
+        def save_within_level(state):
+            store.save({"level": level, "step": step, "steps": steps, "lost": sorted(lost),
+                        "seconds": elapsed + time.perf_counter() - started,
+                        "record_offset": jsonl.offset, "diverged": diverged.tolist(),
+                        "history": {metric: np.stack(history[metric]).tolist()
+                                    for metric in METRICS}},
+                       {"entry": entry, "state": state, "rewind": rewind})
+
+        if not (within and within.meta["step"] is not None):
+            evaluate(step, state)
         while step < T:
             state, loss = trainer.train_chunk(state, keys, step, controls)
+            faults.reached("chunk")
             chunk_losses.append(loss)
             step += chunk
             progress.update(chunk)
@@ -383,7 +484,10 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
                     state = (*share(state[:3]), state[3])
             if step % cfg.eval_every == 0 or step == T:
                 evaluate(step, state)
-        seconds = time.perf_counter() - started
+                if step < T and cfg.checkpoint_every and step - saved_at >= cfg.checkpoint_every:
+                    save_within_level(state)
+                    saved_at = step
+        seconds = elapsed + time.perf_counter() - started
         if level == 0:
             save_arrays(out_dir / "rewind.npz", {"params": rewind[0], "state": rewind[1]})
         trained = ticket_of(state[:2])
@@ -399,7 +503,7 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         if "instability" in branches:
             errors = np.asarray(pair_errors(state[0], state[1]))
             for r in range(R):
-                barriers[r] = float(barrier(errors[r]))
+                barriers[r] = _finite(barrier(errors[r]))
                 record.write({"kind": "instability", "level": level, "replicate": r,
                               "density": float(density[ticket_at + r]), "rewind_step": k,
                               "barrier": barriers[r], "errors": errors[r].tolist(),
@@ -409,19 +513,33 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
         for m, (branch, replicate) in enumerate(names):
             row = {"kind": "summary", "level": level, "branch": branch, "replicate": replicate,
                    "density": float(density[m]), "seconds": seconds,
+                   "status": "diverged" if diverged[m] >= 0 else "ok",
+                   "diverged_step": int(diverged[m]) if diverged[m] >= 0 else None,
                    **{f"density_{layer}": float(alive[layer][m] / weights[layer]) for layer in layers},
                    **({f"units_{name}": int(kept[name][m]) for name in units.names}
                       if cfg.structure != "weights" else {}),
                    **({"barrier": barriers[replicate]} if branch == "instability" else {}),
-                   **{name: values[m].item() for name, values in summary.items()}}
+                   **{name: (_finite(values[m]) if values.dtype.kind == "f" else values[m].item())
+                      for name, values in summary.items()}}
+            if diverged[m] >= 0:  # no final values
+                row.update(dict.fromkeys([name for name in summary if name.startswith("final_")
+                                          and name != "final_step"]))
             record.write(row)
             summaries.append(row)
+        lost |= {r for r in range(R) if diverged[ticket_at + r] >= 0}
         log(f"level {level}: {100 * density[ticket_at]:.2f}% remaining, {seconds:.0f}s; early-stop "
             "test accuracy " + ", ".join(
-                f"{b} {100 * np.mean(summary['early_stop_test_accuracy'][i * R:(i + 1) * R]):.2f}%"
+                f"{b} {100 * np.nanmean(summary['early_stop_test_accuracy'][i * R:(i + 1) * R]):.2f}%"
                 for i, b in enumerate(branches))
-            + (f"; instability barrier {100 * np.mean(list(barriers.values())):.2f}%"
-               if barriers else ""))
+            + (f"; instability barrier {100 * np.nanmean(list(barriers.values())):.2f}%"
+               if barriers else "")
+            + (f"; {np.sum(diverged >= 0)} member(s) diverged" if np.any(diverged >= 0) else ""))
+        entry = (rewind, ticket_masks, trained, dense)
+        if level < cfg.levels:
+            store.save({"level": level + 1, "step": None, "lost": sorted(lost),
+                        "record_offset": jsonl.offset}, {"entry": entry})
+            faults.reached("level")
     progress.close()
     record.close()
+    store.finish({"levels": cfg.levels})
     return pd.DataFrame(summaries)

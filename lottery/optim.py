@@ -7,6 +7,7 @@ passed), whatever the optimizer's own step counter says. Fine-tuning instead hol
 constant rate (a traced value, so it shares the compiled program).
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,12 +59,30 @@ def build_optimizer(name: str, lr: float, *, steps_per_epoch: int, milestones=()
     """`adam` (b1, b2, eps) or `sgd` (momentum, nesterov), with optional `weight_decay` (L2,
     added to the gradient as in PyTorch and OpenLTH), step decay at `milestones` (steps or
     "<n>ep") by `gamma`, and linear `warmup`."""
+    if name not in ("adam", "sgd"):
+        raise OptimizerError(f"unknown optimizer {name!r}; choose adam or sgd")
+    base = optax.adam if name == "adam" else optax.sgd
     _number("lr", lr, positive=True)
     _number("gamma", gamma, positive=True)
-    _number("weight_decay", weight_decay)
+    if _number("weight_decay", weight_decay) < 0:
+        raise OptimizerError(f"optimizer.weight_decay={weight_decay} must be at least 0")
+    accepted = [key for key in inspect.signature(base).parameters
+                if key != "learning_rate" and not key.endswith("dtype")]
     for key, value in options.items():
-        if not isinstance(value, (int, float)):  # bools are ints: nesterov=true passes
-            raise OptimizerError(f"optimizer.{key}={value!r} must be a number or a boolean")
+        if key not in accepted:
+            raise OptimizerError(f"optimizer.{key} is not an option of optimizer {name}; its "
+                                 f"options are lr, milestones, gamma, warmup, weight_decay, "
+                                 f"{', '.join(accepted)}")
+        if key == "nesterov":
+            if not isinstance(value, bool):
+                raise OptimizerError(f"optimizer.nesterov={value!r} must be true or false")
+        elif key == "eps":
+            _number(key, value, positive=True)
+        elif key in ("momentum", "b1", "b2"):
+            if not 0 <= _number(key, value) < 1:
+                raise OptimizerError(f"optimizer.{key}={value} must be in [0, 1)")
+        elif _number(key, value) < 0:
+            raise OptimizerError(f"optimizer.{key}={value} must be at least 0")
     if isinstance(milestones, (str, int)) or milestones is None:
         raise OptimizerError(f"optimizer.milestones={milestones!r} must be a list, e.g. "
                              "[80ep,120ep]")
@@ -73,9 +92,6 @@ def build_optimizer(name: str, lr: float, *, steps_per_epoch: int, milestones=()
         warmup = to_steps(warmup, steps_per_epoch, "optimizer.warmup")
     except DurationError as error:
         raise OptimizerError(str(error)) from None
-    if name not in ("adam", "sgd"):
-        raise OptimizerError(f"unknown optimizer {name!r}; choose adam or sgd")
-    base = optax.adam if name == "adam" else optax.sgd
 
     def transform(learning_rate):
         step = base(learning_rate, **options)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lottery.identity import run_id as identity
+
 RECORD_NAME = "record.jsonl"
 INTEGER_COLUMNS = {"rewind_step", "level", "replicate", "step", "final_step", "early_stop_step"}
 
@@ -27,15 +29,25 @@ def _plain(value):
 
 
 class JsonlSink:
-    """Appends each row as one JSON line and flushes it, so a killed run loses no row."""
+    """Appends each row as one JSON line and flushes it, so a killed run loses no row.
 
-    def __init__(self, path: Path):
+    `keep` bytes of an existing record are kept and the rest cut off (a resumed run drops
+    the rows written after its checkpoint, so no row is ever recorded twice)."""
+
+    def __init__(self, path: Path, keep: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")
+        self._file.truncate(keep)
+        self._file.seek(keep)
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far: where a resumed run cuts the record."""
+        return self._file.tell()
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, default=_plain) + "\n")
+        self._file.write((json.dumps(row, default=_plain) + "\n").encode())
         self._file.flush()
 
     def close(self) -> None:
@@ -48,17 +60,21 @@ class WandbSink:
     (`summaries`: one row per level, branch and replicate; `levels`: mean and std over
     replicates per level and branch; `evaluations`) and the accuracy-vs-density plot.
 
+    Runs are named `{group}-{run_id}-{branch}-r{replicate}` and `{group}-{run_id}-summary`,
+    `run_id` being the run's identity (`lottery.identity.run_id` of its config, also the name
+    of its output directory), so that runs of a sweep never share a name.
+
     Offline unless `$WANDB_MODE` says otherwise. Any W&B failure is warned about once and
     turns the sink off; the JSONL record is unaffected.
     """
 
     def __init__(self, project: str, group: str, config: dict, directory: Path,
-                 init_timeout: float = 60.0):
+                 init_timeout: float = 60.0, run_id: str | None = None):
         self.project, self.group, self.config = project, group, config
+        self.run_id = run_id or identity(config)  # config: the resolved config
         self.directory = Path(directory)
         self.init_timeout = init_timeout
         self.runs: dict[tuple[str, int], object] = {}
-        self.rows: dict[str, list] = {"eval": [], "summary": []}
         self.failed = False
 
     def _guard(self, action, *args):
@@ -80,7 +96,7 @@ class WandbSink:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.runs[key] = wandb.init(
                 project=self.project, group=self.group, job_type=branch,
-                name=f"{self.group}-s{self.config.get('seed', 0)}-{branch}-r{replicate}",
+                name=f"{self.group}-{self.run_id}-{branch}-r{replicate}",
                 config=self.config,
                 dir=str(self.directory), mode=os.environ.get("WANDB_MODE", "offline"),
                 reinit="create_new", settings=wandb.Settings(init_timeout=self.init_timeout))
@@ -89,7 +105,6 @@ class WandbSink:
     def write(self, row: dict) -> None:
         if row.get("kind") not in ("eval", "summary"):
             return
-        self.rows[row["kind"]].append(row)
         prefix = "" if row["kind"] == "eval" else "summary/"
         values = {prefix + k: v for k, v in row.items()
                   if isinstance(v, (int, float)) and k not in ("replicate",)}
@@ -100,21 +115,23 @@ class WandbSink:
 
         from lottery.analysis.plots import plot_tickets_vs_controls
 
-        summaries = pd.DataFrame(self.rows["summary"])
+        # from the local record, which a resumed run keeps whole (this sink saw only its part)
+        record = self.directory / RECORD_NAME
+        summaries = pd.DataFrame(recorded_rows(record, "summary"))
         if summaries.empty:
             return
         plot = plot_tickets_vs_controls(summaries, self.directory / "accuracy_vs_density.png",
                                         self.group)
         run = wandb.init(
             project=self.project, group=self.group, job_type="summary",
-            name=f"{self.group}-s{self.config.get('seed', 0)}-summary", config=self.config,
+            name=f"{self.group}-{self.run_id}-summary", config=self.config,
             dir=str(self.directory), mode=os.environ.get("WANDB_MODE", "offline"),
             reinit="create_new", settings=wandb.Settings(init_timeout=self.init_timeout))
         try:
             run.log({"summaries": wandb.Table(dataframe=summaries.drop(columns="kind")),
                      "levels": wandb.Table(dataframe=summary_table(summaries)),
                      "evaluations": wandb.Table(
-                         dataframe=pd.DataFrame(self.rows["eval"]).drop(columns="kind")),
+                         dataframe=pd.DataFrame(recorded_rows(record, "eval")).drop(columns="kind")),
                      "accuracy_vs_density": wandb.Image(str(plot))})
         finally:
             run.finish()
@@ -126,6 +143,14 @@ class WandbSink:
                 run.finish()
             except Exception:
                 pass
+
+
+def recorded_rows(path: Path, kind: str) -> list[dict]:
+    """The rows of one kind in the record file `path` (none if there is no such file)."""
+    if not path.exists():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [row for row in rows if row.get("kind") == kind]
 
 
 class Record:

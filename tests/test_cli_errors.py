@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import compose_config
+from helpers import compose_config, run_config
 from lottery.config import ConfigError, validate
+from lottery.identity import run_id
 
 SMALL = ["dataset=synthetic", "dataset.train_size=600", "dataset.validation_size=100",
          "dataset.test_size=100", "train.steps=40", "train.eval_every=20",
@@ -237,10 +238,24 @@ def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_a_run_directory_holding_a_record_is_refused(main_run):
+def test_a_run_directory_holding_another_run_is_refused(main_run):
     from lottery import imp
 
     before = (main_run.dir / "record.jsonl").read_bytes()
-    with pytest.raises(ConfigError, match=r"record\.jsonl already exists: choose a new hydra\.run\.dir"):
-        imp.run(main_run.cfg, main_run.dir, log=lambda message: None)
+    other = run_config("seed=1")
+    with pytest.raises(ConfigError, match=rf"holds a run of a different config \(run "
+                       rf"{run_id(main_run.cfg.resolved)}, this one is {run_id(other.resolved)}\)"):
+        imp.run(other, main_run.dir, log=lambda message: None)
     assert (main_run.dir / "record.jsonl").read_bytes() == before  # nothing appended
+
+
+def test_a_finished_run_is_not_run_again_in_its_directory(main_run):
+    from lottery import imp
+
+    before = (main_run.dir / "record.jsonl").read_bytes()
+    logs = []
+    returned = imp.run(main_run.cfg, main_run.dir, log=logs.append)
+    assert logs == [f"lottery: {main_run.dir} already finished (run "
+                    f"{run_id(main_run.cfg.resolved)}): nothing to do"]
+    assert returned.equals(main_run.summaries)
+    assert (main_run.dir / "record.jsonl").read_bytes() == before

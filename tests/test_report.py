@@ -110,14 +110,17 @@ def test_results_api_has_the_override_columns(sweep):
     assert {"dataset", "train.steps", "prune.levels"} <= set(results.overrides(summaries))
     assert sorted(summaries["rewind.step"].unique()) == [0, 20]  # numbers, not strings
     assert summaries["train.steps"].eq(40).all() and summaries["dataset"].eq("synthetic").all()
-    assert sorted(summaries["run"].unique()) == ["0", "1"]
+    runs = sorted(summaries["run"].unique())  # each job's directory: its run id
+    assert runs == sorted(file.parent.name for file in sweep.glob("*/record.jsonl"))
+    assert len(runs) == 2
     table = results.early_stop(summaries)
     assert list(table.columns[:4]) == ["rewind.step", "level", "branch", "density"]
     assert len(table) == 18 and table["early_stop_test_accuracy_count"].eq(2).all()
     assert (table["early_stop_test_accuracy_min"] <= table["early_stop_test_accuracy_mean"]).all()
-    both = results.load([sweep / "0", sweep / "1"], kind="summary")
+    both = results.load([sweep / run for run in runs], kind="summary")
     assert len(both) == len(summaries) and results.swept(both) == ["rewind.step"]
-    single = results.load(sweep / "1", kind="eval")
+    late = summaries.loc[summaries["rewind.step"] == 20, "run"].iloc[0]
+    single = results.load(sweep / late, kind="eval")
     assert set(single["run"]) == {"."} and single["rewind.step"].eq(20).all()
     curves = results.curves(single)
     assert {"level", "branch", "step", "test_accuracy_mean"} <= set(curves.columns)

@@ -1,7 +1,7 @@
 """`lottery report DIR`: the standard plots and a Markdown summary of a run or a sweep.
 
-    lottery report outputs/lenet_mnist/2026-11-28_12-00-00        # one run
-    lottery report multirun/default/2026-11-28_12-00-00           # a Hydra -m sweep
+    lottery report outputs/lenet_mnist/5c0ffee123                 # one run
+    lottery report multirun/default                               # Hydra -m sweeps' runs
 
 Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, per level and
 branch: early-stop test accuracy and step, mean ± std over replicates, and the count),

@@ -1,7 +1,7 @@
 """Results of one run, a Hydra sweep, or several of either, as one tidy pandas DataFrame.
 
     from lottery.analysis import results
-    summaries = results.load("multirun/default/2026-11-28_12-00-00", kind="summary")
+    summaries = results.load("multirun/default", kind="summary")
     results.swept(summaries)            # ["rewind.step"]: the overrides that vary
     results.early_stop(summaries)       # early-stop step and test accuracy, mean/std/min/max/count
                                         # over replicates per (rewind.step, level, branch)
@@ -32,13 +32,14 @@ class ResultsError(ValueError):
 
 
 def _natural(path: Path) -> list:
-    """Sort key that puts sweep job 10 after job 9 (Hydra names jobs 0, 1, ..., 10)."""
-    return [int(part) if part.isdigit() else part for part in path.parts]
+    """Sort key that puts sweep job 10 after job 9 (numbered job directories, 0, 1, ..., 10)
+    and never compares a number with a name (run ids are hex: some are all digits)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
 
 
 def run_dirs(path) -> list[Path]:
     """Every directory at or under `path` that holds a `record.jsonl`: the run itself, or
-    the jobs of a Hydra multirun sweep, in job order."""
+    the jobs of a Hydra multirun sweep (named by run id; numbered ones in job order)."""
     path = Path(path)
     if path.is_file():
         return [path.parent]

@@ -15,6 +15,7 @@ A registered model is an `nnx.Module` class with
     structured pruning may remove (`lottery.models.structure`), kept in `ModelSpec.groups`.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,14 +82,21 @@ def build_model(name: str, input_shape, num_classes: int, **options) -> ModelSpe
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     cls = MODELS[name]
+    accepted = [key for key, parameter in inspect.signature(cls.__init__).parameters.items()
+                if parameter.kind == parameter.KEYWORD_ONLY and key != "rngs"]
+    for key in options:
+        if key not in accepted:
+            takes = f"its options are {', '.join(accepted)}" if accepted else "it takes none"
+            raise ModelError(f"model.{key} is not an option of model {name} (drop it with "
+                             f"~model.{key}); {takes}")
 
     def make(key):
         return cls(tuple(input_shape), num_classes, rngs=nnx.Rngs(key), **options)
 
     try:
         abstract = nnx.eval_shape(lambda: make(jax.random.key(0)))
-    except (TypeError, ValueError, ArithmeticError) as error:
-        raise ModelError(f"model {name}: {error}") from None
+    except (TypeError, ValueError, ArithmeticError) as error:  # a bad option, or inputs it
+        raise ModelError(f"model {name}: {error}") from None  # cannot take (the messages say)
 
     def init(key):
         _, params, state = nnx.split(make(key), nnx.Param, ...)

@@ -31,16 +31,19 @@ class ConvNet(nnx.Module):
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, dropout: float = 0.0):
         if len(input_shape) != 3:
-            raise ValueError(f"input_shape={tuple(input_shape)} must be (height, width, channels)")
+            raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are not "
+                             "images (height, width, channels): use an MLP "
+                             "(model=lenet_300_100 or mnist1d_mlp)")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout={dropout!r} must be a number in [0, 1)")
+            raise TypeError(f"model.dropout={dropout!r} must be a number in [0, 1)")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+            raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
         height, width, channels = input_shape
         pools = len(self.filters) // 2
         height, width = height // 2**pools, width // 2**pools
         if height < 1 or width < 1:
-            raise ValueError(f"input_shape={tuple(input_shape)} is too small for {pools} pools")
+            raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are too small "
+                             f"for its {pools} 2x2 max pools: use larger images or a smaller model")
         sizes = (channels, *self.filters)
         self.convs = nnx.List([
             Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=glorot_normal, rngs=rngs)

@@ -16,8 +16,11 @@ class LeNet300100(nnx.Module):
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs,
                  hidden: tuple[int, ...] = (300, 100)):
-        if len(hidden) != 2:
-            raise ValueError(f"hidden={list(hidden)} must give the two hidden layers' widths")
+        if (isinstance(hidden, str) or not isinstance(hidden, (list, tuple)) or len(hidden) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in hidden)):
+            raise ValueError(f"model.hidden={hidden!r} must be the two hidden layers' widths, "
+                             "positive integers, e.g. [300,100]")
         inputs = math.prod(input_shape)
         self.fc1 = nnx.Linear(inputs, hidden[0], kernel_init=glorot_normal, rngs=rngs)
         self.fc2 = nnx.Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)

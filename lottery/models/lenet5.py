@@ -27,13 +27,17 @@ def _pooled(size: int, kernel: int, input_shape) -> int:
     """Spatial size after a VALID `kernel` conv and a 2x2 max pool; errors if nothing is left."""
     size = (size - kernel + 1) // 2
     if size < 1:
-        raise ValueError(f"input_shape={tuple(input_shape)} is too small for this network")
+        raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are too small "
+                         "for its 5x5 convs and 2x2 max pools: use larger images or a smaller "
+                         "model")
     return size
 
 
 def _image(input_shape) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise ValueError(f"input_shape={tuple(input_shape)} must be (height, width, channels)")
+        raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are not "
+                         "images (height, width, channels): use an MLP "
+                         "(model=lenet_300_100 or mnist1d_mlp)")
     return tuple(input_shape)
 
 

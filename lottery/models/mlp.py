@@ -38,11 +38,11 @@ class MNIST1DMLP(nnx.Module):
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, hidden: int = 100,
                  residual: bool = True):
         if isinstance(hidden, bool) or not isinstance(hidden, int):
-            raise TypeError(f"hidden={hidden!r} must be a positive integer")
+            raise TypeError(f"model.hidden={hidden!r} must be a positive integer")
         if hidden < 1:
-            raise ValueError(f"hidden={hidden} must be a positive integer")
+            raise ValueError(f"model.hidden={hidden} must be a positive integer")
         if not isinstance(residual, bool):
-            raise TypeError(f"residual={residual!r} must be true or false")
+            raise TypeError(f"model.residual={residual!r} must be true or false")
         self.residual = residual
         self.fc1 = _linear(math.prod(input_shape), hidden, rngs)
         self.fc2 = _linear(hidden, hidden, rngs)

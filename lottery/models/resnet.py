@@ -65,11 +65,13 @@ class ResNet(nnx.Module):
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, width: int = 1):
         if len(input_shape) != 3:
-            raise ValueError(f"input_shape={tuple(input_shape)} must be (height, width, channels)")
+            raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are not "
+                             "images (height, width, channels): use an MLP "
+                             "(model=lenet_300_100 or mnist1d_mlp)")
         if isinstance(width, bool) or not isinstance(width, int):
-            raise TypeError(f"width={width!r} must be a positive integer")
+            raise TypeError(f"model.width={width!r} must be a positive integer")
         if width < 1:
-            raise ValueError(f"width={width} must be a positive integer")
+            raise ValueError(f"model.width={width} must be a positive integer")
         blocks = (self.depth - 2) // 6
         filters = [16 * width, 32 * width, 64 * width]
         self.conv = _conv(input_shape[2], filters[0], 3, 1, rngs)

@@ -44,10 +44,13 @@ class VGG(nnx.Module):
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs):
         if len(input_shape) != 3:
-            raise ValueError(f"input_shape={tuple(input_shape)} must be (height, width, channels)")
+            raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are not "
+                             "images (height, width, channels): use an MLP "
+                             "(model=lenet_300_100 or mnist1d_mlp)")
         pools = self.plan.count("M")
         if min(input_shape[:2]) < 2**pools:
-            raise ValueError(f"input_shape={tuple(input_shape)} is too small for {pools} pools")
+            raise ValueError(f"its inputs (input_shape={tuple(input_shape)}) are too small "
+                             f"for its {pools} 2x2 max pools: use larger images or a smaller model")
         layers, channels = [], input_shape[2]
         for spec in self.plan:
             if spec != "M":

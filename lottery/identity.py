@@ -1,0 +1,55 @@
+"""A run's identity: a short hash of its resolved config, so that the same config always
+lands in the same output directory (and W&B name), and a repeated command or sweep finds
+its finished runs instead of redoing them.
+
+    run_id(cfg)            # a composed DictConfig (with or without the `hydra` node) or the
+                           # resolved dict (`RunConfig.resolved`): the same 10 hex digits
+    ${lottery_id:}         # the same id inside a Hydra config (conf/config.yaml: run.dir,
+                           # sweep.subdir); registered when this module is imported
+
+The hash covers everything that can change a run's results; it leaves out the `hydra` node
+(output paths, launcher, sweeper: where and how a run is launched, not what it computes) and
+`logger` (whether rows are mirrored to W&B). Keys are sorted, so the order in which
+overrides were given does not matter; a value's spelling does (`train.steps=1000` and
+`train.steps=1000ep` are different configs even where they mean the same number of steps).
+"""
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+RESOLVER = "lottery_id"
+IGNORED = ("hydra", "logger")  # top-level keys that cannot change a run's results
+LENGTH = 10  # hex digits: 40 bits, no collision in any realistic number of runs
+
+
+def _resolved(config) -> dict:
+    """The config as a plain dict, resolved, without the `hydra` node. The node is dropped
+    before resolving: its run/sweep dirs interpolate `${lottery_id:}` themselves."""
+    if isinstance(config, DictConfig):
+        raw = OmegaConf.to_container(config, resolve=False)
+        raw.pop("hydra", None)
+        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    return dict(config)
+
+
+def run_id(config) -> str:
+    """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`."""
+    content = {k: v for k, v in _resolved(config).items() if k not in IGNORED}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]
+
+
+def _lottery_id(*, _root_: DictConfig) -> str:
+    # Hydra resolves hydra.run.dir (a single run) and hydra.sweep.subdir (each sweep job, in
+    # the launcher's worker process) with `_root_` = the whole config of that job, `hydra`
+    # node included; run_id drops the node, so both give the id of the task config alone.
+    return run_id(_root_)
+
+
+if not OmegaConf.has_resolver(RESOLVER):
+    # Launchers (joblib, submitit) carry registered resolvers to their workers in Hydra's
+    # singleton state, pickling this function by reference (the worker imports this module).
+    OmegaConf.register_new_resolver(RESOLVER, _lottery_id, use_cache=False)

@@ -1,0 +1,116 @@
+"""Failures inside a run: a member whose loss becomes NaN stops with a recorded `diverged`
+status while the others go on unchanged; out of memory is one line saying what to change.
+(W&B failures: tests/test_wandb.py; killed runs: tests/test_resume.py.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from lottery import imp
+from lottery.config import ConfigError
+from lottery.record import load
+from lottery.train import Trainer
+
+# TINY: 6 members (ticket, reinit, random_prune) x 2 replicates, chunks of 20 steps, 2 calls
+# per level. After the 3rd call (level 1, step 20) ticket replicate 0 and reinit replicate 1
+# get NaN weights.
+POISON_AFTER_CALL, POISONED = 3, (("ticket", 0), ("reinit", 1))
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory):
+    calls = []
+    original = Trainer.train_chunk
+    members = [(b, r) for b in helpers.BRANCHES for r in range(2)]
+    index = jnp.array([members.index(m) for m in POISONED])
+
+    def train_chunk(self, state, keys, start_step, controls=None):
+        state, loss = original(self, state, keys, start_step, controls)
+        calls.append(start_step)
+        if len(calls) == POISON_AFTER_CALL:
+            params = jax.tree.map(lambda x: x.at[index].set(jnp.nan), state[0])
+            state = (params, *state[1:])
+        return state, loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_chunk", train_chunk)
+        out = tmp_path_factory.mktemp("poisoned") / "run"
+        returned = imp.run(helpers.run_config(), out, log=lambda line: None)
+    return out, returned
+
+
+def test_diverged_members_are_recorded_as_such(poisoned_run):
+    summaries = load(poisoned_run[0], kind="summary").set_index(["level", "branch", "replicate"])
+    level1 = summaries.loc[1]
+    for member in POISONED:
+        assert level1.loc[member, "status"] == "diverged"
+        assert level1.loc[member, "diverged_step"] == 20
+        assert np.isnan(level1.loc[member, "final_test_accuracy"])
+        assert level1.loc[member, "early_stop_step"] == 0  # the last finite evaluation
+    others = [m for m in level1.index if m not in POISONED]
+    assert (level1.loc[others, "status"] == "ok").all()
+    assert (summaries.loc[(0, slice(None), slice(None)), "status"] == "ok").all()
+
+
+def test_a_diverged_member_stops_being_recorded(poisoned_run):
+    evals = load(poisoned_run[0], kind="eval")
+    for branch, replicate in POISONED:
+        rows = evals[(evals.level == 1) & (evals.branch == branch) & (evals.replicate == replicate)]
+        assert rows["step"].tolist() == [0, 20]  # the evaluation that found it, then nothing
+        assert rows["val_loss"].isna().tolist() == [False, True]
+
+
+def test_a_diverged_ticket_ends_its_replicate(poisoned_run):
+    """Level 2 would prune replicate 0's NaN ticket: all its members are diverged from the
+    start, unrecorded; replicate 1 goes on."""
+    out, _ = poisoned_run
+    summaries = load(out, kind="summary")
+    level2 = summaries[summaries.level == 2]
+    assert (level2[level2.replicate == 0]["status"] == "diverged").all()
+    assert (level2[level2.replicate == 1]["status"] == "ok").all()
+    evals = load(out, kind="eval")
+    assert not len(evals[(evals.level == 2) & (evals.replicate == 0)])
+
+
+def test_the_other_members_are_unchanged(poisoned_run, main_run):
+    """Members never interact: every healthy member's rows equal the clean run's."""
+    poisoned, clean = (load(d, kind="eval").set_index(["level", "branch", "replicate", "step"])
+                       for d in (poisoned_run[0], main_run.dir))
+    lost = {(1, b, r) for b, r in POISONED} | {(2, b, 0) for b in helpers.BRANCHES}
+    healthy = [i for i in clean.index if i[:3] not in lost]
+    assert healthy == [i for i in poisoned.index if i[:3] not in lost]
+    before = [(1, b, r, 0) for b, r in POISONED]  # the poisoned members before the poison
+    columns = list(helpers.METRICS) + ["density"]
+    rows = healthy + before
+    assert poisoned.loc[rows, columns].equals(clean.loc[rows, columns])
+
+
+def test_run_returns_every_summary_with_its_status(poisoned_run):
+    _, returned = poisoned_run
+    assert len(returned) == 3 * 6
+    assert (returned["status"] == "diverged").sum() == 2 + 3
+
+
+def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 bytes.")
+
+    monkeypatch.setattr(Trainer, "train_chunk", out_of_memory)
+    with pytest.raises(ConfigError) as error:
+        imp.run(helpers.run_config(), tmp_path / "run", log=lambda line: None)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("out of memory training 6 members (3 branches x 2 replicates, "
+                              "3 per device on 2 cpu device(s)): use fewer replicates per device")
+
+
+def test_other_runtime_errors_are_not_disguised(tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(Trainer, "train_chunk", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        imp.run(helpers.run_config(), tmp_path / "run", log=lambda line: None)
