@@ -130,6 +130,11 @@ def main() -> None:
         from lottery.analysis.report import main as report
 
         sys.exit(report(sys.argv[2:]))
+    if sys.argv[1:2] == ["lm"]:  # the transformer prune-to-budget app (its own Hydra config)
+        from lottery.lm.cli import main as lm
+
+        lm(sys.argv[2:])
+        return
     check_overrides(sys.argv[1:])
     hydra_main()
 

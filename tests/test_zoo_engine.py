@@ -60,7 +60,9 @@ from lottery.optim import build_optimizer, learning_rate_schedule
 from lottery.train import Trainer
 
 CONF = Path(lottery.cli.CONF_DIR)
-PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
+# transformer presets (a top-level `task: lm`) are `lottery lm`'s: tests/test_lm_budget.py
+PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml")
+                 if "\ntask: lm" not in "\n" + path.read_text())
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
           "mnist1d": (40,)}  # the real input shape of each file dataset
 SYNTHETIC_OPTIONS = set(inspect.signature(load_synthetic).parameters)

@@ -7,4 +7,11 @@
   compact.py   removal requests checked (`check_masks`) and compacted into a smaller model
   quantize.py  post-training int8 weights with per-output-channel scales
   measure.py   measured forward throughput (tokens per second)
+  scores.py    head / FFN-unit / layer importance: weight norm, Taylor, Wanda
+  prune.py     one pruning round: the lowest-scoring structures removed, checked
+  train.py     the LM and knowledge-distillation objectives, compiled training chunks
+  budget.py    the prune / fine-tune / evaluate loop until the deployment budget is met
+  baselines.py same-size dense model from scratch, and the rewound ticket
+  config.py    the validated `lottery lm` config
+  cli.py       `lottery lm ...` (Hydra app, conf/lm.yaml)
 """

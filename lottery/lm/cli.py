@@ -1,0 +1,112 @@
+"""`lottery lm key=value ...`: the transformer prune-to-budget run (conf/lm.yaml), a Hydra app
+of its own, dispatched by `lottery.cli.main` before the IMP app parses anything.
+
+    lottery lm experiment=lm_tiny
+    lottery lm experiment=transformer_budget prune.score=wanda budget.params_fraction=0.3
+
+A bad request (unknown key or name, a budget the model already meets or cannot reach, a
+removal the model cannot take, a bad fraction) stops before training: one line on stderr,
+exit status 2. At the end, a table of every summary row.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
+from lottery.lm.config import LMConfigError, validate
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONFIG_NAME = "lm"
+
+
+def fail(message: str) -> None:
+    print(f"lottery lm: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The composed `lm` config (tests and the pre-check use it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(CONFIG_NAME, overrides=list(overrides))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose and validate before Hydra starts a job, so that a bad override or value is
+    one line and exit 2 (sweeps and Hydra's own flags are left to Hydra and the job)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        cfg = compose(args)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        text = str(error).split("Config search path:")[0]
+        lines = [line.strip().rstrip(".") for line in text.splitlines()
+                 if line.strip() and not line.startswith("See https")]
+        if len(lines) > 1 and lines[1].startswith("Available options"):
+            lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
+        fail("; ".join(lines) or type(error).__name__)
+    try:
+        validate(cfg)
+    except LMConfigError as error:
+        fail(str(error))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CONFIG_NAME)
+def hydra_main(cfg: DictConfig) -> None:
+    from lottery.lm import budget
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    try:
+        run_cfg = validate(cfg)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        summaries = budget.run(run_cfg, out_dir)
+    except LMConfigError as error:
+        fail(str(error))
+    print_table(summaries)
+
+
+def print_table(summaries) -> None:
+    """Every summary row: size, speed, test bits per byte, and the int8 model's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title="transformer pruned to budget (test split; int8 = quantized)")
+    columns = ("round", "branch", "params", "% dense", "bytes", "tokens/s", "bits/byte",
+               "accuracy", "int8 bits/byte", "int8 bytes", "int8 tokens/s")
+    for column in columns:
+        view.add_column(column, justify="left" if column == "branch" else "right")
+
+    def cell(row, key, form):
+        value = row.get(key)
+        return "" if value is None or value != value else format(value, form)
+
+    for row in summaries.to_dict("records"):
+        view.add_row(str(row["level"]), row["branch"], cell(row, "params", ",.0f"),
+                     cell(row, "density", ".1%"), cell(row, "bytes", ",.0f"),
+                     cell(row, "tokens_per_second", ",.0f"), cell(row, "bits_per_byte", ".3f"),
+                     cell(row, "test_accuracy", ".1%"),
+                     cell(row, "quantized_bits_per_byte", ".3f"),
+                     cell(row, "quantized_bytes", ",.0f"),
+                     cell(row, "quantized_tokens_per_second", ",.0f"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file: no terminal to wrap to
+    console.print(view)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`argv`: the arguments after `lm`."""
+    argv = sys.argv[2:] if argv is None else list(argv)
+    check_overrides(argv)
+    sys.argv = ["lottery lm", *argv]
+    hydra_main()

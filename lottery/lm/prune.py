@@ -1,0 +1,84 @@
+"""One round of structured pruning: the lowest-scored heads, FFN units or layers gated off.
+
+`remove_lowest(scores, masks, structures, fraction)` returns new 0/1 masks (NumPy, the
+`gpt.full_masks` layout) with, for each kind in `structures`, `fraction` of that kind's
+surviving units removed (rounded, at least one), lowest score first, ranked across all
+layers. Layers go first (at least one layer always stays); heads and FFN units are then
+chosen among the surviving layers, and a layer always keeps at least one head and one FFN
+unit (a layer goes only through its layer gate), so the result always passes
+`compact.check_masks`. `request_masks` turns an explicit removal request (the config's
+`prune.remove`) into masks for `check_masks` to judge.
+"""
+
+import numpy as np
+
+from lottery.lm import gpt
+
+STRUCTURES = ("heads", "ffn", "layers")
+
+
+def _copy(masks) -> dict:
+    return {"heads": [np.array(m, np.float32) for m in masks["heads"]],
+            "ffn": [np.array(m, np.float32) for m in masks["ffn"]],
+            "layers": np.array(masks["layers"], np.float32)}
+
+
+def _count(fraction: float, alive: int) -> int:
+    return max(1, int(round(fraction * alive))) if alive else 0
+
+
+def remove_lowest(scores: dict, masks, structures, fraction: float) -> dict:
+    """New masks with the lowest-scored `fraction` of each kind's surviving units removed
+    (see the module docstring); the same masks if nothing can be removed."""
+    masks = _copy(masks)
+    if "layers" in structures:
+        alive = np.flatnonzero(masks["layers"])
+        n = min(_count(fraction, alive.size), alive.size - 1)
+        for layer in alive[np.argsort(np.asarray(scores["layers"])[alive], kind="stable")][:n]:
+            masks["layers"][layer] = 0
+    live_layers = np.flatnonzero(masks["layers"])
+    for kind in ("heads", "ffn"):
+        if kind not in structures:
+            continue
+        candidates = [(float(scores[kind][layer][unit]), int(layer), int(unit))
+                      for layer in live_layers for unit in np.flatnonzero(masks[kind][layer])]
+        left = {int(layer): int(np.count_nonzero(masks[kind][layer])) for layer in live_layers}
+        n = _count(fraction, len(candidates))
+        for _, layer, unit in sorted(candidates):
+            if n == 0:
+                break
+            if left[layer] > 1:
+                masks[kind][layer][unit] = 0
+                left[layer] -= 1
+                n -= 1
+    return masks
+
+
+def request_masks(config: gpt.GPTConfig, remove) -> dict:
+    """Masks for an explicit request {"heads": {layer: [units]}, "ffn": {layer: [units]},
+    "layers": [layers]} (any part may be missing); out-of-range indices are
+    `PruneRequestError`s, a sublayer or model emptied is left for `check_masks` to refuse."""
+    masks = _copy(gpt.full_masks(config))
+    remove = dict(remove or {})
+    unknown = set(remove) - set(STRUCTURES)
+    if unknown:
+        raise gpt.PruneRequestError(f"prune.remove has unknown kind(s) {sorted(unknown)}; use "
+                                    f"{', '.join(STRUCTURES)}")
+    for layer in remove.get("layers") or []:
+        if not (isinstance(layer, int) and 0 <= layer < config.layers):
+            raise gpt.PruneRequestError(f"prune.remove.layers: {layer!r} is not a layer of the "
+                                        f"model (0..{config.layers - 1})")
+        masks["layers"][layer] = 0
+    for kind, sizes in (("heads", config.heads), ("ffn", config.ffn)):
+        for layer, units in dict(remove.get(kind) or {}).items():
+            layer = int(layer)
+            if not 0 <= layer < config.layers:
+                raise gpt.PruneRequestError(f"prune.remove.{kind}: layer {layer} is not a "
+                                            f"layer of the model (0..{config.layers - 1})")
+            for unit in units:
+                if not (isinstance(unit, int) and 0 <= unit < sizes[layer]):
+                    raise gpt.PruneRequestError(
+                        f"prune.remove.{kind}[{layer}]: {unit!r} is not one of layer "
+                        f"{layer}'s {sizes[layer]} units (0..{sizes[layer] - 1})")
+                masks[kind][layer][unit] = 0
+    return masks

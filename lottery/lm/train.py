@@ -1,0 +1,120 @@
+"""Training and evaluation of the transformer: the LM loss, knowledge distillation, Adam
+steps compiled as `lax.scan` chunks, and next-byte loss / accuracy on fixed windows.
+
+Distillation (Hinton et al. 2015): `kd_loss` = T^2 * KL(teacher || student) of the
+temperature-T softmaxes, mean over tokens; the training objective is
+`alpha * kd_loss + (1 - alpha) * LM loss` (alpha = 0: plain fine-tuning). The T^2 keeps the
+soft term's gradient scale independent of T. The teacher is the dense trained model, run
+forward inside the same compiled step (its params are an argument, not a constant).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lottery.lm import corpus, gpt
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float = 1.0):
+    """T^2 * mean over tokens of KL(softmax(teacher / T) || softmax(student / T)), in nats.
+    Exactly 0 when the logits are equal (the same log-softmax on both sides)."""
+    teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    return temperature ** 2 * kl.mean()
+
+
+def objective(config, params, x, y, masks=None, teacher_logits=None, alpha: float = 0.0,
+              temperature: float = 1.0):
+    """LM cross entropy, mixed with the distillation loss by `alpha` when a teacher is given."""
+    logits = gpt.apply(config, params, x, masks)
+    lm = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if teacher_logits is None:
+        return lm
+    return alpha * kd_loss(logits, teacher_logits, temperature) + (1 - alpha) * lm
+
+
+def optimizer(lr: float, steps: int, warmup: int = 0, decay: bool = True,
+              clip: float = 1.0) -> optax.GradientTransformation:
+    """Adam with gradient-norm clipping; linear warmup over `warmup` steps, then cosine decay
+    to 10% of `lr` over the rest (`decay`), or constant."""
+    warmup = min(warmup, max(steps - 1, 0))
+    if decay and steps > warmup:
+        schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                                      steps, lr * 0.1)
+    elif warmup:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                         optax.constant_schedule(lr)], [warmup])
+    else:
+        schedule = lr
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
+
+
+class Trainer:
+    """Trains one model: `run(params, opt_state, masks, key, start, count)` does `count` Adam
+    steps (random windows of the on-device byte array) of the model gated by `masks`,
+    compiled once per chunk length (masks are traced: new masks never recompile). Gated-off
+    units get zero gradients, so from a fresh Adam state they do not move."""
+
+    def __init__(self, config: gpt.GPTConfig, tx: optax.GradientTransformation, data,
+                 batch: int, teacher=None, alpha: float = 0.0, temperature: float = 1.0):
+        self.config, self.tx, self.data, self.batch = config, tx, data, batch
+        self.teacher = teacher  # (teacher config, teacher params) or None
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self._chunk = jax.jit(self._steps, static_argnums=6)
+
+    def init(self, params):
+        return self.tx.init(params)
+
+    def _steps(self, params, opt_state, masks, teacher_params, key, start, count):
+        config, context = self.config, self.config.context
+
+        def step(carry, i):
+            params, opt_state = carry
+            x, y = corpus.sample_batch(self.data, jax.random.fold_in(key, start + i),
+                                       self.batch, context)
+            teacher_logits = None
+            if self.teacher is not None:
+                teacher_logits = jax.lax.stop_gradient(
+                    gpt.apply(self.teacher[0], teacher_params, x))
+            value, grads = jax.value_and_grad(
+                lambda p: objective(config, p, x, y, masks, teacher_logits, self.alpha,
+                                    self.temperature))(params)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                                   jnp.arange(count))
+        return params, opt_state, losses.mean()
+
+    def run(self, params, opt_state, masks, key, start: int, count: int):
+        """(params, opt_state, mean training loss) after `count` more steps from step
+        `start` (the step index feeds the data key, so a chunking never changes the data)."""
+        teacher_params = self.teacher[1] if self.teacher is not None else None
+        masks = gpt.full_masks(self.config) if masks is None else masks
+        return self._chunk(params, opt_state, masks, teacher_params, key, start, count)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "batch_size"))
+def evaluate(config: gpt.GPTConfig, params, inputs, targets, masks=None,
+             batch_size: int = 64):
+    """(mean cross entropy in nats, next-byte accuracy) over fixed windows (N, T), in
+    batches of `batch_size` under `lax.map` (the padded last batch weighted out)."""
+    n = inputs.shape[0]
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    weight = jnp.pad(jnp.ones((n,), jnp.float32), (0, pad)).reshape(batches, batch_size)
+    inputs, targets = (jnp.pad(a, ((0, pad), (0, 0))).reshape(batches, batch_size, -1)
+                       for a in (inputs, targets))
+
+    def one(batch):
+        x, y, w = batch
+        logits = gpt.apply(config, params, x, masks)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
+        hits = (logits.argmax(-1) == y).mean(axis=1)
+        return (nll * w).sum(), (hits * w).sum()
+
+    nll, hits = jax.lax.map(one, (inputs, targets, weight))
+    return nll.sum() / n, hits.sum() / n

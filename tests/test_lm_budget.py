@@ -1,0 +1,301 @@
+"""The transformer prune-to-budget workflow (issue 7): distillation, structure scores against
+hand computations, one pruning round's choices, the budget loop (stops at the first round
+under budget) with its record, controls and int8 results, and one clear error line for each
+bad `lottery lm` request (in process and through `python -m lottery.cli lm`).
+
+Tiny models only; the end-to-end run is the `lm_tiny` preset, shortened further.
+"""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lottery.lm import baselines, budget, compact, gpt, prune, scores, train
+from lottery.lm import cli as lm_cli
+from lottery.lm.config import LMConfigError, validate
+from lottery.record import load, summary_table
+
+CONFIG = gpt.GPTConfig(vocab=256, context=8, d_model=8, head_dim=4, heads=(2, 3), ffn=(6, 5))
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random weights (normal(0, 0.3), LayerNorm scales near 1) so every unit matters."""
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: gpt.init(CONFIG, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray((path[-1].key == "scale") + 0.3 * rng.standard_normal(
+            x.shape), jnp.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    rng = np.random.default_rng(1)
+    return [(jnp.asarray(rng.integers(0, 256, (3, 8))), jnp.asarray(rng.integers(0, 256, (3, 8))))
+            for _ in range(2)]
+
+
+def test_kd_loss_is_zero_for_the_teacher_and_the_scaled_kl_otherwise():
+    rng = np.random.default_rng(2)
+    teacher = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+    for temperature in (1.0, 2.5):
+        assert float(train.kd_loss(teacher, teacher, temperature)) == 0.0
+    student = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+    t = 2.0
+    p = np.exp(np.asarray(teacher, np.float64) / t)
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(np.asarray(student, np.float64) / t)
+    q /= q.sum(-1, keepdims=True)
+    expected = t ** 2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+    assert float(train.kd_loss(student, teacher, t)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_objective_mixes_distillation_and_the_lm_loss(params, batches):
+    x, y = batches[0]
+    objective = jax.jit(train.objective, static_argnums=0)  # one program: a teacher given
+    logits = jax.jit(gpt.apply, static_argnums=0)(CONFIG, params, x)
+    lm = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    assert float(objective(CONFIG, params, x, y, None, logits, 1.0, 2.0)) == pytest.approx(
+        0.0, abs=1e-6)  # student = teacher: only float rounding between two programs
+    assert float(objective(CONFIG, params, x, y, None, logits, 0.0, 2.0)) == pytest.approx(
+        lm, rel=1e-5)
+    other = logits + jnp.asarray(np.random.default_rng(3).standard_normal(logits.shape))
+    mixed = float(objective(CONFIG, params, x, y, None, other, 0.25, 2.0))
+    assert mixed == pytest.approx(0.75 * lm + 0.25 * float(train.kd_loss(logits, other, 2.0)),
+                                  rel=1e-4)
+
+
+def test_weight_scores_by_hand(params):
+    got = scores.scores("weight", CONFIG, params)
+    for layer in range(CONFIG.layers):
+        a = jax.tree.map(np.asarray, params["blocks"][layer]["attn"])
+        for h in range(CONFIG.heads[layer]):
+            parts = [a["wq"][:, h], a["wk"][:, h], a["wv"][:, h], a["bq"][h], a["bk"][h],
+                     a["bv"][h], a["wo"][h]]
+            expected = np.sqrt(sum((w.astype(np.float64) ** 2).sum() for w in parts))
+            assert got["heads"][layer][h] == pytest.approx(expected, rel=1e-5)
+        m = jax.tree.map(np.asarray, params["blocks"][layer]["mlp"])
+        for f in range(CONFIG.ffn[layer]):
+            expected = np.sqrt((m["w1"][:, f] ** 2).sum() + m["b1"][f] ** 2
+                               + (m["w2"][f] ** 2).sum())
+            assert got["ffn"][layer][f] == pytest.approx(expected, rel=1e-5)
+        assert got["layers"][layer] == pytest.approx(np.sqrt(
+            (got["heads"][layer] ** 2).sum() + (got["ffn"][layer] ** 2).sum()))
+
+
+def test_taylor_scores_are_per_example_gate_gradients(params, batches):
+    """Mean over examples of |d loss(example) / d gate|, each example's gradient taken on
+    its own with plain per-unit gates (another path than the per-sequence gates)."""
+    masks = jax.tree.map(np.array, gpt.full_masks(CONFIG))
+    masks["heads"][1][2] = 0.0  # a removed head: scores are of the masked model
+    got = scores.scores("taylor", CONFIG, params, masks, batches)
+    grad = jax.jit(jax.grad(lambda m, x, y: gpt.loss(CONFIG, params, x, y, m)))
+    total, n = None, 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            g = jax.tree.map(lambda v: np.abs(np.asarray(v, np.float64)),
+                             grad(masks, x[i:i + 1], y[i:i + 1]))
+            total = g if total is None else jax.tree.map(np.add, total, g)
+            n += 1
+    for kind in ("heads", "ffn"):
+        for layer in range(CONFIG.layers):
+            np.testing.assert_allclose(got[kind][layer], total[kind][layer] / n, rtol=2e-4,
+                                       atol=1e-7)
+    np.testing.assert_allclose(got["layers"], total["layers"] / n, rtol=2e-4)
+    assert got["heads"][0].min() > 0
+
+
+def test_wanda_scores_by_hand(params, batches):
+    got = scores.scores("wanda", CONFIG, params, None, batches)
+    capture = jax.jit(lambda x: gpt.apply(CONFIG, params, x, capture=True)[1])
+    acts = [capture(x) for x, _ in batches]
+
+    def norms(key, layer):  # ||X_j|| over every token of every batch
+        stacked = np.concatenate([np.asarray(a[key][layer], np.float64).reshape(
+            -1, *np.shape(a[key][layer])[2:]) for a in acts])
+        return np.sqrt((stacked ** 2).sum(0))
+
+    for layer in range(CONFIG.layers):
+        a = jax.tree.map(np.asarray, params["blocks"][layer]["attn"])
+        m = jax.tree.map(np.asarray, params["blocks"][layer]["mlp"])
+        n_attn, n_heads = norms("attn_in", layer), norms("heads", layer)
+        n_ffn_in, n_ffn = norms("ffn_in", layer), norms("ffn", layer)
+        for h in range(CONFIG.heads[layer]):
+            expected = 0.0
+            for j in range(CONFIG.d_model):
+                for k in range(CONFIG.head_dim):
+                    expected += sum(abs(a[w][j, h, k]) for w in ("wq", "wk", "wv")) * n_attn[j]
+            for k in range(CONFIG.head_dim):
+                expected += np.abs(a["wo"][h, k]).sum() * n_heads[h, k]
+            assert got["heads"][layer][h] == pytest.approx(expected, rel=1e-4)
+        for f in range(CONFIG.ffn[layer]):
+            expected = (np.abs(m["w1"][:, f]) * n_ffn_in).sum() + np.abs(m["w2"][f]).sum() \
+                * n_ffn[f]
+            assert got["ffn"][layer][f] == pytest.approx(expected, rel=1e-4)
+        assert got["layers"][layer] == pytest.approx(got["heads"][layer].sum()
+                                                     + got["ffn"][layer].sum(), rel=1e-6)
+
+
+def test_unknown_score_method_and_missing_batches(params):
+    with pytest.raises(scores.ScoreError, match="unknown score method 'magnitude'"):
+        scores.scores("magnitude", CONFIG, params)
+    with pytest.raises(scores.ScoreError, match="needs at least one batch"):
+        scores.scores("taylor", CONFIG, params)
+
+
+def test_a_round_removes_the_lowest_and_keeps_one_unit_per_layer():
+    masks = jax.tree.map(np.array, gpt.full_masks(CONFIG))
+    s = {"heads": [np.array([1.0, 2.0]), np.array([0.1, 0.2, 0.3])],
+         "ffn": [np.arange(6.0), np.arange(5.0) + 10], "layers": np.array([5.0, 1.0])}
+    new = prune.remove_lowest(s, masks, ("heads", "ffn"), 0.4)
+    # heads: 5 alive -> 2 removed: 0.1 and 0.2 (layer 1); ffn: 11 alive -> 4: layer 0's 0..3
+    assert [m.tolist() for m in new["heads"]] == [[1, 1], [0, 0, 1]]
+    assert [m.tolist() for m in new["ffn"]] == [[0, 0, 0, 0, 1, 1], [1] * 5]
+    compact.check_masks(CONFIG, new)
+    again = prune.remove_lowest(s, new, ("heads", "ffn"), 0.9)  # never a layer's last unit
+    assert [int(m.sum()) for m in again["heads"]] == [1, 1]
+    assert [int(m.sum()) for m in again["ffn"]] == [1, 1]
+    compact.check_masks(CONFIG, again)
+    layers = prune.remove_lowest(s, masks, ("layers",), 0.9)  # at least one layer stays
+    assert layers["layers"].tolist() == [1, 0]
+
+
+def test_scratch_control_matches_the_parameter_count():
+    pruned = gpt.GPTConfig(256, 64, 128, 32, heads=(3, 2, 1, 2), ffn=(300, 200, 250, 180))
+    target = gpt.param_count(pruned)
+    matched = baselines.matching_config(pruned, target)
+    assert matched.heads == (2,) * 4 and len(set(matched.ffn)) == 1
+    assert abs(gpt.param_count(matched) - target) <= 4 * (2 * 128 + 1) / 2
+
+
+# -- the `lottery lm` config and command ---------------------------------------------------
+
+TINY = ["experiment=lm_tiny"]
+
+
+def test_lm_presets_compose_and_validate():
+    for name in ("lm_tiny", "transformer_budget"):
+        cfg = validate(lm_cli.compose([f"experiment={name}"]))
+        assert cfg.name == name and cfg.budget_kind == "params"
+    big = validate(lm_cli.compose(["experiment=transformer_budget"]))
+    assert big.targets == (0.5 * gpt.param_count(big.model), 0.25 * gpt.param_count(big.model))
+    assert big.variants == ("prune", "prune_kd") and big.baselines == ("scratch", "ticket")
+
+
+BAD = {
+    "prune.remove={heads:{0:[0,1]}}": "removes every head of layer 0",
+    "budget.params_fraction=1.5": "already meets it",
+    "budget.params_fraction=null budget.max_params=10000000": "larger than the model",
+    "budget.params_fraction=0.01": "cannot be reached",
+    "budget.max_params=1000": "set exactly one of",
+    "prune.score=magnitude": "unknown method 'magnitude'",
+    "prune.structures=[heads,neurons]": "unknown name(s) 'neurons'",
+    "prune.fraction=1.0": "prune.fraction=1.0 must be a number in (0, 1)",
+    "variants=[prune,distil]": "unknown name(s) 'distil'",
+    "finetune.steps=0": "finetune.steps=0 must be a positive integer",
+    "prune.remove={layers:[7]}": "7 is not a layer of the model",
+    "no_such_key=1": "no_such_key",
+}
+
+
+@pytest.mark.parametrize("override", BAD)
+def test_bad_requests_stop_with_one_line(override, capsys):
+    with pytest.raises(SystemExit) as stop:
+        lm_cli.main([*TINY, *override.split()])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lottery lm: error: ")
+    assert BAD[override] in err
+
+
+def test_a_latency_budget_the_dense_model_meets_is_refused(tmp_path):
+    cfg = validate(lm_cli.compose([*TINY, "budget.params_fraction=null",
+                                   "budget.min_tokens_per_second=1", "measure.repeats=1"]))
+    assert cfg.budget_kind == "tokens_per_second" and cfg.targets == (1.0,)
+    run = budget.BudgetRun(cfg, tmp_path)
+    with pytest.raises(LMConfigError, match="already met by the dense model"):
+        run.check_latency(gpt.init(cfg.model, jax.random.key(0)))
+    run.record.close()
+
+
+def test_bad_request_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lottery.cli", "lm", *TINY,
+                           "prune.remove={heads:{1:[0,1]}}", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "removes every head of layer 1" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "record.jsonl").exists()
+
+
+# -- the budget loop end to end ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The lm_tiny preset, shortened: the distilled variant only (plain fine-tuning is the
+    same loop with alpha = 0, and the dense model's training), one chunk per phase, one
+    timing repeat; compilation is most of its time."""
+    out = tmp_path_factory.mktemp("lm_tiny")
+    cfg = validate(lm_cli.compose([*TINY, "pretrain.eval_every=20", "measure.repeats=1",
+                                   "budget.params_fraction=[0.8,0.7]", "variants=[prune_kd]"]))
+    summaries = budget.run(cfg, out)
+    return cfg, out, summaries
+
+
+def test_the_loop_stops_at_the_first_round_under_budget(tiny_run):
+    cfg, _, summaries = tiny_run
+    for variant in cfg.variants:
+        rounds = summaries[summaries["branch"] == variant].sort_values("level")
+        assert rounds["level"].tolist() == list(range(1, len(rounds) + 1))
+        params = rounds["params"].tolist()
+        assert params[-1] <= cfg.targets[-1] < min(params[:-1], default=np.inf)
+        assert all(a > b for a, b in zip(params, params[1:]))  # every round removes something
+        first = next(i for i, p in enumerate(params) if p <= cfg.targets[0])
+        met = rounds["budget_targets"].tolist()
+        assert met[first] == [cfg.targets[0]] or first == len(params) - 1
+        quantized = rounds.dropna(subset=["quantized_bits_per_byte"])
+        assert quantized["level"].tolist() == sorted({rounds["level"].iloc[first],
+                                                      rounds["level"].iloc[-1]})
+
+
+def test_record_rows_and_summary_table(tiny_run):
+    cfg, out, summaries = tiny_run
+    runs, evals, rows = (load(out, kind) for kind in ("run", "eval", "summary"))
+    assert len(runs) == 1 and runs["dense_params"][0] == gpt.param_count(cfg.model)
+    assert set(evals["branch"]) == {"dense", "prune_kd", "scratch", "ticket"}
+    for column in ("val_loss", "test_loss", "val_accuracy", "test_accuracy", "bits_per_byte",
+                   "density", "step"):
+        assert evals[column].notna().all(), column
+    pruned = evals[evals["branch"] != "dense"]
+    assert pruned[["params", "bytes", "tokens_per_second"]].notna().all().all()
+    assert (pruned["bytes"] == 4 * pruned["params"]).all()
+    np.testing.assert_allclose(evals["bits_per_byte"], evals["test_loss"] / np.log(2))
+    dense = rows[rows["branch"] == "dense"].iloc[0]
+    assert dense["density"] == 1.0 and dense["quantized_bytes"] < dense["bytes"] / 3
+    assert abs(dense["quantized_bits_per_byte"] - dense["bits_per_byte"]) < 0.05
+    table = summary_table(rows)
+    assert len(table) == len(rows) and table["accuracy_mean"].between(0, 1).all()
+    # controls: the first variant's targets, same steps in all, about the same size
+    prune_rows = rows[rows["branch"] == cfg.variants[0]]
+    for branch in ("scratch", "ticket"):
+        controls = rows[rows["branch"] == branch]
+        assert sorted(controls["level"]) == sorted(
+            prune_rows.dropna(subset=["budget_targets"])["level"])
+        for row in controls.itertuples():
+            match = prune_rows[prune_rows["level"] == row.level].iloc[0]
+            assert row.final_step == match.final_step
+            assert abs(row.params - match.params) <= 2 * (2 * cfg.model.d_model + 1)
+            if branch == "ticket":
+                assert row.params == match.params
+
+
+def test_lottery_report_reads_an_lm_run(tiny_run, tmp_path):
+    from lottery.analysis.report import write_report
+
+    written = write_report(tiny_run[1], tmp_path)
+    assert (tmp_path / "report.md").exists() and all(p.exists() for p in written)
+    assert "prune_kd" in (tmp_path / "report.md").read_text()
