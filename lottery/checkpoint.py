@@ -12,7 +12,6 @@ Plain npz and JSON rather than a checkpointing library: the trees are small and
 host-gathered, and the checksum, atomicity and fall-back rules are the point.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -23,17 +22,10 @@ import jax
 import numpy as np
 
 from lottery import faults
+from lottery.data.fetch import sha256
 
 KEEP = 2
 FINISHED = "finished.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -84,7 +76,7 @@ class CheckpointStore:
         data = self.directory / f"{number:06d}.npz"
         _write_atomically(data, lambda f: np.savez(f, **arrays))
         faults.reached("checkpoint")  # a crash here leaves an npz without its manifest
-        manifest = {"run_id": self.run_id, "sha256": _sha256(data), **meta}
+        manifest = {"run_id": self.run_id, "sha256": sha256(data), **meta}
         _write_atomically(data.with_suffix(".json"),
                           lambda f: f.write(json.dumps(manifest).encode()))
         for old in self._manifests()[KEEP:]:
@@ -99,7 +91,7 @@ class CheckpointStore:
                 meta = json.loads(manifest.read_text())
                 if meta.get("run_id") != self.run_id:
                     raise ValueError(f"it belongs to run {meta.get('run_id')}, not {self.run_id}")
-                if not data.exists() or _sha256(data) != meta["sha256"]:
+                if not data.exists() or sha256(data) != meta["sha256"]:
                     raise ValueError("its data is missing or fails its sha256 check")
                 with np.load(data) as saved:
                     arrays = {key: saved[key] for key in saved.files}

@@ -306,10 +306,11 @@ def loss(config: GPTConfig, params: dict, tokens_in, targets, masks=None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size"))
-def evaluate(config: GPTConfig, params: dict, inputs, targets, masks=None,
-             batch_size: int = 64):
-    """Mean cross entropy (nats) over all N fixed windows (`lottery.lm.corpus.windows`),
-    `batch_size` windows at a time under `lax.map` (the last batch padded, then weighted out)."""
+def metrics(config: GPTConfig, params: dict, inputs, targets, masks=None,
+            batch_size: int = 64):
+    """(mean cross entropy in nats, next-byte accuracy) over all N fixed windows
+    (`lottery.lm.corpus.windows`), `batch_size` windows at a time under `lax.map` (the last
+    batch padded, then weighted out)."""
     n = inputs.shape[0]
     batches = -(-n // batch_size)
     pad = batches * batch_size - n
@@ -319,10 +320,19 @@ def evaluate(config: GPTConfig, params: dict, inputs, targets, masks=None,
 
     def one(batch):
         x, y, w = batch
-        nll = optax.softmax_cross_entropy_with_integer_labels(apply(config, params, x, masks), y)
-        return (nll.mean(axis=1) * w).sum()
+        logits = apply(config, params, x, masks)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
+        hits = (logits.argmax(-1) == y).mean(axis=1)
+        return (nll * w).sum(), (hits * w).sum()
 
-    return jax.lax.map(one, (inputs, targets, weight)).sum() / n
+    nll, hits = jax.lax.map(one, (inputs, targets, weight))
+    return nll.sum() / n, hits.sum() / n
+
+
+def evaluate(config: GPTConfig, params: dict, inputs, targets, masks=None,
+             batch_size: int = 64):
+    """Mean cross entropy (nats) over all N fixed windows (`metrics`' first value)."""
+    return metrics(config, params, inputs, targets, masks, batch_size)[0]
 
 
 def param_count(config: GPTConfig) -> int:

@@ -8,8 +8,6 @@ soft term's gradient scale independent of T. The teacher is the dense trained mo
 forward inside the same compiled step (its params are an argument, not a constant).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -97,24 +95,4 @@ class Trainer:
         return self._chunk(params, opt_state, masks, teacher_params, key, start, count)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch_size"))
-def evaluate(config: gpt.GPTConfig, params, inputs, targets, masks=None,
-             batch_size: int = 64):
-    """(mean cross entropy in nats, next-byte accuracy) over fixed windows (N, T), in
-    batches of `batch_size` under `lax.map` (the padded last batch weighted out)."""
-    n = inputs.shape[0]
-    batches = -(-n // batch_size)
-    pad = batches * batch_size - n
-    weight = jnp.pad(jnp.ones((n,), jnp.float32), (0, pad)).reshape(batches, batch_size)
-    inputs, targets = (jnp.pad(a, ((0, pad), (0, 0))).reshape(batches, batch_size, -1)
-                       for a in (inputs, targets))
-
-    def one(batch):
-        x, y, w = batch
-        logits = gpt.apply(config, params, x, masks)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
-        hits = (logits.argmax(-1) == y).mean(axis=1)
-        return (nll * w).sum(), (hits * w).sum()
-
-    nll, hits = jax.lax.map(one, (inputs, targets, weight))
-    return nll.sum() / n, hits.sum() / n
+evaluate = gpt.metrics  # (mean nats, next-byte accuracy) over fixed windows
