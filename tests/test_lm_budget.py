@@ -165,6 +165,30 @@ def test_a_round_removes_the_lowest_and_keeps_one_unit_per_layer():
     assert layers["layers"].tolist() == [1, 0]
 
 
+def test_a_round_crossing_a_budget_lands_on_it():
+    config = gpt.GPTConfig(256, 8, 16, 4, heads=(4, 4, 4), ffn=(64, 64, 64))
+    masks = jax.tree.map(np.array, gpt.full_masks(config))
+    rng = np.random.default_rng(2)
+    s = {"heads": [rng.random(4) for _ in range(3)], "ffn": [rng.random(64) for _ in range(3)],
+         "layers": rng.random(3)}
+    count = lambda m: gpt.param_count(compact.compacted_config(config, m))  # noqa: E731
+    dense, unit = gpt.param_count(config), 2 * config.d_model + 1  # one FFN unit
+    full_round = count(prune.remove_lowest(s, masks, ("heads", "ffn"), 0.5))
+    for target in (dense - 1, dense - 3 * unit, (dense + full_round) // 2, full_round + 1):
+        landed = prune.remove_to_target(s, masks, ("heads", "ffn"), 0.5,
+                                        lambda m, t=target: count(m) <= t)
+        assert target - unit < count(landed) <= target, target
+        compact.check_masks(config, landed)
+        for kind in ("heads", "ffn"):  # what a round removes is still the lowest-scored
+            scored, kept = np.concatenate(s[kind]), np.concatenate(landed[kind]) == 1
+            assert kept.all() or scored[~kept].max() < scored[kept].min()
+    # a target the whole round does not reach: the whole round, unchanged
+    far = prune.remove_to_target(s, masks, ("heads", "ffn"), 0.5, lambda m: count(m) < 10)
+    expected = prune.remove_lowest(s, masks, ("heads", "ffn"), 0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(far),
+                                                    jax.tree.leaves(expected)))
+
+
 def test_scratch_control_matches_the_parameter_count():
     pruned = gpt.GPTConfig(256, 64, 128, 32, heads=(3, 2, 1, 2), ffn=(300, 200, 250, 180))
     target = gpt.param_count(pruned)
@@ -200,6 +224,7 @@ BAD = {
     "finetune.steps=0": "finetune.steps=0 must be a positive integer",
     "prune.remove={layers:[7]}": "7 is not a layer of the model",
     "no_such_key=1": "no_such_key",
+    "budget.exact=maybe": "budget.exact='maybe' must be true or false",
 }
 
 
@@ -255,6 +280,9 @@ def test_the_loop_stops_at_the_first_round_under_budget(tiny_run):
         assert params[-1] <= cfg.targets[-1] < min(params[:-1], default=np.inf)
         assert all(a > b for a, b in zip(params, params[1:]))  # every round removes something
         first = next(i for i, p in enumerate(params) if p <= cfg.targets[0])
+        unit = 2 * cfg.model.d_model + 1  # budget.exact: each target met within one FFN unit
+        assert cfg.exact_budget and cfg.targets[0] - unit < params[first] <= cfg.targets[0]
+        assert cfg.targets[-1] - unit < params[-1]
         met = rounds["budget_targets"].tolist()
         assert met[first] == [cfg.targets[0]] or first == len(params) - 1
         quantized = rounds.dropna(subset=["quantized_bits_per_byte"])
@@ -299,3 +327,52 @@ def test_lottery_report_reads_an_lm_run(tiny_run, tmp_path):
     written = write_report(tiny_run[1], tmp_path)
     assert (tmp_path / "report.md").exists() and all(p.exists() for p in written)
     assert "prune_kd" in (tmp_path / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def latency_run(tmp_path_factory):
+    """A tokens/s budget, with whole layers among the structures. Throughput is a stand-in
+    that falls with the parameter count (1e9 / params), so that the rounds are predictable;
+    the real measurement is `measure.tokens_per_second`, tested in test_lm_model."""
+    out = tmp_path_factory.mktemp("lm_latency")
+    cfg = validate(lm_cli.compose([*TINY, "budget.params_fraction=null",
+                                   "budget.min_tokens_per_second=[45000,75000]",
+                                   "prune.structures=[layers,heads,ffn]", "variants=[prune]",
+                                   "baselines=[scratch]", "quantize=false",
+                                   "pretrain.eval_every=20", "measure.repeats=1"]))
+    stand_in = lambda config, params, batch, repeats=1: 1e9 / gpt.param_count(config)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget.measure, "tokens_per_second", stand_in)
+        summaries = budget.run(cfg, out)
+    return cfg, out, summaries
+
+
+def test_a_latency_budget_stops_at_the_first_fast_enough_round(latency_run):
+    cfg, out, summaries = latency_run
+    assert cfg.budget_kind == "tokens_per_second" and cfg.targets == (45000.0, 75000.0)
+    rounds = summaries[summaries["branch"] == "prune"].sort_values("level")
+    speed = rounds["tokens_per_second"].tolist()
+    assert speed[-1] >= cfg.targets[-1] > max(speed[:-1])  # stops at the first one that meets
+    first = next(i for i, v in enumerate(speed) if v >= cfg.targets[0])
+    assert rounds["budget_targets"].iloc[first] == [cfg.targets[0]]
+    # controls for each target met, as fast as the pruned model (same size)
+    scratch = summaries[summaries["branch"] == "scratch"]
+    assert sorted(scratch["level"]) == sorted({rounds["level"].iloc[first],
+                                               rounds["level"].iloc[-1]})
+
+
+def test_layer_removal_end_to_end(latency_run):
+    cfg, out, summaries = latency_run
+    rounds = summaries[summaries["branch"] == "prune"].sort_values("level")
+    # two layers; round 1 removes the lower-scored one (30% of 2, at least one), and at least
+    # one layer always stays; the recorded sizes describe the compacted model exactly
+    assert rounds["layers"].tolist() == [1] * len(rounds)
+    for row in rounds.itertuples():
+        assert len(row.heads) == len(row.ffn) == row.layers
+        config = gpt.GPTConfig(256, cfg.model.context, cfg.model.d_model, cfg.model.head_dim,
+                               tuple(row.heads), tuple(row.ffn))
+        assert gpt.param_count(config) == row.params
+    evals = load(out, "eval")
+    assert set(evals["level"][evals["branch"] == "prune"]) == set(rounds["level"])
+    scratch = summaries[summaries["branch"] == "scratch"]
+    assert (scratch["layers"] == 1).all()  # the control has the pruned model's depth

@@ -5,6 +5,8 @@
       round r = 1, 2, ...:
         score every head / FFN unit / layer of the current (masked) model  (lm/scores.py)
         gate off the lowest `prune.fraction` of each chosen kind           (lm/prune.py)
+          (budget.exact, parameter budgets: a round that would cross the next target
+          removes only what reaching it needs, so the model lands on the target)
         fine-tune finetune.steps (fresh Adam, cosine), evaluate            level r
         compact, count parameters and bytes, measure tokens/s
         a budget target met for the first time: quantize to int8, record, and stop at the
@@ -33,7 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
-from lottery.lm.compact import check_masks, compact
+from lottery.lm.compact import check_masks, compact, compacted_config
 from lottery.lm.config import LMConfig, LMConfigError
 from lottery.lm.scores import scores
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
@@ -214,6 +216,11 @@ class BudgetRun:
                        for i in range(cfg.score_batches)]
             score = scores(cfg.score, config, params, _device_masks(masks), batches)
             new = prune.remove_lowest(score, masks, cfg.structures, cfg.fraction)
+            if cfg.exact_budget and cfg.budget_kind == "params" and pending:
+                target = cfg.targets[pending[0]]  # the largest parameter count not yet met
+                new = prune.remove_to_target(
+                    score, masks, cfg.structures, cfg.fraction,
+                    lambda m: gpt.param_count(compacted_config(config, m)) <= target)
             if level > 1 or not cfg.remove:
                 if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new),
                                                             jax.tree.leaves(masks))):

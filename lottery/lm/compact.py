@@ -23,7 +23,7 @@ import numpy as np
 
 from lottery.lm.gpt import GPTConfig, PruneRequestError, check_mask_shapes, init
 
-__all__ = ["PruneRequestError", "check_masks", "compact"]
+__all__ = ["PruneRequestError", "check_masks", "compact", "compacted_config"]
 
 
 def _concrete(mask, where: str) -> np.ndarray:
@@ -121,6 +121,15 @@ def compact(config: GPTConfig, params: dict, masks, allow_empty_layers: bool = F
                                   "w2": m["w2"][units] * scale[:, None]}
     new_params = {k: v for k, v in params.items() if k != "blocks"}
     new_params["blocks"] = blocks
-    new_config = dataclasses.replace(config, heads=tuple(h.size for h in kept["heads"]),
-                                     ffn=tuple(f.size for f in kept["ffn"]))
-    return new_config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new_params)
+    return (_kept_config(config, kept),
+            jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new_params))
+
+
+def _kept_config(config: GPTConfig, kept: dict) -> GPTConfig:
+    return dataclasses.replace(config, heads=tuple(h.size for h in kept["heads"]),
+                               ffn=tuple(f.size for f in kept["ffn"]))
+
+
+def compacted_config(config: GPTConfig, masks, allow_empty_layers: bool = False) -> GPTConfig:
+    """The config `compact` would return, without touching any weights (cheap: sizes only)."""
+    return _kept_config(config, check_masks(config, masks, allow_empty_layers))

@@ -56,6 +56,7 @@ class LMConfig:
     remove: dict | None
     budget_kind: str  # "params" or "tokens_per_second"
     targets: tuple[float, ...]  # absolute: parameter counts (descending) or tokens/s (ascending)
+    exact_budget: bool  # parameter budgets: the round crossing a target lands on it
     variants: tuple[str, ...]
     baselines: tuple[str, ...]
     quantize: bool
@@ -81,6 +82,12 @@ def _number(value, where: str, low: float, high: float, closed: str = "()") -> f
         raise LMConfigError(f"{where}={value!r} must be a number in {closed[0]}{low}, "
                             f"{high}{closed[1]}")
     return float(value)
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise LMConfigError(f"{where}={value!r} must be true or false")
+    return value
 
 
 def _names(value, where: str, allowed, empty: bool = False) -> tuple[str, ...]:
@@ -209,7 +216,9 @@ def validate(cfg: DictConfig) -> LMConfig:
         fraction=_number(p["fraction"], "prune.fraction", 0, 1),
         score_batches=_positive_int(p["score_batches"], "prune.score_batches"),
         max_rounds=_positive_int(p["max_rounds"], "prune.max_rounds"),
-        remove=remove or None, budget_kind=kind, targets=targets, variants=variants,
+        remove=remove or None, budget_kind=kind, targets=targets,
+        exact_budget=_flag(resolved["budget"].get("exact", True), "budget.exact"),
+        variants=variants,
         baselines=baselines, quantize=bool(resolved["quantize"]),
         measure_batch=_positive_int(resolved["measure"]["batch"], "measure.batch"),
         measure_repeats=_positive_int(resolved["measure"]["repeats"], "measure.repeats"),

@@ -6,8 +6,9 @@ surviving units removed (rounded, at least one), lowest score first, ranked acro
 layers. Layers go first (at least one layer always stays); heads and FFN units are then
 chosen among the surviving layers, and a layer always keeps at least one head and one FFN
 unit (a layer goes only through its layer gate), so the result always passes
-`compact.check_masks`. `request_masks` turns an explicit removal request (the config's
-`prune.remove`) into masks for `check_masks` to judge.
+`compact.check_masks`. `remove_to_target` shrinks the round that crosses a budget so that
+it lands on the budget rather than past it. `request_masks` turns an explicit removal
+request (the config's `prune.remove`) into masks for `check_masks` to judge.
 """
 
 import numpy as np
@@ -52,6 +53,39 @@ def remove_lowest(scores: dict, masks, structures, fraction: float) -> dict:
                 left[layer] -= 1
                 n -= 1
     return masks
+
+
+def remove_to_target(scores: dict, masks, structures, fraction: float, fits) -> dict:
+    """`remove_lowest` with `fraction`, unless its result `fits` (a predicate on masks, e.g.
+    "at most N parameters"): then only what reaching the target needs, so that a round
+    crossing a budget lands on it rather than past it. The largest fraction whose result
+    does not fit yet is found by bisection (removal grows with the fraction); from there the
+    lowest-scored FFN units go one by one (when `ffn` is a chosen kind) until it fits, so the
+    result lands within one FFN unit of the target, else within one step of the fraction."""
+    result = remove_lowest(scores, masks, structures, fraction)
+    if not fits(result):
+        return result
+    low, high, below = 0.0, fraction, masks  # below: the result at `low` (does not fit)
+    for _ in range(40):
+        middle = (low + high) / 2
+        trial = remove_lowest(scores, masks, structures, middle)
+        if fits(trial):
+            high, result = middle, trial
+        else:
+            low, below = middle, trial
+    if "ffn" not in structures:
+        return result
+    alive = sum(int(np.count_nonzero(m)) for m in below["ffn"])
+    few, many = 0, alive  # bisect the number of extra FFN units: fits(many) is unknown
+    if not fits(remove_lowest(scores, below, ("ffn",), 1.0)):
+        return result
+    while many - few > 1:
+        middle = (few + many) // 2
+        if fits(remove_lowest(scores, below, ("ffn",), middle / alive)):
+            many = middle
+        else:
+            few = middle
+    return remove_lowest(scores, below, ("ffn",), many / alive)
 
 
 def request_masks(config: gpt.GPTConfig, remove) -> dict:
