@@ -18,7 +18,7 @@ import itertools
 
 from flax import nnx
 
-from lottery.models.layers import Conv
+from lottery.models.layers import Conv, Linear
 from lottery.models.structure import chain
 
 glorot_normal = nnx.initializers.glorot_normal()
@@ -48,10 +48,10 @@ class ConvNet(nnx.Module):
         self.convs = nnx.List([
             Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=glorot_normal, rngs=rngs)
             for c_in, c_out in itertools.pairwise(sizes)])
-        self.fc1 = nnx.Linear(height * width * self.filters[-1], 256, kernel_init=glorot_normal,
+        self.fc1 = Linear(height * width * self.filters[-1], 256, kernel_init=glorot_normal,
                               rngs=rngs)
-        self.fc2 = nnx.Linear(256, 256, kernel_init=glorot_normal, rngs=rngs)
-        self.out = nnx.Linear(256, num_classes, kernel_init=glorot_normal, rngs=rngs)
+        self.fc2 = Linear(256, 256, kernel_init=glorot_normal, rngs=rngs)
+        self.out = Linear(256, num_classes, kernel_init=glorot_normal, rngs=rngs)
         self.dropout = nnx.Dropout(float(dropout))
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):

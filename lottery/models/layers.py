@@ -1,6 +1,13 @@
-"""`Conv`: `nnx.Conv` whose gradient is computed as an im2col matmul on CPU.
+"""`Conv` and `Linear`: `nnx.Conv` and `nnx.Linear` with gradients laid out for the CPU.
 
-XLA's CPU backend computes the gradient of a 2-D convolution far slower than its forward
+`Linear`: JAX's transpose rule computes the kernel gradient of `x @ W` as `(g^T x)^T`, a
+(out, in) product followed by a transpose that XLA's CPU backend does not fold away, so the
+optimizer's elementwise updates read the gradient with a stride (LeNet-300-100's Adam step
+spent as long in two of them as in its largest matmul). `matmul` is `x @ W` with a
+`custom_vjp` that computes `x^T g` in the kernel's own (in, out) layout. Its cost: no
+forward-mode autodiff through it (`jax.jvp`); second derivatives go reverse over reverse.
+
+`Conv`: XLA's CPU backend computes the gradient of a 2-D convolution far slower than its forward
 pass (Conv-2 at batch 60: forward 52 ms, gradient 1.9 s). Written as shifted slices of the
 padded input, concatenated along channels, times the reshaped kernel, the same convolution
 is a plain matmul, and so is its gradient (one 3x3 64->64 layer at batch 60: gradient 0.33 s
@@ -42,7 +49,7 @@ def im2col_conv(x, kernel, strides, padding):
     columns = jnp.concatenate(
         [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
          for i in range(kh) for j in range(kw)], axis=-1)
-    return columns @ kernel.reshape(kh * kw * cin, cout)
+    return matmul(columns, kernel.reshape(kh * kw * cin, cout))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -82,3 +89,43 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 def Conv(*args, **kwargs) -> nnx.Conv:
     """`nnx.Conv` with the CPU-friendly convolution gradient above."""
     return nnx.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+@jax.custom_vjp
+def matmul(x, kernel):
+    """`x @ kernel` (kernel 2-D, contracted with x's last axis); gradients in their layouts."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_forward(x, kernel):
+    return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_backward(residuals, cotangent):
+    x, kernel = residuals
+    rows = cotangent.reshape(-1, cotangent.shape[-1])
+    d_kernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), rows, (((0,), (0,)), ((), ())))
+    d_x = jax.lax.dot_general(cotangent, kernel, (((cotangent.ndim - 1,), (1,)), ((), ())))
+    return d_x, d_kernel
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                **kwargs):
+    """Drop-in for `lax.dot_general` as `nnx.Linear` calls it: `matmul` for its plain
+    (..., in) x (in, out) product, `lax.dot_general` for anything else."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    plain = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+             and rhs.ndim == 2 and not lhs_batch and not rhs_batch)
+    if plain and precision is None and preferred_element_type is None \
+            and kwargs.get("out_sharding") is None:
+        return matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
+def Linear(*args, **kwargs) -> nnx.Linear:
+    """`nnx.Linear` with the kernel gradient in the kernel's layout (`matmul` above)."""
+    return nnx.Linear(*args, dot_general=dot_general, **kwargs)

@@ -4,6 +4,7 @@ import math
 
 from flax import nnx
 
+from lottery.models.layers import Linear
 from lottery.models.structure import chain
 
 glorot_normal = nnx.initializers.glorot_normal()
@@ -22,9 +23,9 @@ class LeNet300100(nnx.Module):
             raise ValueError(f"model.hidden={hidden!r} must be the two hidden layers' widths, "
                              "positive integers, e.g. [300,100]")
         inputs = math.prod(input_shape)
-        self.fc1 = nnx.Linear(inputs, hidden[0], kernel_init=glorot_normal, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)
-        self.out = nnx.Linear(hidden[1], num_classes, kernel_init=glorot_normal, rngs=rngs)
+        self.fc1 = Linear(inputs, hidden[0], kernel_init=glorot_normal, rngs=rngs)
+        self.fc2 = Linear(hidden[0], hidden[1], kernel_init=glorot_normal, rngs=rngs)
+        self.out = Linear(hidden[1], num_classes, kernel_init=glorot_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = x.reshape(x.shape[0], -1)

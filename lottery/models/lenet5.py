@@ -17,7 +17,7 @@ import math
 
 from flax import nnx
 
-from lottery.models.layers import Conv
+from lottery.models.layers import Conv, Linear
 from lottery.models.structure import chain
 
 glorot_normal = nnx.initializers.glorot_normal()
@@ -57,9 +57,9 @@ class LeNet5(nnx.Module):
                               rngs=rngs)
         self.conv2 = Conv(6, 16, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
-        self.fc1 = nnx.Linear(height * width * 16, 120, kernel_init=glorot_normal, rngs=rngs)
-        self.fc2 = nnx.Linear(120, 84, kernel_init=glorot_normal, rngs=rngs)
-        self.out = nnx.Linear(84, num_classes, kernel_init=glorot_normal, rngs=rngs)
+        self.fc1 = Linear(height * width * 16, 120, kernel_init=glorot_normal, rngs=rngs)
+        self.fc2 = Linear(120, 84, kernel_init=glorot_normal, rngs=rngs)
+        self.out = Linear(84, num_classes, kernel_init=glorot_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = _pool(nnx.relu(self.conv1(x)))
@@ -86,9 +86,9 @@ class LeNet5Caffe(nnx.Module):
                               rngs=rngs)
         self.conv2 = Conv(20, 50, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
-        self.fc1 = nnx.Linear(math.prod((height, width, 50)), 500, kernel_init=glorot_normal,
+        self.fc1 = Linear(math.prod((height, width, 50)), 500, kernel_init=glorot_normal,
                               rngs=rngs)
-        self.out = nnx.Linear(500, num_classes, kernel_init=glorot_normal, rngs=rngs)
+        self.out = Linear(500, num_classes, kernel_init=glorot_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = _pool(nnx.relu(self.conv1(x)))

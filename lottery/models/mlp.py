@@ -12,6 +12,7 @@ import math
 import jax
 from flax import nnx
 
+from lottery.models.layers import Linear
 from lottery.models.structure import chain, group
 
 torch_kernel = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -26,7 +27,7 @@ def _torch_bias(fan_in: int):
 
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, kernel_init=torch_kernel, bias_init=_torch_bias(n_in),
+    return Linear(n_in, n_out, kernel_init=torch_kernel, bias_init=_torch_bias(n_in),
                       rngs=rngs)
 
 

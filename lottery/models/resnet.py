@@ -17,7 +17,7 @@ Prunable: every conv kernel (shortcut convs too) and the final linear.
 
 from flax import nnx
 
-from lottery.models.layers import Conv
+from lottery.models.layers import Conv, Linear
 from lottery.models.structure import group
 
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -83,7 +83,7 @@ class ResNet(nnx.Module):
                 stage_blocks.append(Block(channels, out, stage > 1 and index == 0, rngs=rngs))
                 channels = out
             setattr(self, f"stage{stage}", nnx.List(stage_blocks))
-        self.fc = nnx.Linear(channels, num_classes, kernel_init=kaiming_normal, rngs=rngs)
+        self.fc = Linear(channels, num_classes, kernel_init=kaiming_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))

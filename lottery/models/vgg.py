@@ -17,7 +17,7 @@ do the same in a preset).
 
 from flax import nnx
 
-from lottery.models.layers import Conv
+from lottery.models.layers import Conv, Linear
 from lottery.models.structure import group
 
 kaiming_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -57,7 +57,7 @@ class VGG(nnx.Module):
                 layers.append(ConvBN(channels, spec, rngs=rngs))
                 channels = spec
         self.layers = nnx.List(layers)
-        self.fc = nnx.Linear(channels, num_classes, kernel_init=kaiming_normal, rngs=rngs)
+        self.fc = Linear(channels, num_classes, kernel_init=kaiming_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         layers = iter(self.layers)

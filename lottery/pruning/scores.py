@@ -100,9 +100,10 @@ def grasp(model, params, model_state, masks, layers, batch, key, *,
     `temperature` (T = 200 in the reference implementation), for both g and Hg; batch norm
     uses the batch's statistics and `key` drives dropout, if any (the same draw for both).
 
-    Hg is a Hessian-vector product (forward-over-reverse, `jax.jvp` of `jax.grad`) with the
-    Hessian of the kernels only (biases and batch-norm parameters are held fixed, as in the
-    reference code, which differentiates `g · ∇L` with respect to the weights only).
+    Hg is a Hessian-vector product with the Hessian of the kernels only (biases and
+    batch-norm parameters are held fixed), computed as the reference code does: the
+    gradient of `g · ∇L` with respect to the weights, g held constant (reverse over reverse;
+    the models' layers take no forward-mode autodiff, see `lottery.models.layers`).
 
     The same `batch` is used for g and Hg. (The reference code accumulates g over two halves
     of its batch and then adds the two halves' H_half g: a positive multiple of Hg for the
@@ -114,7 +115,7 @@ def grasp(model, params, model_state, masks, layers, batch, key, *,
     loss, ks = _kernel_loss(model, theta, model_state, layers, batch, key, temperature)
     grad_fn = jax.grad(loss)
     g = grad_fn(ks)
-    _, hg = jax.jvp(grad_fn, (ks,), (g,))
+    hg = jax.grad(lambda k: optax.tree.vdot(grad_fn(k), jax.lax.stop_gradient(g)))(ks)
     return {layer: ks[layer] * hg[layer] for layer in layers}
 
 
