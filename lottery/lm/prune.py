@@ -75,10 +75,10 @@ def remove_to_target(scores: dict, masks, structures, fraction: float, fits) -> 
             low, below = middle, trial
     if "ffn" not in structures:
         return result
-    alive = sum(int(np.count_nonzero(m)) for m in below["ffn"])
-    few, many = 0, alive  # bisect the number of extra FFN units: fits(many) is unknown
-    if not fits(remove_lowest(scores, below, ("ffn",), 1.0)):
+    if not fits(remove_lowest(scores, below, ("ffn",), 1.0)):  # all the FFN units it can
         return result
+    few, many = 0, sum(int(np.count_nonzero(m)) for m in below["ffn"])  # extra units: bisect
+    alive = many
     while many - few > 1:
         middle = (few + many) // 2
         if fits(remove_lowest(scores, below, ("ffn",), middle / alive)):

@@ -49,7 +49,7 @@ class ConvNet(nnx.Module):
             Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=glorot_normal, rngs=rngs)
             for c_in, c_out in itertools.pairwise(sizes)])
         self.fc1 = Linear(height * width * self.filters[-1], 256, kernel_init=glorot_normal,
-                              rngs=rngs)
+                          rngs=rngs)
         self.fc2 = Linear(256, 256, kernel_init=glorot_normal, rngs=rngs)
         self.out = Linear(256, num_classes, kernel_init=glorot_normal, rngs=rngs)
         self.dropout = nnx.Dropout(float(dropout))

@@ -7,12 +7,12 @@ spent as long in two of them as in its largest matmul). `matmul` is `x @ W` with
 `custom_vjp` that computes `x^T g` in the kernel's own (in, out) layout. Its cost: no
 forward-mode autodiff through it (`jax.jvp`); second derivatives go reverse over reverse.
 
-`Conv`: XLA's CPU backend computes the gradient of a 2-D convolution far slower than its forward
-pass (Conv-2 at batch 60: forward 52 ms, gradient 1.9 s). Written as shifted slices of the
-padded input, concatenated along channels, times the reshaped kernel, the same convolution
-is a plain matmul, and so is its gradient (one 3x3 64->64 layer at batch 60: gradient 0.33 s
-instead of 1.53 s); but that form's forward pass is slower than XLA's (it materialises the
-columns). So on CPU the forward pass stays `lax.conv_general_dilated` and only the backward
+`Conv`: XLA's CPU backend computes the gradient of a 2-D convolution far slower than its
+forward pass (Conv-2 at batch 60: forward 52 ms, gradient 1.9 s). Written as shifted slices
+of the padded input, concatenated along channels, times the reshaped kernel, the same
+convolution is a plain matmul, and so is its gradient (one 3x3 64->64 layer at batch 60:
+gradient 0.33 s instead of 1.53 s); but that form's forward pass is slower than XLA's (it
+materialises the columns). So on CPU the forward pass stays `lax.conv_general_dilated` and only the backward
 pass goes through the im2col form (a `custom_vjp`). Other backends, and convolutions this
 does not cover (dilation, groups, other layouts), use `lax.conv_general_dilated` unchanged.
 """

@@ -87,7 +87,7 @@ class LeNet5Caffe(nnx.Module):
         self.conv2 = Conv(20, 50, (5, 5), padding="VALID", kernel_init=glorot_normal,
                               rngs=rngs)
         self.fc1 = Linear(math.prod((height, width, 50)), 500, kernel_init=glorot_normal,
-                              rngs=rngs)
+                          rngs=rngs)
         self.out = Linear(500, num_classes, kernel_init=glorot_normal, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):

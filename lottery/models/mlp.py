@@ -28,7 +28,7 @@ def _torch_bias(fan_in: int):
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
     return Linear(n_in, n_out, kernel_init=torch_kernel, bias_init=_torch_bias(n_in),
-                      rngs=rngs)
+                  rngs=rngs)
 
 
 class MNIST1DMLP(nnx.Module):
