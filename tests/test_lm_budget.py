@@ -376,3 +376,18 @@ def test_layer_removal_end_to_end(latency_run):
     assert set(evals["level"][evals["branch"] == "prune"]) == set(rounds["level"])
     scratch = summaries[summaries["branch"] == "scratch"]
     assert (scratch["layers"] == 1).all()  # the control has the pruned model's depth
+
+
+def test_rounds_go_to_wandb_like_imp_levels(tmp_path, monkeypatch, capsys):
+    """`logger=wandb` (offline): one W&B run per branch and the group's summary run, under
+    the run directory, and no W&B warning (the summary's tables and plot take LM rows)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = validate(lm_cli.compose([*TINY, "logger=wandb", "variants=[prune]", "baselines=[]",
+                                   "quantize=false", "budget.params_fraction=0.9",
+                                   "pretrain.steps=10", "pretrain.eval_every=10",
+                                   "measure.repeats=1"]))
+    summaries = budget.run(cfg, tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3  # dense, prune, and the summary
+    assert "W&B disabled" not in capsys.readouterr().err
+    assert len(load(tmp_path, "summary")) == len(summaries)
