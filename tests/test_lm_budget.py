@@ -6,6 +6,8 @@ bad `lottery lm` request (in process and through `python -m lottery.cli lm`).
 Tiny models only; the end-to-end run is the `lm_tiny` preset, shortened further.
 """
 
+import contextlib
+import io
 import subprocess
 import sys
 
@@ -331,24 +333,27 @@ def test_lottery_report_reads_an_lm_run(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def latency_run(tmp_path_factory):
-    """A tokens/s budget, with whole layers among the structures. Throughput is a stand-in
-    that falls with the parameter count (1e9 / params), so that the rounds are predictable;
-    the real measurement is `measure.tokens_per_second`, tested in test_lm_model."""
+    """A tokens/s budget, with whole layers among the structures, logged to W&B (offline).
+    Throughput is a stand-in that falls with the parameter count (1e9 / params), so that
+    the rounds are predictable; the real measurement is `measure.tokens_per_second`, tested
+    in test_lm_model. Returns (config, run directory, summaries, stderr)."""
     out = tmp_path_factory.mktemp("lm_latency")
     cfg = validate(lm_cli.compose([*TINY, "budget.params_fraction=null",
                                    "budget.min_tokens_per_second=[45000,75000]",
                                    "prune.structures=[layers,heads,ffn]", "variants=[prune]",
-                                   "baselines=[scratch]", "quantize=false",
+                                   "baselines=[scratch]", "quantize=false", "logger=wandb",
                                    "pretrain.eval_every=20", "measure.repeats=1"]))
     stand_in = lambda config, params, batch, repeats=1: 1e9 / gpt.param_count(config)  # noqa: E731
-    with pytest.MonkeyPatch.context() as patch:
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.setenv("WANDB_MODE", "offline")
         patch.setattr(budget.measure, "tokens_per_second", stand_in)
         summaries = budget.run(cfg, out)
-    return cfg, out, summaries
+    return cfg, out, summaries, stderr.getvalue()
 
 
 def test_a_latency_budget_stops_at_the_first_fast_enough_round(latency_run):
-    cfg, out, summaries = latency_run
+    cfg, out, summaries, _ = latency_run
     assert cfg.budget_kind == "tokens_per_second" and cfg.targets == (45000.0, 75000.0)
     rounds = summaries[summaries["branch"] == "prune"].sort_values("level")
     speed = rounds["tokens_per_second"].tolist()
@@ -362,7 +367,7 @@ def test_a_latency_budget_stops_at_the_first_fast_enough_round(latency_run):
 
 
 def test_layer_removal_end_to_end(latency_run):
-    cfg, out, summaries = latency_run
+    cfg, out, summaries, _ = latency_run
     rounds = summaries[summaries["branch"] == "prune"].sort_values("level")
     # two layers; round 1 removes the lower-scored one (30% of 2, at least one), and at least
     # one layer always stays; the recorded sizes describe the compacted model exactly
@@ -378,16 +383,11 @@ def test_layer_removal_end_to_end(latency_run):
     assert (scratch["layers"] == 1).all()  # the control has the pruned model's depth
 
 
-def test_rounds_go_to_wandb_like_imp_levels(tmp_path, monkeypatch, capsys):
+
+def test_rounds_go_to_wandb_like_imp_levels(latency_run):
     """`logger=wandb` (offline): one W&B run per branch and the group's summary run, under
     the run directory, and no W&B warning (the summary's tables and plot take LM rows)."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = validate(lm_cli.compose([*TINY, "logger=wandb", "variants=[prune]", "baselines=[]",
-                                   "quantize=false", "budget.params_fraction=0.9",
-                                   "pretrain.steps=10", "pretrain.eval_every=10",
-                                   "measure.repeats=1"]))
-    summaries = budget.run(cfg, tmp_path)
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3  # dense, prune, and the summary
-    assert "W&B disabled" not in capsys.readouterr().err
-    assert len(load(tmp_path, "summary")) == len(summaries)
+    _, out, summaries, stderr = latency_run
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4  # dense, prune, scratch, and the summary
+    assert "W&B disabled" not in stderr and "lottery lm: done" in stderr
