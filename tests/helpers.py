@@ -131,3 +131,16 @@ def host(tree):
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(one, tree)
+
+
+def random_gpt_params(config, std: float, seed: int) -> dict:
+    """Random weights in `lottery.lm.gpt.init`'s layout, normal(0, std), LayerNorm scales
+    near 1, so every unit matters (traced, not compiled: compiling the jitted init costs
+    seconds)."""
+    from lottery.lm import gpt
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: gpt.init(config, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.numpy.asarray((path[-1].key == "scale") + std * rng.standard_normal(
+            x.shape), jax.numpy.float32), shapes)

@@ -17,6 +17,8 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
+
 from lottery.lm import baselines, budget, compact, gpt, prune, scores, train
 from lottery.lm import cli as lm_cli
 from lottery.lm.config import LMConfigError, validate
@@ -27,12 +29,7 @@ CONFIG = gpt.GPTConfig(vocab=256, context=8, d_model=8, head_dim=4, heads=(2, 3)
 
 @pytest.fixture(scope="module")
 def params():
-    """Random weights (normal(0, 0.3), LayerNorm scales near 1) so every unit matters."""
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: gpt.init(CONFIG, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.asarray((path[-1].key == "scale") + 0.3 * rng.standard_normal(
-            x.shape), jnp.float32), shapes)
+    return helpers.random_gpt_params(CONFIG, std=0.3, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from lottery.lm import compact, corpus, gpt, measure, quantize
 from lottery.lm.compact import PruneRequestError
 
@@ -31,13 +33,7 @@ def cross_entropy(logits, targets) -> float:
 
 @pytest.fixture(scope="module")
 def params():
-    """Random weights in init's layout (traced, not compiled: compiling the jitted init costs
-    seconds here), normal(0, 0.2) and LayerNorm scales near 1."""
-    rng = np.random.default_rng(1)
-    shapes = jax.eval_shape(lambda: gpt.init(CONFIG, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.asarray((path[-1].key == "scale") + 0.2 * rng.standard_normal(
-            x.shape), jnp.float32), shapes)
+    return helpers.random_gpt_params(CONFIG, std=0.2, seed=1)
 
 
 @pytest.fixture(scope="module")
