@@ -22,7 +22,7 @@ from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table
 from lottery.optim import OptimizerError
-from lottery.train import use_cpu_cores
+from lottery.train import use_cpu_cores, use_eigen_dots
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
@@ -104,6 +104,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         use_cpu_cores(run_cfg.stack_size)
+        use_eigen_dots()
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:

@@ -4,7 +4,8 @@ The environment is set before JAX, W&B or lottery are imported: W&B disabled and
 folders in a temporary directory, the data cache an empty temporary directory (so MNIST is
 never fetched by accident), two CPU devices (so the member stack is really sharded), and a
 persistent XLA compilation cache shared by every run of the session (the same small
-programs are compiled once instead of once per run). Set `$JAX_COMPILATION_CACHE_DIR`
+programs are compiled once instead of once per run), and XLA's CPU matmuls as `lottery`
+sets them (`use_eigen_dots`). Set `$JAX_COMPILATION_CACHE_DIR`
 yourself to keep that cache between sessions.
 """
 
@@ -27,6 +28,10 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
+
+from lottery.train import use_eigen_dots  # noqa: E402
+
+use_eigen_dots()
 
 import helpers  # noqa: E402
 

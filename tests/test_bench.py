@@ -17,3 +17,10 @@ def test_a_three_level_imp_run_compiles_train_and_evaluate_once():
     assert counts["train"] == 1
     assert counts["evaluate"] == 1
     assert counts["total"] >= 2
+
+
+def test_the_matmul_worker_prints_the_rate_as_json(capsys):
+    import json
+
+    bench.main(["--worker", "--matmul", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out)["matmul_gflops"] > 0

@@ -1,6 +1,8 @@
 """How each branch starts a level (`imp.level_programs`), the compiled training step under
 masks (`Trainer`), one compilation per run, and determinism."""
 
+import os
+
 import jax
 import numpy as np
 import optax
@@ -265,6 +267,20 @@ def test_use_cpu_cores_picks_the_largest_divisor_of_the_stack(monkeypatch):
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")  # the environment wins
     train.use_cpu_cores(6)
     assert calls == []
+
+
+def test_use_eigen_dots_adds_its_flag_unless_xla_flags_choose_ynnpack_fusions(monkeypatch):
+    from lottery import train
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    train.use_eigen_dots()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    train.use_eigen_dots()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type="
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    train.use_eigen_dots()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 
 
 def test_build_optimizer_rejects_bad_names_and_options():
