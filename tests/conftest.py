@@ -5,8 +5,8 @@ folders in a temporary directory, the data cache an empty temporary directory (s
 never fetched by accident), two CPU devices (so the member stack is really sharded), and a
 persistent XLA compilation cache shared by every run of the session (the same small
 programs are compiled once instead of once per run), and XLA's CPU matmuls as `lottery`
-sets them (`use_eigen_dots`). Set `$JAX_COMPILATION_CACHE_DIR`
-yourself to keep that cache between sessions.
+sets them (`use_eigen_dots`). Set `$JAX_COMPILATION_CACHE_DIR` yourself to keep that cache
+between sessions.
 """
 
 import os

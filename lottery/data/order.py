@@ -6,9 +6,10 @@ keyed bijection of `[0, n)`: a balanced Feistel network over the smallest even n
 bits (at least 8) that covers `n`, whose outputs at or above `n` are walked through the
 network again until they land in range ("cycle walking", Black & Rogaway 2002, "Ciphers
 with arbitrary finite domains"; TensorFlow's `tf.random.experimental.index_shuffle` is the
-same construction on the Simon cipher's Feistel network). Unlike `jax.random.permutation` it sorts nothing: the 60,000 indices of a 1,000-step
-LeNet-300-100 chunk at batch 60 take about 3 ms on 2 CPU cores, where permuting the three
-55,000-example epochs such a chunk can touch took about 110 ms, 6% of the chunk.
+same construction on the Simon cipher's Feistel network). Unlike `jax.random.permutation`
+it sorts nothing: the 60,000 indices of a 1,000-step LeNet-300-100 chunk at batch 60 take
+about 3 ms on 2 CPU cores, where permuting the three 55,000-example epochs such a chunk can
+touch took about 110 ms, 6% of the chunk.
 """
 
 import jax
