@@ -307,7 +307,9 @@ def main(argv=None) -> None:
         print_compact(compact_rates(repeats=args.repeats), BATCH, args.repeats)
 
 
-def _run_worker(command, env) -> dict:
+def _run_worker(env, *options) -> dict:
+    """`python -m lottery.bench --worker OPTIONS` in a fresh process: its JSON result."""
+    command = [sys.executable, "-m", "lottery.bench", "--worker", *options]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -326,14 +328,12 @@ def training_section(args) -> None:
         stacks = set(args.replicates)
         if devices and devices > 1:  # stacks that fill every device (others would be padded)
             stacks = {r for r in stacks if r % devices == 0} | {devices}
-        command = [sys.executable, "-m", "lottery.bench", "--worker", "--steps", str(args.steps),
-                   "--repeats", str(args.repeats), "--members", args.members,
-                   "--replicates", *map(str, sorted(stacks))]
+        options = ["--steps", str(args.steps), "--repeats", str(args.repeats),
+                   "--members", args.members, "--replicates", *map(str, sorted(stacks))]
         if i == len(settings) - 1:
-            command.append("--compilations")
-        result = _run_worker(command, env)
-        result.update(_run_worker([*command[:4], "--repeats", str(args.repeats), "--matmul"],
-                                  env))
+            options.append("--compilations")
+        result = _run_worker(env, *options)
+        result.update(_run_worker(env, "--repeats", str(args.repeats), "--matmul"))
         results.append(result)
     print(f"LeNet-300-100, batch {BATCH}, Adam, masks applied; median of {args.repeats} chunks "
           f"of {args.steps} steps, best of {args.repeats} matmuls; one step = "

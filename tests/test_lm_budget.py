@@ -380,7 +380,6 @@ def test_layer_removal_end_to_end(latency_run):
     assert (scratch["layers"] == 1).all()  # the control has the pruned model's depth
 
 
-
 def test_rounds_go_to_wandb_like_imp_levels(latency_run):
     """`logger=wandb` (offline): one W&B run per branch and the group's summary run, under
     the run directory, and no W&B warning (the summary's tables and plot take LM rows)."""
