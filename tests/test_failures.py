@@ -10,7 +10,7 @@ import pytest
 import helpers
 from lottery import imp
 from lottery.config import ConfigError
-from lottery.record import load
+from lottery.record import load, summary_table
 from lottery.train import Trainer
 
 # TINY: 6 members (ticket, reinit, random_prune) x 2 replicates, chunks of 20 steps, 2 calls
@@ -91,6 +91,21 @@ def test_run_returns_every_summary_with_its_status(poisoned_run):
     _, returned = poisoned_run
     assert len(returned) == 3 * 6
     assert (returned["status"] == "diverged").sum() == 2 + 3
+
+
+def test_the_final_table_leaves_the_diverged_members_out(poisoned_run):
+    """The table printed at the end of the run: at level 1 each poisoned branch averages its
+    one healthy replicate only; at level 2 every branch has lost replicate 0."""
+    _, returned = poisoned_run
+    table = summary_table(returned).set_index(["level", "branch"])
+    rows = returned.set_index(["level", "branch", "replicate"])
+    for branch, replicate in POISONED:
+        healthy = rows.loc[(1, branch, 1 - replicate), "early_stop_test_accuracy"]
+        assert table.loc[(1, branch), "accuracy_mean"] == healthy
+        assert table.loc[(1, branch), ["replicates", "diverged"]].tolist() == [1, 1]
+    assert table.loc[(1, "random_prune"), ["replicates", "diverged"]].tolist() == [2, 0]
+    assert (table.loc[2, "replicates"] == 1).all() and (table.loc[2, "diverged"] == 1).all()
+    assert table.loc[0, "diverged"].eq(0).all()
 
 
 def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, 
 branch: early-stop test accuracy and step, mean ± std over replicates, and the count),
 `accuracy_vs_density.png`, `early_stop_vs_density.png`, `learning_curves.png` and, when the
 sweep varies `rewind.step`, `rewind_sweep.png`. A missing directory or one without a record
-stops with one line on stderr and exit status 2.
+stops with one line on stderr and exit status 2. Members whose training diverged are left out
+of every table and plot; report.md says how many and which.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from lottery.analysis import plots, results
+from lottery.record import diverged, left_out
 
 REWIND = "rewind.step"
 
@@ -44,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cell(mean: float, std: float, count: int, scale: float, digits: int) -> str:
-    """`mean ± std` (just the mean when one replicate leaves the std undefined)."""
+    """`mean ± std` (just the mean when one replicate leaves the std undefined; a dash when
+    every replicate diverged)."""
+    if count == 0:
+        return "—"
     text = f"{scale * mean:.{digits}f}"
     return text if count < 2 or pd.isna(std) else f"{text} ± {scale * std:.{digits}f}"
 
@@ -52,9 +57,11 @@ def _cell(mean: float, std: float, count: int, scale: float, digits: int) -> str
 def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
     """One Markdown table per combination of the swept overrides (one table for a single
     run): per level and branch, percent remaining, test accuracy and early-stop step (mean ±
-    std over replicates) and the replicate count."""
+    std over replicates) and the replicate count; diverged members are left out of the
+    means, counted in the count's cell ("2 (+1 diverged)") and named under the table."""
     columns = results.swept(summaries)
     table = results.early_stop(summaries, accuracy=accuracy)
+    notes = dict(plots._panels(summaries, columns))
     metric = f"{accuracy}_test_accuracy"
     label = "early-stop" if accuracy == "early_stop" else accuracy
     sections = []
@@ -63,13 +70,14 @@ def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop") -> st
         lines += [f"| level | % remaining | branch | {label} test acc (%) | early-stop step | n |",
                   "|---:|---:|---|---:|---:|---:|"]
         for row in rows.sort_values("level", kind="stable").to_dict("records"):
-            count = int(row[f"{metric}_count"])
+            count, gone = int(row[f"{metric}_count"]), int(row.get("diverged", 0))
             lines.append(
                 f"| {row['level']} | {100 * row['density']:.2f} | {row['branch']} | "
                 f"{_cell(row[f'{metric}_mean'], row[f'{metric}_std'], count, 100, 2)} | "
                 f"{_cell(row['early_stop_step_mean'], row['early_stop_step_std'], count, 1, 0)}"
-                f" | {count} |")
-        sections.append("\n".join(lines) + "\n")
+                f" | {count}{f' (+{gone} diverged)' if gone else ''} |")
+        note = left_out(notes[name])
+        sections.append("\n".join(lines) + "\n" + ("\n" + note if note else ""))
     return "\n".join(sections)
 
 
@@ -80,9 +88,12 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
     first = summaries.iloc[0]
     when = ("early stop (minimum validation loss)" if accuracy == "early_stop"
             else "the end of training")
+    gone = int(diverged(summaries).sum())
     lines = [f"# Report: {path}\n",
-             (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks. "
-              f"Test accuracy at {when}; mean ± std over replicates, n = replicates.\n")]
+             (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks"
+              + (f", {gone} of them diverged: left out of the tables and plots, and named "
+                 "under each table" if gone else "")
+              + f". Test accuracy at {when}; mean ± std over replicates, n = replicates.\n")]
     if columns:
         lines.append("Swept: " + ", ".join(
             f"`{c}` ({', '.join(map(str, summaries[c].drop_duplicates()))})" for c in columns)
@@ -105,7 +116,7 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
                                        accuracy),
         plots.plot_early_stop_vs_density(summaries, out / "early_stop_vs_density.png", columns),
     ]
-    evals = results.load(path, kind="eval")
+    evals = results.healthy(results.load(path, kind="eval"), summaries)
     if branch in set(evals["branch"]):
         written.append(plots.plot_learning_curves(evals, out / "learning_curves.png", branch,
                                                   results.swept(evals)))

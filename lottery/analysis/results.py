@@ -4,12 +4,15 @@
     summaries = results.load("multirun/default", kind="summary")
     results.swept(summaries)            # ["rewind.step"]: the overrides that vary
     results.early_stop(summaries)       # early-stop step and test accuracy, mean/std/min/max/count
-                                        # over replicates per (rewind.step, level, branch)
+                                        # over replicates per (rewind.step, level, branch),
+                                        # diverged members left out and counted
 
 Each row is a row of a run's `record.jsonl` (see `lottery.record`) plus a `run` column (the
 run's directory relative to the loaded path) and one column per Hydra override of that run,
 read from its `.hydra/overrides.yaml` (`rewind.step=20` -> column `rewind.step`, value 20),
-so that a sweep's runs can be told apart and grouped by what was swept.
+so that a sweep's runs can be told apart and grouped by what was swept. `load` keeps every
+row, diverged members' too (`status`); the statistics (`aggregate`, `early_stop`, and the
+plots made from them) leave diverged members out, and `healthy` drops their rows.
 """
 
 import ast
@@ -20,11 +23,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lottery.record import INTEGER_COLUMNS, RECORD_NAME
+from lottery.record import INTEGER_COLUMNS, RECORD_NAME, diverged
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 STATS = ("mean", "std", "min", "max", "count")
 EARLY_STOP_METRICS = ("early_stop_test_accuracy", "early_stop_step")
+MEMBER = ("run", "level", "branch", "replicate")
 
 
 class ResultsError(ValueError):
@@ -147,20 +151,35 @@ def aggregate(frame: pd.DataFrame, by, metrics=EARLY_STOP_METRICS,
               stats=STATS) -> pd.DataFrame:
     """`metrics` summarised over the rows of each group of `by` (usually over replicates):
     one column `<metric>_<stat>` per metric and statistic, plus the group's mean `density`
-    when there is one and it is not a key; groups in the order they first appear."""
-    by = list(by)
+    when there is one and it is not a key; groups in the order they first appear. Summary
+    rows of diverged members (whose early stop may be the untrained network's) are left out
+    of the statistics (`count` counts the others) and counted in a `diverged` column."""
+    by, gone = list(by), diverged(frame)
+    frame = frame.assign(**{m: frame[m].mask(gone) for m in metrics}, diverged=gone)
     grouped = frame.groupby(by, sort=False, dropna=False)
     table = grouped[list(metrics)].agg(list(stats))
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     if "density" in frame.columns and "density" not in by:
         table.insert(0, "density", grouped["density"].mean())
+    if "status" in frame.columns:
+        table["diverged"] = grouped["diverged"].sum().to_numpy()  # same groups, same order
     return table.reset_index()
+
+
+def healthy(frame: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`frame` without the rows of diverged members: summary rows by their own `status`,
+    other rows (evaluations, which have none) by their member's summary row in
+    `summaries`, so that learning curves average the same members as the tables."""
+    summaries = frame if summaries is None else summaries
+    key = [c for c in MEMBER if c in frame.columns]
+    gone = pd.MultiIndex.from_frame(summaries.loc[diverged(summaries), key])
+    return frame[~pd.MultiIndex.from_frame(frame[key]).isin(gone)]
 
 
 def early_stop(summaries: pd.DataFrame, by=None, accuracy: str = "early_stop") -> pd.DataFrame:
     """The early-stop step and test accuracy (at early stop, or `accuracy="final"`) over
     replicates per swept override, level (one density each) and branch; `by` replaces
-    those keys."""
+    those keys. Diverged members are left out and counted (`diverged`, see `aggregate`)."""
     by = [*swept(summaries), "level", "branch"] if by is None else list(by)
     return aggregate(summaries, by, (f"{accuracy}_test_accuracy", "early_stop_step"))
 
