@@ -334,18 +334,23 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     level, at the first evaluation `train.checkpoint_every` steps after the last checkpoint.
     Run again on the same directory, it resumes from the newest good checkpoint (the record
     cut back to that point, so no row is written twice) and gives the same numbers as an
-    uninterrupted run; a finished run is not run again."""
+    uninterrupted run; a finished run is not run again. The run holds `out_dir`'s lock
+    (`lottery.rundir`) throughout: another process on the same directory stops at once."""
+    from lottery.rundir import exclusive
+
     out_dir = Path(out_dir)
-    store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
-    action = prepare_directory(out_dir, store)
-    if action == "finished":
-        log(f"lottery: {out_dir} already finished (run {store.run_id}): nothing to do")
-        return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
-    checkpoint = store.latest(warn=log) if action == "resume" else None
-    if action == "resume" and checkpoint is None:
-        log(f"lottery: {out_dir} holds a run killed before its first checkpoint: starting over")
-    with out_of_memory_hint(cfg):
-        return _run(cfg, out_dir, store, checkpoint, log)
+    with exclusive(out_dir, warn=log):
+        store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
+        action = prepare_directory(out_dir, store)
+        if action == "finished":
+            log(f"lottery: {out_dir} already finished (run {store.run_id}): nothing to do")
+            return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
+        checkpoint = store.latest(warn=log) if action == "resume" else None
+        if action == "resume" and checkpoint is None:
+            log(f"lottery: {out_dir} holds a run killed before its first checkpoint: "
+                "starting over")
+        with out_of_memory_hint(cfg):
+            return _run(cfg, out_dir, store, checkpoint, log)
 
 
 def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log):

@@ -6,7 +6,8 @@ of its own, dispatched by `lottery.cli.main` before the IMP app parses anything.
 
 A bad request (unknown key or name, a budget the model already meets or cannot reach, a
 removal the model cannot take, a bad fraction) stops before training: one line on stderr,
-exit status 2. At the end, a table of every summary row.
+exit status 2, and so does a run directory another process is writing (`lottery.rundir`).
+At the end, a table of every summary row.
 """
 
 import logging
@@ -63,14 +64,17 @@ def check_overrides(args: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> None:
+    from lottery.config import ConfigError
     from lottery.lm import budget
+    from lottery.rundir import exclusive
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         run_cfg = validate(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        summaries = budget.run(run_cfg, out_dir)
-    except LMConfigError as error:
+        with exclusive(out_dir):  # one writer per run directory, as for `lottery`
+            summaries = budget.run(run_cfg, out_dir)
+    except (LMConfigError, ConfigError) as error:
         fail(str(error))
     print_table(summaries)
 
