@@ -12,15 +12,21 @@ this level and branch; a branch folds in a purpose name for each use.
 - reinit: the ticket's masks on fresh weights (and fresh model state) from the init
   distribution.
 - random_prune: random masks with exactly the ticket's per-layer (per-group) counts, start
-  weights.
+  weights. With weight rewinding the random units are drawn from the whole layer (Frankle &
+  Carbin's random pruning); when a level starts from the trained weights (rewind.mode lr or
+  finetune) they are drawn among the units the ticket was chosen from, so the control is
+  random pruning of the trained network and no weight pruned earlier comes back at 0.
 - shuffle: the ticket's masks permuted at random within each layer (group), start weights:
-  the layerwise-shuffling sanity check of Frankle et al. 2021.
-- inverted: per layer (group), as many units as the ticket keeps, but those with the
-  *lowest* scores among the same candidates (score inversion, Frankle et al. 2021).
+  the layerwise-shuffling sanity check of Frankle et al. 2021 (refused by the config where
+  it would revive pruned trained weights: iterative pruning from trained weights).
+- inverted: per layer (group), as many units as the ticket keeps, chosen by the same method
+  with its scores inverted: every scoring round keeps the *lowest*-scoring survivors
+  (score inversion, Frankle et al. 2021; round by round, as Synaptic-Flow's `invert`).
 - instability: two copies of the ticket (`instability` and its twin `instability_b`), trained
   with different data orders; the engine records the error barrier on the straight line
-  between them (`lottery.instability`). At level 0 with k > 0 both copies take the dense
-  run's full training state at step k, so they share the first k steps.
+  between them (`lottery.instability`). At every level both copies start as the ticket's
+  retraining starts: its weights and batch-norm statistics at step k, a fresh optimizer
+  state, the learning rate of step k (level 0 with k > 0: the dense run's weights at k).
 At level 0 (nothing pruned) every branch is a dense network: all start from the ticket's
 init except reinit, which starts from a fresh one.
 """
@@ -30,7 +36,6 @@ from typing import NamedTuple
 import jax
 
 from lottery.pruning.masks import apply_masks
-from lottery.pruning.prune import inverted as lowest_scores
 from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
 
@@ -39,8 +44,8 @@ class LevelStart(NamedTuple):
     start: tuple  # (params, model_state)
     masks: dict  # the ticket's masks tree
     selection: dict  # the ticket's kept units, {name: 0/1}
-    base: dict  # the candidates the ticket was chosen from, {name: 0/1}
-    scores: dict  # the scores that chose the ticket, {name: array}
+    candidates: dict  # the units random_prune draws from, {name: 0/1}
+    inverted: dict | None  # the selection of the method run with inverted scores
 
 
 def _purpose(key, purpose: str):
@@ -61,7 +66,7 @@ def reinit(model, units, level: LevelStart, key):
 
 
 def random_prune(model, units, level: LevelStart, key):
-    selection = random_like(_purpose(key, "mask"), level.selection)
+    selection = random_like(_purpose(key, "mask"), level.selection, level.candidates)
     return _with_masks(level.start, units.expand(level.masks, selection))
 
 
@@ -71,8 +76,7 @@ def shuffle(model, units, level: LevelStart, key):
 
 
 def inverted(model, units, level: LevelStart, key):
-    selection = lowest_scores(level.scores, level.base, level.selection)
-    return _with_masks(level.start, units.expand(level.masks, selection))
+    return _with_masks(level.start, units.expand(level.masks, level.inverted))
 
 
 BRANCHES = {"ticket": ticket, "reinit": reinit, "random_prune": random_prune,

@@ -261,7 +261,14 @@ def _gradual_steps(gradual: dict, steps: int, rewind_step: int, steps_per_epoch=
                           f"rewind.step={rewind_step} <= start < end <= train.steps={steps}")
     if every < 1:
         raise ConfigError(f"prune.gradual.every={every} steps must be at least 1")
-    return {"start": start, "end": start + (end - start) // every * every, "every": every}
+    last = start + (end - start) // every * every  # the last pruning event
+    if last >= steps:
+        raise ConfigError(f"prune.gradual: the last pruning step, {last} (start={start}, "
+                          f"end={end}, every={every}), is never trained: a level trains steps "
+                          f"{rewind_step} to {steps - 1}, so it would end above its target "
+                          f"density; use prune.gradual.end={steps - 1} or less (or a longer "
+                          "train.steps)")
+    return {"start": start, "end": last, "every": every}
 
 
 def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_epoch=None):
@@ -391,6 +398,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     if gradual["end"] is not None:
         _duration(gradual["end"], "prune.gradual.end", 1)
     _check_method(score, schedule, prune_at, structure, scope, branches)
+    if "shuffle" in branches and schedule == "iterative" and rewind_mode != "weights":
+        raise ConfigError(f"branches include shuffle, which permutes the ticket's mask over the "
+                          f"whole layer: with rewind.mode={rewind_mode} and iterative pruning it "
+                          "would start weights pruned at earlier levels again at exactly 0; use "
+                          "random_prune (which then draws among the trained survivors), or "
+                          "rewind.mode=weights")
     if schedule == "gradual" and all(
             isinstance(v, int) for v in (steps, rewind_step, *gradual.values()) if v is not None):
         _gradual_steps(gradual, steps, rewind_step)  # epochs are checked once data loads

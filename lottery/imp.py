@@ -15,7 +15,7 @@ killed; a member whose loss stops being finite is recorded as diverged.
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,7 +47,7 @@ from lottery.pruning.prune import (
 from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows
-from lottery.seeds import member_keys
+from lottery.seeds import member_keys, name_id
 from lottery.train import Trainer
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
@@ -75,54 +75,78 @@ class Method:
     score_batch: int = 100
     rounds: int = 1
 
+    @property
+    def precision(self):
+        """The context scoring runs in: float64 for SynFlow, whose scores are products of
+        |weights| through the whole depth (ResNet-56 at init overflows float32: 97% of its
+        scores inf, 3% NaN), as its reference code computes them; float32 otherwise."""
+        return jax.enable_x64(True) if self.score == "synflow" else nullcontext()
+
 
 def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: Trainer,
-                   units=None, method: Method = Method(), measured=None):
+                   units=None, method: Method = Method(), measured=None,
+                   from_trained: bool = False):
     """The compiled programs around training, each compiled once per run.
 
     `begin(seed, level, counts, scored, base_masks, start)` scores `scored` (the stacked
     ticket replicates' `(params, model_state)`), keeps `counts` (`PrunePlan.counts`) of the
     survivors of `base_masks`, starts every branch from `start` (`(params, model_state)`)
     and returns the new ticket masks, the padded stack (params, model state, masks, data
-    keys), each member's surviving weights per `measured` layer and its kept units per
-    name of `units`. `ticket_of(tree)` takes the ticket's replicates out of a stacked tree.
+    keys), each member's surviving weights per `measured` layer, its kept units per name of
+    `units`, and per ticket replicate whether every score of a surviving unit was finite.
+    `from_trained` (rewind.mode lr or finetune): `random_prune` draws among the survivors
+    the ticket was chosen from, so no weight pruned at an earlier level comes back (at 0).
+    `ticket_of(tree)` takes the ticket's replicates out of a stacked tree.
     """
     units = units or Weights(plan.layers)
     measured = measured or plan.layers
     R, rounds = replicates, method.rounds
 
-    def score_and_prune(key, scored, base_masks, counts, data):
+    def choose(key, scored, base_masks, counts, data, invert=False):
+        """The kept selection among the survivors of `base_masks`: every round keeps the
+        highest scores (`invert`: the lowest, the inverted control, round by round as in
+        Synaptic-Flow's `prune_loop`), and whether all survivors' scores were finite."""
         params, model_state = scored
         x_all, y_all = data
         index = jax.random.choice(key, len(x_all), (min(method.score_batch, len(x_all)),),
                                   replace=False)
         batch = x_all[index], y_all[index]
         base = units.select(base_masks)
+        ties = jax.random.fold_in(key, name_id("ties"))
 
-        def one_round(selection, target):
+        def one_round(selection, target, ties):
             masks = units.expand(base_masks, selection)
             scores = units.scores(method.score, model, params, model_state, masks, batch, key)
-            return keep_counts(plan, scores, selection, target), scores
+            finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(scores[n]) | (selection[n] == 0))
+                                        for n in scores]))
+            ranked = jax.tree.map(jnp.negative, scores) if invert else scores
+            return keep_counts(plan, ranked, selection, target, ties), finite
 
-        if rounds == 1:
-            selection, scores = one_round(base, counts)
-        else:  # geometric steps from the survivors down to the counts (SynFlow)
-            first = survivors(plan, base)
+        with method.precision:
+            if rounds == 1:
+                return one_round(base, counts, ties)
+            first = survivors(plan, base)  # geometric steps down to the counts (SynFlow)
 
             def body(j, carry):
                 target = interpolate(first, counts, 1 - (j + 1) / rounds, "geometric")
-                return one_round(carry[0], target)
+                selection, finite = one_round(carry[0], target, jax.random.fold_in(ties, j))
+                return selection, finite & carry[1]
 
-            scores = jax.tree.map(jnp.zeros_like, base)
-            selection, scores = jax.lax.fori_loop(0, rounds, body, (base, scores))
-        return selection, scores, base
+            return jax.lax.fori_loop(0, rounds, body, (base, jnp.array(True)))
 
     def begin(seed, level, counts, scored, base_masks, start):
         score_keys = member_keys(seed, R, level, "ticket", "score")
-        selection, scores, base = jax.vmap(score_and_prune, in_axes=(0, 0, 0, None, None))(
-            score_keys, scored, base_masks, counts, trainer.train_data)
+        data = trainer.train_data
+        selection, finite = jax.vmap(choose, in_axes=(0, 0, 0, None, None))(
+            score_keys, scored, base_masks, counts, data)
+        inverted = None
+        if "inverted" in branches:  # the method run again with its scores inverted
+            inverted, _ = jax.vmap(partial(choose, invert=True), in_axes=(0, 0, 0, None, None))(
+                score_keys, scored, base_masks, counts, data)
         ticket_masks = jax.vmap(units.expand)(base_masks, selection)
-        inputs = LevelStart(start, ticket_masks, selection, base, scores)
+        base = jax.vmap(units.select)(base_masks)
+        candidates = base if from_trained else jax.tree.map(jnp.ones_like, base)
+        inputs = LevelStart(start, ticket_masks, selection, candidates, inverted)
         begun = [jax.vmap(partial(branch_function(b), model, units))(
             inputs, member_keys(seed, R, level, b, "branch")) for b in branches]
         keys = [member_keys(seed, R, level, b, "data") for b in branches]
@@ -132,7 +156,7 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
         keys = jax.random.key_data(jnp.concatenate(keys))  # raw uint32: one stable sharding
         params, model_state = _stack([start for start, _ in begun])
         stack = trainer.pad((params, model_state, masks, keys))
-        return ticket_masks, stack, alive, kept
+        return ticket_masks, stack, alive, kept, finite
 
     def initial(seed):
         params, model_state = jax.vmap(model.init)(member_keys(seed, R, 0, "ticket", "init"))
@@ -140,7 +164,8 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
 
     at = branches.index("ticket") * R
     replicated = trainer.replicated
-    return (jax.jit(begin, out_shardings=(replicated, trainer.stacked, replicated, replicated)),
+    return (jax.jit(begin, out_shardings=(replicated, trainer.stacked, replicated, replicated,
+                                          replicated)),
             jax.jit(lambda stack: jax.tree.map(lambda x: x[at:at + R], stack),
                     out_shardings=replicated),
             jax.jit(initial, out_shardings=replicated))
@@ -148,9 +173,10 @@ def level_programs(model, plan: PrunePlan, branches, replicates: int, trainer: T
 
 def instability_programs(model, branches, replicates: int, trainer: Trainer,
                          statistics_batches: int = 50):
-    """For the `instability` pair: `share(state)` gives both copies the ticket's training
-    state (params, model state, optimizer state) and `pair_errors(params, model_state)` the
-    test errors, shape (replicates, POINTS), on the line between each replicate's copies."""
+    """For the `instability` pair: `share(state)` starts both copies as the ticket's
+    retraining starts at step k: the ticket's params and model state, a fresh optimizer
+    state (the rule of every level); `pair_errors(params, model_state)` gives the test
+    errors, shape (replicates, POINTS), on the line between each replicate's copies."""
     R = replicates
     ticket, first, second = (branches.index(b) * R for b in ("ticket", "instability", TWIN))
     x_train = trainer.train_data[0]
@@ -158,10 +184,15 @@ def instability_programs(model, branches, replicates: int, trainer: Trainer,
     statistics = x_train[: batch * statistics_batches].reshape(-1, batch, *x_train.shape[1:])
 
     def share(state):
+        params, model_state, opt_state, masks = state
         source = jnp.arange(ticket, ticket + R)
         targets = jnp.concatenate([jnp.arange(first, first + R), jnp.arange(second, second + R)])
-        return jax.tree.map(lambda x: x.at[targets].set(x[jnp.concatenate([source, source])]),
-                            state)
+        pair = jnp.concatenate([source, source])
+        params, model_state = jax.tree.map(lambda x: x.at[targets].set(x[pair]),
+                                           (params, model_state))
+        fresh = jax.vmap(trainer.optimizer.init)(jax.tree.map(lambda x: x[targets], params))
+        opt_state = jax.tree.map(lambda x, f: x.at[targets].set(f), opt_state, fresh)
+        return params, model_state, opt_state, masks
 
     def pair_errors(params, model_state):
         pair = [jax.tree.map(lambda x, at=at: x[at:at + R], (params, model_state))
@@ -174,17 +205,22 @@ def instability_programs(model, branches, replicates: int, trainer: Trainer,
 
 
 def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, every: int):
-    """The Trainer's `prune_step` for gradual magnitude pruning (Zhu & Gupta 2017): at steps
-    start, start + every, ..., end, keep the largest-magnitude survivors, as many as the
-    cubic schedule gives between `full` and `controls["counts"]` (the level's counts)."""
-    def prune_step(params, masks, step, controls):
-        remaining_fraction = 1 - jnp.clip((step - start) / (end - start), 0, 1)
+    """The Trainer's `prune_step` for gradual magnitude pruning (Zhu & Gupta 2017): before
+    steps start, start + every, ..., end, keep the largest-magnitude survivors, as many as
+    the cubic schedule gives between `full` and `controls["counts"]` (the level's counts);
+    `end` is a step the level trains (the config refuses one it never reaches), so the
+    level ends at exactly its counts. Ties are broken at random from the member's `key`."""
+    def prune_step(params, masks, step, controls, key):
+        # one event only (end == start, every longer than the span): straight to the counts
+        remaining_fraction = 1 - jnp.clip((step - start) / max(end - start, 1), 0, 1) \
+            if end > start else jnp.float32(0)
         event = (step >= start) & (step <= end) & ((step - start) % every == 0)
 
         def prune_now(masks):
             scores = units.scores("magnitude", None, params, None, masks, None, None)
             target = interpolate(full, controls["counts"], remaining_fraction)
-            return units.expand(masks, keep_counts(plan, scores, units.select(masks), target))
+            return units.expand(masks, keep_counts(plan, scores, units.select(masks), target,
+                                                   key))
 
         return jax.lax.cond(event, prune_now, lambda masks: masks, masks)
 
@@ -202,11 +238,18 @@ def save_arrays(path: Path, tree, dtype=None) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
-def early_stop_summary(steps: list[int], history: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def early_stop_summary(steps: list[int], history: dict[str, np.ndarray],
+                       densities: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Final and early-stop (first minimum of validation loss) values, per member.
 
-    `history[metric]` has shape (evaluations, members)."""
-    best = np.argmin(np.nan_to_num(history["val_loss"], nan=np.inf), axis=0)  # NaN: diverged
+    `history[metric]` has shape (evaluations, members). With `densities` (the same shape:
+    each member's density at each evaluation) the early stop is chosen only among the
+    evaluations at the member's final density: under gradual pruning an earlier, denser
+    network is not the one the row reports."""
+    val_loss = np.nan_to_num(history["val_loss"], nan=np.inf)  # NaN: diverged
+    if densities is not None:
+        val_loss = np.where(densities == densities[-1], val_loss, np.inf)
+    best = np.argmin(val_loss, axis=0)
     members = np.arange(best.size)
     summary = {"final_step": np.full(best.size, steps[-1]),
                "early_stop_step": np.asarray(steps)[best]}
@@ -288,6 +331,17 @@ def describe(cfg: RunConfig) -> str:
               "finetune": "trained weights fine-tuned"}[cfg.rewind_mode]
     return (f"{cfg.schedule} {cfg.scope} pruning of {what} by {cfg.score} scores of the "
             f"{'initial' if cfg.prune_at == 'init' else 'trained'} network; {rewind}")
+
+
+def check_finite(cfg: RunConfig, level: int, finite: np.ndarray, lost: set) -> None:
+    """Refuse to go on when a score that chose a ticket was not finite (an overflow: the
+    mask would be decided by tie-breaking); a diverged ticket's replicate is exempt."""
+    bad = [r for r in range(len(finite)) if not finite[r] and r not in lost]
+    if bad:
+        raise ConfigError(
+            f"prune.score={cfg.score}: scores of surviving weights are not finite at level "
+            f"{level} (replicate(s) {bad}), so the mask would be chosen by tie-breaking: the "
+            f"score overflows for {cfg.model['name']}; use another prune.score")
 
 
 def _finite(value) -> float | None:
@@ -390,7 +444,7 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
 
     method = Method(cfg.score, cfg.score_batch, cfg.score_rounds)
     begin, ticket_of, initial = level_programs(model, plan, branches, R, trainer, units, method,
-                                               layers)
+                                               layers, from_trained=cfg.rewind_mode != "weights")
     count_alive = jax.jit(jax.vmap(partial(remaining, layers=layers)))
     if "instability" in branches:
         share, pair_errors = instability_programs(model, branches, R, trainer)
@@ -412,10 +466,11 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
         rewind, ticket_masks, trained, dense = entry
         source = trained if cfg.schedule == "iterative" else dense  # trained in the last level
         iterative = level and cfg.schedule == "iterative"
-        ticket_masks, (params, model_state, masks, keys), alive, kept = begin(
+        ticket_masks, (params, model_state, masks, keys), alive, kept, finite = begin(
             seed, level, setup.counts[0 if cfg.schedule == "gradual" else level],
             rewind if cfg.prune_at == "init" else source, ticket_masks if iterative else full,
             rewind if level == 0 or cfg.rewind_mode == "weights" else source)
+        check_finite(cfg, level, np.asarray(finite), lost)
         controls = {"lr": np.float32(final_lr if level and cfg.rewind_mode == "finetune" else 0)}
         if cfg.schedule == "gradual":
             controls["counts"] = setup.counts[level]
@@ -425,7 +480,7 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
         del params, model_state, masks
 
         step = 0 if level == 0 else k
-        steps, history = [], {metric: [] for metric in METRICS}
+        steps, history, densities = [], {metric: [] for metric in METRICS}, []
         # the step at which each member's loss stopped being finite (-1: never)
         diverged = np.array([step if r in lost else -1 for _, r in names])
         elapsed = 0.0
@@ -436,6 +491,8 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
             step, steps, elapsed = within.meta["step"], within.meta["steps"], within.meta["seconds"]
             history = {metric: list(np.asarray(within.meta["history"][metric], np.float32))
                        for metric in METRICS}
+            densities = list(np.asarray(within.meta.get("densities")  # older checkpoints
+                                        or [density.tolist()] * len(steps)))
             diverged = np.asarray(within.meta["diverged"])
             progress.update(step - (0 if level == 0 else k))
         progress.set_description(f"level {level}/{cfg.levels} ({100 * density[ticket_at]:.1f}%)")
@@ -453,6 +510,7 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
             train_loss = np.mean(jax.device_get(chunk_losses), axis=0) if chunk_losses else None
             chunk_losses.clear()
             steps.append(at)
+            densities.append(np.asarray(density))
             for metric in METRICS:
                 history[metric].append(metrics[metric])
             for m, (branch, replicate) in enumerate(names):
@@ -472,7 +530,8 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
                         "seconds": elapsed + time.perf_counter() - started,
                         "record_offset": jsonl.offset, "diverged": diverged.tolist(),
                         "history": {metric: np.stack(history[metric]).tolist()
-                                    for metric in METRICS}},
+                                    for metric in METRICS},
+                        "densities": np.stack(densities).tolist()},
                        {"entry": entry, "state": state, "rewind": rewind})
 
         if not (within and within.meta["step"] is not None):
@@ -485,8 +544,8 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
             progress.update(chunk)
             if level == 0 and step == k:
                 rewind = ticket_of(state[:2])  # new buffers: survive the donation
-                if "instability" in branches:  # both copies continue from the dense run at k
-                    state = (*share(state[:3]), state[3])
+                if "instability" in branches:  # both copies start from the dense run at k
+                    state = share(state)
             if step % cfg.eval_every == 0 or step == T:
                 evaluate(step, state)
                 if step < T and cfg.checkpoint_every and step - saved_at >= cfg.checkpoint_every:
@@ -504,6 +563,10 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
         if cfg.schedule == "gradual":
             ticket_masks = ticket_of(state[3])
         save_arrays(out_dir / "levels" / f"level_{level:02d}.npz", ticket_masks, bool)
+        for i, branch in enumerate(branches):  # every control's masks, replicate on axis 0
+            if branch != "ticket":
+                save_arrays(out_dir / "levels" / f"level_{level:02d}_{branch}.npz",
+                            jax.tree.map(lambda x, i=i: x[i * R:(i + 1) * R], state[3]), bool)
         barriers = {}
         if "instability" in branches:
             errors = np.asarray(pair_errors(state[0], state[1]))
@@ -514,7 +577,8 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
                               "barrier": barriers[r], "errors": errors[r].tolist(),
                               "alphas": np.linspace(0, 1, POINTS).tolist()})
         del state
-        summary = early_stop_summary(steps, {m: np.stack(v) for m, v in history.items()})
+        summary = early_stop_summary(steps, {m: np.stack(v) for m, v in history.items()},
+                                     np.stack(densities))
         for m, (branch, replicate) in enumerate(names):
             row = {"kind": "summary", "level": level, "branch": branch, "replicate": replicate,
                    "density": float(density[m]), "seconds": seconds,

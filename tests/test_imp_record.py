@@ -40,8 +40,33 @@ def steps_by_member(frame):
 
 def test_run_writes_the_record_masks_and_rewind_weights(main_run):
     files = sorted(str(p.relative_to(main_run.dir)) for p in main_run.dir.rglob("*") if p.is_file())
-    assert files == ["checkpoints/finished.json", "levels/level_00.npz", "levels/level_01.npz",
-                     "levels/level_02.npz", RECORD_NAME, "rewind.npz"]
+    levels = [f"levels/level_{level:02d}{suffix}.npz" for level in range(3)
+              for suffix in ("", "_random_prune", "_reinit")]
+    assert files == [".lock", "checkpoints/finished.json", *levels, RECORD_NAME, "rewind.npz"]
+
+
+def test_every_branchs_masks_are_on_disk(main_run):
+    """reinit trains the ticket's masks; random_prune random ones with the ticket's counts
+    per layer (its summary rows' per-layer densities say the same)."""
+    summaries = load(main_run.dir, kind="summary")
+    for level in range(3):
+        ticket = load_npz(main_run.dir / "levels" / f"level_{level:02d}.npz")
+        reinit = load_npz(main_run.dir / "levels" / f"level_{level:02d}_reinit.npz")
+        random = load_npz(main_run.dir / "levels" / f"level_{level:02d}_random_prune.npz")
+        assert set(ticket) == set(reinit) == set(random)
+        for name in ticket:
+            assert ticket[name].dtype == random[name].dtype == bool
+            np.testing.assert_array_equal(reinit[name], ticket[name])
+            assert random[name].shape == ticket[name].shape  # (replicates, ...)
+        for layer in LAYERS:
+            kernel = f"{layer}/kernel"
+            for r in range(R):
+                assert random[kernel][r].sum() == ticket[kernel][r].sum()
+                row = summaries[(summaries.level == level) & (summaries.replicate == r)
+                                & (summaries.branch == "random_prune")]
+                assert row[f"density_{layer}"].item() == random[kernel][r].sum() / WEIGHTS[layer]
+            if level:
+                assert not np.array_equal(random[kernel], ticket[kernel])
 
 
 def test_first_row_describes_the_run(main_run):
@@ -240,7 +265,8 @@ def test_rewound_levels_train_from_step_k(rewind_runs):
             sum(expected_counts(n, 0.2, 1)[1] for n in WEIGHTS.values()) / TOTAL, rel=1e-6)
         assert json.loads((run.dir / RECORD_NAME).read_text().splitlines()[0])["chunk"] == K
         assert sorted(p.name for p in (run.dir / "levels").iterdir()) == [
-            "level_00.npz", "level_01.npz"]
+            f"level_0{level}{suffix}.npz" for level in (0, 1)
+            for suffix in ("", "_random_prune", "_reinit")]
 
 
 def test_chunking_and_rewind_saving_do_not_change_dense_training(rewind_runs, main_run):

@@ -12,12 +12,31 @@ from helpers import LAYERS, WEIGHTS, expected_counts
 from lottery.config import ConfigError
 from lottery.imp import check_reachable
 from lottery.models import build_model
-from lottery.pruning.masks import MASK_DTYPE, apply_masks, density, full_masks, remaining
-from lottery.pruning.prune import PrunePlan, number_to_keep, prune, random_masks_like
+from lottery.pruning.masks import (MASK_DTYPE, apply_masks, density, full_masks, kernels,
+                                   remaining, with_kernels)
+from lottery.pruning.prune import (Counts, PrunePlan, keep_counts, number_to_keep, random_like,
+                                   survivors)
 from lottery.pruning.scores import magnitude, uniform_random
 
 LAYERWISE = PrunePlan({"fc1": 0.2, "fc2": 0.2, "out": 0.1})
 GLOBAL = PrunePlan({"out": 0.1}, ("fc1", "fc2"), 0.2)
+TIES = jax.random.key(0)
+
+
+def rates(plan: PrunePlan, scale: float = 1.0):
+    """The plan's rates as traced arrays (scale 0: prune nothing)."""
+    return ({k: np.float32(v * scale) for k, v in plan.layer_rates.items()},
+            np.float32(plan.global_rate * scale))
+
+
+def prune(plan: PrunePlan, scores, masks, rates):
+    """One iterative level: remove `rates` of each layer's (or the pool's) survivors."""
+    layer_rates, global_rate = rates
+    old = kernels(masks, plan.layers)
+    alive = survivors(plan, old)
+    counts = Counts({name: number_to_keep(alive.layers[name], layer_rates[name])
+                     for name in alive.layers}, number_to_keep(alive.pool, global_rate))
+    return with_kernels(masks, keep_counts(plan, scores, old, counts, TIES))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +93,7 @@ def assert_keeps_largest(kept, pruned_now, scores):
 def test_layerwise_prunes_exact_count_of_survivors_by_magnitude(params, prune_layerwise):
     old = holes(params, 0.3)
     scores = magnitude(params, LAYERS)
-    new = prune_layerwise(scores, old, LAYERWISE.rates())
+    new = prune_layerwise(scores, old, rates(LAYERWISE))
     assert_biases_and_dtype(new, params)
     for layer, rate in LAYERWISE.layer_rates.items():
         o, n, w = kernel(old, layer), kernel(new, layer), np.abs(kernel(params, layer))
@@ -97,7 +116,7 @@ def test_layerwise_iterated_levels_follow_exact_count_sequence(model, prune_laye
     assert expected["fc1"][:3] == [235200, 188160, 150528]
     for level in range(1, levels + 1):
         trained = model.init(jax.random.key(100 + level))[0]  # new weights: new ranking
-        new = prune_layerwise(magnitude(trained, LAYERS), masks, LAYERWISE.rates())
+        new = prune_layerwise(magnitude(trained, LAYERS), masks, rates(LAYERWISE))
         counts = {layer: int(c) for layer, c in remaining(new, LAYERS).items()}
         assert counts == {layer: seq[level] for layer, seq in expected.items()}, level
         for layer in LAYERS:
@@ -113,7 +132,7 @@ def test_layerwise_iterated_levels_follow_exact_count_sequence(model, prune_laye
 def test_global_scope_keeps_pooled_top_k_and_exceptions_at_their_own_rate(params, prune_global):
     old = holes(params, 0.25, seed=3)
     scores = magnitude(params, LAYERS)
-    new = prune_global(scores, old, GLOBAL.rates())
+    new = prune_global(scores, old, rates(GLOBAL))
     assert_biases_and_dtype(new, params)
     pool = GLOBAL.global_layers
     o = np.concatenate([kernel(old, layer).ravel() for layer in pool])
@@ -135,7 +154,7 @@ def test_global_scope_keeps_pooled_top_k_and_exceptions_at_their_own_rate(params
 
 def test_zero_rates_prune_nothing(params, prune_layerwise):
     old = holes(params, 0.5, seed=4)
-    new = prune_layerwise(magnitude(params, LAYERS), old, LAYERWISE.rates(0.0))
+    new = prune_layerwise(magnitude(params, LAYERS), old, rates(LAYERWISE, 0.0))
     for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -143,10 +162,10 @@ def test_zero_rates_prune_nothing(params, prune_layerwise):
 def test_changing_rates_or_masks_does_not_recompile(params, prune_layerwise):
     scores = magnitude(params, LAYERS)
     full = full_masks(params)
-    rates = [LAYERWISE.rates(), LAYERWISE.rates(0.0), LAYERWISE.rates(2.5),
+    all_rates = [rates(LAYERWISE), rates(LAYERWISE, 0.0), rates(LAYERWISE, 2.5),
              ({"fc1": np.float32(0.5), "fc2": np.float32(0.0), "out": np.float32(0.9)},
               np.float32(0.0))]
-    results = [prune_layerwise(scores, masks, r) for r in rates for masks in (full, holes(params, 0.1))]
+    results = [prune_layerwise(scores, masks, r) for r in all_rates for masks in (full, holes(params, 0.1))]
     assert prune_layerwise._cache_size() == 1
     custom = {layer: int(c) for layer, c in remaining(results[-2], LAYERS).items()}
     assert custom == {"fc1": 117600, "fc2": 30000, "out": 100}
@@ -162,7 +181,8 @@ def test_number_to_keep_rounds_half_to_even():
 
 def test_random_masks_have_exact_counts_and_differ(params):
     masks = holes(params, 0.6, seed=5)
-    random = jax.jit(random_masks_like, static_argnums=2)(jax.random.key(7), masks, LAYERS)
+    random = jax.jit(lambda key, masks: with_kernels(
+        masks, random_like(key, kernels(masks, LAYERS))))(jax.random.key(7), masks)
     assert_biases_and_dtype(random, params)
     for layer in LAYERS:
         a, b = kernel(masks, layer), kernel(random, layer)
@@ -207,5 +227,5 @@ def test_nan_scores_never_revive_pruned_weights():
 
     scores = jnp.array([jnp.nan, 0.5, 1.0, 2.0])
     mask = jnp.array([1.0, 1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(keep_top(scores, mask, 1), [0.0, 1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(keep_top(scores, mask, 2), [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(keep_top(scores, mask, 1, TIES), [0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(keep_top(scores, mask, 2, TIES), [1.0, 1.0, 0.0, 0.0])

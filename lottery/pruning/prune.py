@@ -3,9 +3,10 @@
 A *unit* is what a score ranks and a mask keeps: a weight of a prunable kernel
 (unstructured pruning) or a whole neuron or channel (structured). Pruning works on
 `{name: 0/1 array}` selections of units (one entry per layer or per structure group) and
-keeps, among the survivors of a base selection, the `count` highest-scoring ones. Ties are
-broken by position, so every count is exact. Counts are traced values: changing them never
-recompiles.
+keeps, among the survivors of a base selection, the `count` highest-scoring ones. Ties are broken at random
+from a key the caller derives (`lottery.seeds`), never by position or layer order, so every
+count is exact and equal scores (a quantised grid, rewound weights, weights already pruned)
+share the cut fairly. Counts are traced values: changing them never recompiles.
 
 `PrunePlan.counts` plans every level's counts on the host: layerwise (each layer at its
 rate), global (one pool, one threshold) or ERK (the pool's total split over its layers by
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottery.pruning.masks import MASK_DTYPE, kernels, with_kernels
+from lottery.seeds import name_id
 
 
 class PlanError(ValueError):
@@ -54,11 +56,6 @@ class PrunePlan:
     def pooled(self) -> tuple[str, ...]:
         """The layers ranked together under one threshold (none for ERK)."""
         return () if self.erk else self.global_layers
-
-    def rates(self, scale: float = 1.0):
-        """The rates as arrays, the traced second argument of `prune` (scale 0: prune nothing)."""
-        return ({k: np.float32(v * scale) for k, v in self.layer_rates.items()},
-                np.float32(self.global_rate * scale))
 
     def counts(self, shapes: dict[str, tuple[int, ...]], levels: int) -> list[Counts]:
         """Units kept at levels 0..`levels` (`shapes`: each name's unit array shape); raises
@@ -99,24 +96,32 @@ def number_to_keep(surviving, rate):
     return surviving - jnp.round(rate * surviving).astype(surviving.dtype)
 
 
-def keep_top(scores, mask, n_keep):
-    """A mask keeping exactly the `n_keep` highest-scoring surviving entries of `mask`."""
-    lowest = jnp.finfo(scores.dtype).min  # a NaN score (diverged weight): last of the survivors
+def keep_top(scores, mask, n_keep, key):
+    """A mask keeping exactly the `n_keep` highest-scoring surviving entries of `mask`.
+
+    Equal scores are ordered by a random permutation drawn from `key`: which of them is kept
+    never depends on its position (stable sorting would keep the first entries of the first
+    layer). A NaN score (a diverged weight) ranks below every number among the survivors."""
+    lowest = jnp.finfo(scores.dtype).min
     flat = jnp.where(mask.ravel() > 0, jnp.nan_to_num(scores.ravel(), nan=lowest), -jnp.inf)
-    order = jnp.argsort(-flat, stable=True)
+    tiebreak = jax.random.permutation(key, flat.size)
+    order = jnp.lexsort((tiebreak, -flat))  # by score, highest first; ties by `tiebreak`
     ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     return (ranks < n_keep).astype(MASK_DTYPE).reshape(mask.shape)
 
 
-def keep_counts(plan: PrunePlan, scores: dict, base: dict, counts: Counts) -> dict:
+def keep_counts(plan: PrunePlan, scores: dict, base: dict, counts: Counts, key) -> dict:
     """The selection keeping, among the survivors of `base`, `counts` of the highest `scores`:
-    per name for the names in `counts.layers`, over the pool for `plan.pooled`."""
-    new = {name: keep_top(scores[name], base[name], count)
+    per name for the names in `counts.layers`, over the pool for `plan.pooled`; ties broken
+    at random from `key` (one draw per name, one for the pool)."""
+    new = {name: keep_top(scores[name], base[name], count,
+                          jax.random.fold_in(key, name_id(name)))
            for name, count in counts.layers.items()}
     if plan.pooled:
         flat_scores = jnp.concatenate([scores[name].ravel() for name in plan.pooled])
         flat_base = jnp.concatenate([base[name].ravel() for name in plan.pooled])
-        kept = keep_top(flat_scores, flat_base, counts.pool)
+        kept = keep_top(flat_scores, flat_base, counts.pool,
+                        jax.random.fold_in(key, name_id("global pool")))
         start = 0
         for name in plan.pooled:
             size = base[name].size
@@ -150,22 +155,13 @@ def interpolate(start: Counts, end: Counts, remaining_fraction, curve="cubic") -
     return jax.tree.map(one, start, end)
 
 
-def prune(plan: PrunePlan, scores, masks, rates):
-    """New masks after one iterative level: `scores` by layer name, `rates` from
-    `plan.rates()` (the fraction of each layer's or the pool's survivors removed)."""
-    layer_rates, global_rate = rates
-    old = kernels(masks, plan.layers)
-    alive = survivors(plan, old)
-    counts = Counts({name: number_to_keep(alive.layers[name], layer_rates[name])
-                     for name in alive.layers}, number_to_keep(alive.pool, global_rate))
-    return with_kernels(masks, keep_counts(plan, scores, old, counts))
-
-
-def random_like(key, selection: dict) -> dict:
-    """Random selections with exactly the per-name counts of `selection` (random_prune)."""
+def random_like(key, selection: dict, candidates: dict | None = None) -> dict:
+    """Random selections with exactly the per-name counts of `selection` (random_prune),
+    drawn among `candidates` (default: every unit)."""
     keys = jax.random.split(key, len(selection))
-    return {name: keep_top(jax.random.uniform(k, s.shape), jnp.ones_like(s),
-                           jnp.sum(s).astype(jnp.int32))
+    return {name: keep_top(jax.random.uniform(k, s.shape),
+                           jnp.ones_like(s) if candidates is None else candidates[name],
+                           jnp.sum(s).astype(jnp.int32), jax.random.fold_in(k, 1))
             for k, (name, s) in zip(keys, selection.items())}
 
 
@@ -175,15 +171,3 @@ def shuffled(key, selection: dict) -> dict:
     keys = jax.random.split(key, len(selection))
     return {name: jax.random.permutation(k, s.ravel()).reshape(s.shape)
             for k, (name, s) in zip(keys, selection.items())}
-
-
-def inverted(scores: dict, base: dict, selection: dict) -> dict:
-    """Among the survivors of `base`, the *lowest*-scoring units, as many per name as
-    `selection` keeps (score inversion, Frankle et al. 2021)."""
-    return {name: keep_top(-scores[name], base[name], jnp.sum(s).astype(jnp.int32))
-            for name, s in selection.items()}
-
-
-def random_masks_like(key, masks, layers):
-    """Random masks with exactly the per-layer counts of `masks` (the random_prune control)."""
-    return with_kernels(masks, random_like(key, kernels(masks, layers)))

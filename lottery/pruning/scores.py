@@ -119,11 +119,11 @@ def grasp(model, params, model_state, masks, layers, batch, key, *,
     return {layer: ks[layer] * hg[layer] for layer in layers}
 
 
-def _abs_floats(tree):
-    """|leaf| of every floating-point leaf of `tree` (other leaves unchanged)."""
+def _abs_floats(tree, dtype):
+    """|leaf| in `dtype` of every floating-point leaf of `tree` (other leaves unchanged)."""
     def absolute(a):
         floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
-        return jnp.abs(a) if floating else a
+        return jnp.abs(a).astype(dtype) if floating else a
 
     return jax.tree.map(absolute, tree)
 
@@ -142,15 +142,17 @@ def synflow(model, params, model_state, masks, layers, batch, key):
     to exponentially decreasing densities (density^(k/100) after round k), re-scoring the
     masked network with this function before each round.
 
-    Numerics: R is a product of |weights| through the depth of the network and is computed
-    in float32 here; for very deep or wide networks it can overflow to inf (and the scores
-    to inf/NaN) where the paper used float64. The engine's ranking puts NaN scores last.
+    Numerics: R is a product of |weights| through the depth of the network (ResNet-56 at
+    init: far above float32's 3e38), so the network is computed in float64 where the
+    caller enables it (`jax.enable_x64`, as the engine does for SynFlow, like the reference
+    code's `model.double()`), else in float32. The engine refuses non-finite scores.
     """
     del key
     input_shape = batch[0].shape[1:]
-    theta = apply_masks(_abs_floats(params), masks)
-    state = _abs_floats(model_state)
-    ones = jnp.ones((1, *input_shape), jnp.float32)
+    wide = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless x64 is on
+    theta = apply_masks(_abs_floats(params, wide), masks)
+    state = _abs_floats(model_state, wide)
+    ones = jnp.ones((1, *input_shape), wide)
 
     def r(ks):
         logits, _ = model.apply(with_kernels(theta, ks), state, ones, train=False)
