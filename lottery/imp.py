@@ -47,6 +47,7 @@ from lottery.pruning.prune import (
 from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows
+from lottery.rundir import exclusive
 from lottery.seeds import member_keys, name_id
 from lottery.train import Trainer
 
@@ -390,8 +391,6 @@ def run(cfg: RunConfig, out_dir: Path, log=print) -> pd.DataFrame:
     cut back to that point, so no row is written twice) and gives the same numbers as an
     uninterrupted run; a finished run is not run again. The run holds `out_dir`'s lock
     (`lottery.rundir`) throughout: another process on the same directory stops at once."""
-    from lottery.rundir import exclusive
-
     out_dir = Path(out_dir)
     with exclusive(out_dir, warn=log):
         store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
