@@ -122,7 +122,8 @@ def print_table(table) -> None:
     for row in table.itertuples():
         view.add_row(str(row.level), f"{100 * row.density:.2f}%", row.branch,
                      f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}",
-                     f"{row.early_stop_step_mean:.0f}", str(row.replicates))
+                     f"{row.early_stop_step_mean:.0f}",
+                     f"{row.replicates}" + (f" (+{row.diverged} diverged)" if row.diverged else ""))
     Console().print(view)
 
 

@@ -595,9 +595,11 @@ def _run(cfg: RunConfig, out_dir: Path, store: CheckpointStore, checkpoint, log)
             record.write(row)
             summaries.append(row)
         lost |= {r for r in range(R) if diverged[ticket_at + r] >= 0}
+        # diverged members are left out of the means, as in the tables
+        healthy = np.where(diverged < 0, summary["early_stop_test_accuracy"], np.nan)
         log(f"level {level}: {100 * density[ticket_at]:.2f}% remaining, {seconds:.0f}s; early-stop "
             "test accuracy " + ", ".join(
-                f"{b} {100 * np.nanmean(summary['early_stop_test_accuracy'][i * R:(i + 1) * R]):.2f}%"
+                f"{b} {100 * np.nanmean(healthy[i * R:(i + 1) * R]):.2f}%"
                 for i, b in enumerate(branches))
             + (f"; instability barrier {100 * np.nanmean(list(barriers.values())):.2f}%"
                if barriers else "")
