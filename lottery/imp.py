@@ -54,14 +54,6 @@ from lottery.train import Trainer
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
 
 
-def check_reachable(plan: PrunePlan, weights: dict[str, int], levels: int) -> None:
-    """Refuse a schedule that would remove every weight of a layer (or of the global pool)."""
-    try:
-        plan.counts({layer: (count,) for layer, count in weights.items()}, levels)
-    except PlanError as error:
-        raise ConfigError(str(error)) from None
-
-
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
 

@@ -56,6 +56,18 @@ def run_config(*args: str, base: dict | None = TINY) -> RunConfig:
     return validate(compose_config(*args, base=base))
 
 
+def check_reachable(plan, weights: dict[str, int], levels: int) -> None:
+    """`ConfigError` where `plan` would empty a layer (or the pool) of a dense-layer model
+    with `weights` per layer within `levels` levels, as `imp.build` refuses it."""
+    from lottery.config import ConfigError
+    from lottery.pruning.prune import PlanError
+
+    try:
+        plan.counts({layer: (count,) for layer, count in weights.items()}, levels)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
+
+
 def expected_counts(n: int, rate: float, levels: int) -> list[int]:
     """Surviving weights after 0..levels levels: n - round(rate * n) each level, in float32
     arithmetic with round-half-to-even, as the engine does."""

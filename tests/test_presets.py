@@ -5,11 +5,10 @@ from pathlib import Path
 
 import jax
 import pytest
-from helpers import WEIGHTS, compose_config, expected_counts
+from helpers import WEIGHTS, check_reachable, compose_config, expected_counts
 
 from lottery.cli import CONF_DIR
 from lottery.config import validate
-from lottery.imp import check_reachable
 from lottery.models import MODELS, build_model
 from lottery.optim import build_optimizer
 

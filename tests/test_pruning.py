@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import LAYERS, WEIGHTS, expected_counts
+from helpers import LAYERS, WEIGHTS, check_reachable, expected_counts
 from lottery.config import ConfigError
-from lottery.imp import check_reachable
 from lottery.models import build_model
 from lottery.pruning.masks import (MASK_DTYPE, apply_masks, density, full_masks, kernels,
                                    remaining, with_kernels)

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import (
+    check_reachable,
     compose_config,
     expected_counts,
     host,
@@ -182,7 +183,7 @@ def check_train_step(cfg, compiled: bool):
     parts = imp.build(cfg)
     assert sum(parts.weights.values()) == expected_prunable(cfg.model)
     assert parts.cfg.steps == 2 and parts.chunk == 2
-    imp.check_reachable(parts.plan, parts.weights, cfg.levels)
+    check_reachable(parts.plan, parts.weights, cfg.levels)
     abstract = jax.eval_shape(parts.model.init, jax.random.key(0))
     n = parts.trainer.padded_size
     if not compiled:
