@@ -28,17 +28,21 @@ def kept(densities, shapes=SHAPES):
     return sum(densities[layer] * math.prod(shape) for layer, shape in shapes.items())
 
 
-def rigl_reference(shapes, density):
-    """RigL's `sparse_utils.get_sparsities` (erdos_renyi_kernel, no custom sparsities),
-    transcribed: one re-solve per layer with the largest raw probability made dense,
-    budget counted with floor(sparsity * n) zeros per layer."""
+def rigl_reference(shapes, density, exact=False):
+    """RigL's rule, ported from google-research/rigl rigl/sparse_utils.py
+    `get_sparsities_erdos_renyi` (method erdos_renyi_kernel, no custom sparsities, scale 1):
+    eps = rhs / divisor with rhs = Σ_sparse (n - zeros) - Σ_dense zeros and divisor =
+    Σ_sparse raw · n, raw = Σ dims / Π dims; while max(raw) · eps > 1 the layer(s) with the
+    largest raw probability are made dense and eps re-solved, one at a time. RigL counts
+    zeros = floor(sparsity · n) per layer (`get_n_zeros`); `exact=True` uses the real
+    sparsity · n, the paper's equation, with which the engine must agree to rounding."""
     dense = set()
     while True:
         divisor = rhs = 0.0
         raw_probabilities = {}
         for layer, shape in shapes.items():
             n_param = math.prod(shape)
-            n_zeros = math.floor((1 - density) * n_param)
+            n_zeros = (1 - density) * n_param if exact else math.floor((1 - density) * n_param)
             if layer in dense:
                 rhs -= n_zeros
             else:
@@ -140,17 +144,53 @@ def test_dense_layers():
         erk_densities(SHAPES, 0.5, dense_layers=("nope",))
 
 
-@pytest.mark.parametrize("density", [0.001, 0.03, 0.2, 0.61])
-def test_counts(density):
-    d = erk_densities(SHAPES, density)
-    counts = erk_counts(SHAPES, density)
-    assert set(counts) == set(SHAPES)
-    assert all(isinstance(c, int) and 1 <= c <= SIZES[k] for k, c in counts.items())
-    assert sum(counts.values()) == round(density * TOTAL)
+# conv and dense kernels where saturation cascades: a tiny first conv, a small output
+# layer, a huge dense layer; at low densities RigL makes out, then conv1, then conv2 dense,
+# one re-solve each (each raises eps and pushes the next layer over 1)
+CASCADE = {
+    "conv1": (3, 3, 3, 8),
+    "conv2": (3, 3, 8, 16),
+    "fc": (4096, 1000),
+    "out": (1000, 10),
+}
+
+
+def test_the_cascade_really_needs_re_solving():
+    """At 5.5% the first solve leaves conv2 below 1 (0.96), but once out and conv1 are dense
+    the re-solved eps puts it above (1.10): an allocation that clipped the first eps, or
+    re-solved only once, would get the budget wrong."""
+    sizes = {k: math.prod(s) for k, s in CASCADE.items()}
+    eps = 0.055 * sum(sizes.values()) / sum(raw(s) * sizes[k] for k, s in CASCADE.items())
+    assert eps * raw(CASCADE["conv2"]) < 1 < eps * raw(CASCADE["conv1"])
+    reference = rigl_reference(CASCADE, 0.055, exact=True)
+    assert {k for k, v in reference.items() if v == 1.0} == {"out", "conv1", "conv2"}
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, CASCADE], ids=["convnet", "cascade"])
+@pytest.mark.parametrize("density", [0.005, 0.02, 0.055, 0.1, 0.3, 0.5, 0.9])
+def test_matches_rigl_exactly(shapes, density):
+    """With RigL's per-layer floor taken out, the same densities to rounding error."""
+    ours, theirs = erk_densities(shapes, density), rigl_reference(shapes, density, exact=True)
+    assert {k for k, v in ours.items() if v == 1.0} == {k for k, v in theirs.items() if v == 1.0}
+    for layer in shapes:
+        assert ours[layer] == pytest.approx(theirs[layer], rel=1e-9)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, CASCADE], ids=["convnet", "cascade"])
+@pytest.mark.parametrize("density", [0.001, 0.03, 0.055, 0.2, 0.61])
+def test_counts(shapes, density):
+    """Each layer's count within one weight of RigL's density x size (dense layers whole),
+    and the total exactly round(density x total)."""
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    reference = rigl_reference(shapes, density, exact=True)
+    counts = erk_counts(shapes, density)
+    assert set(counts) == set(shapes)
+    assert all(isinstance(c, int) and 1 <= c <= sizes[k] for k, c in counts.items())
+    assert sum(counts.values()) == round(density * sum(sizes.values()))
     for layer, c in counts.items():
-        assert abs(c - d[layer] * SIZES[layer]) < 1
-        if d[layer] == 1.0:
-            assert c == SIZES[layer]
+        assert abs(c - reference[layer] * sizes[layer]) < 1
+        if reference[layer] == 1.0:
+            assert c == sizes[layer]
 
 
 def test_counts_at_least_one():

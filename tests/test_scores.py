@@ -108,17 +108,27 @@ def test_magnitude(setup):
 
 
 def test_random(setup):
+    """Draws in [0, 1) that depend on the key alone: not on the weights, the masks or the
+    batch (Synaptic-Flow's `Rand` scores i.i.d. noise too: any i.i.d. continuous draw
+    prunes a uniformly random subset), a different stream for each layer."""
     params, state, masks, batch = setup
     key = jax.random.key(3)
     scores = score("random", params, state, masks, batch, key)
-    reference = uniform_random(key, params, LAYERS)
+    x, y = batch
+    again = score("random", jax.tree.map(lambda a: 3 * a + 1, params), state,
+                  full_masks(params), (x + 1, (y + 1) % N_OUT), key)
     for layer in LAYERS:
         s = np.asarray(scores[layer])
         assert s.shape == params[layer]["kernel"].shape
         assert np.all((s >= 0) & (s < 1))
-        np.testing.assert_array_equal(s, reference[layer])
+        np.testing.assert_array_equal(s, again[layer])
+    assert not np.allclose(np.asarray(scores["fc1"]).ravel()[:8],
+                           np.asarray(scores["out"]).ravel()[:8])
     other = score("random", params, state, masks, batch, jax.random.key(4))
     assert not np.allclose(other["fc1"], scores["fc1"])
+    # the historical helper the random-pruning control uses: uniform, key-dependent too
+    helper = uniform_random(key, params, LAYERS)
+    assert all(np.all((np.asarray(h) >= 0) & (np.asarray(h) < 1)) for h in helper.values())
 
 
 def test_snip_closed_form(setup):
