@@ -353,6 +353,48 @@ def test_synflow_on_a_batch_norm_conv_net_uses_eval_mode_and_absolute_statistics
         assert np.all(got[masks[layer] == 0] == 0)
 
 
+def snip_eval_reference(params, state, masks, x, y):
+    """|∂L/∂c| at c = 1 on the ConvBN net, batch norm in evaluation mode with its running
+    statistics, as both SNIP references score (snip-public `snip/prune.py` feeds
+    `is_train: False`; Synaptic-Flow's `prune.py` calls `model.eval()` before scoring)."""
+    def bn(h, name):
+        return ((h - state[name]["mean"]) / jnp.sqrt(state[name]["var"] + BN_EPS)
+                * params[name]["scale"] + params[name]["bias"])
+
+    def loss(c):
+        k = {layer: params[layer]["kernel"] * masks[layer] * c[layer] for layer in CB_LAYERS}
+        h = jax.nn.relu(bn(conv(x, k["conv1"], "SAME") + params["conv1"]["bias"], "bn1"))
+        h = jax.nn.relu(bn(conv(h, k["conv2"], "VALID"), "bn2"))
+        return cross_entropy(h.mean(axis=(1, 2)) @ k["out"] + params["out"]["bias"], y)
+
+    grads = jax.jit(jax.grad(loss))({layer: jnp.ones_like(masks[layer]) for layer in CB_LAYERS})
+    return {layer: np.abs(np.asarray(grads[layer])) for layer in CB_LAYERS}
+
+
+def test_snip_on_a_batch_norm_conv_net_scores_in_evaluation_mode():
+    model = conv_bn_model()
+    params, state = jax.jit(model.init)(jax.random.key(23))
+    rng = np.random.default_rng(24)
+    masks = {layer: np.asarray(rng.random(params[layer]["kernel"].shape) >= 0.3, np.float32)
+             for layer in CB_LAYERS}
+    x = jnp.asarray(rng.standard_normal((8, *CB_INPUT)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 8), jnp.int32)
+    scores = jax.jit(lambda p, s, m: SCORES["snip"](model, p, s, m, CB_LAYERS, (x, y),
+                                                    jax.random.key(0)))(
+        params, state, with_kernels(full_masks(params), masks))
+    expected = snip_eval_reference(params, state, masks, x, y)
+    for layer in CB_LAYERS:
+        np.testing.assert_allclose(np.asarray(scores[layer]), expected[layer], rtol=1e-4,
+                                   atol=1e-6 * expected[layer].max())
+    # training mode (the batch's statistics) would score differently on this net
+    train_mode = jax.jit(jax.grad(lambda c: cross_entropy(model.apply(with_kernels(
+        params, {layer: params[layer]["kernel"] * masks[layer] * c[layer]
+                 for layer in CB_LAYERS}), state, x, train=True)[0], y)))(
+        {layer: jnp.ones_like(masks[layer]) for layer in CB_LAYERS})
+    assert not np.allclose(np.abs(np.asarray(train_mode["conv1"])), expected["conv1"],
+                           rtol=1e-2)
+
+
 # ========================================================= Zhu & Gupta's gradual schedule
 #
 # Reference: tensorflow/model-optimization,

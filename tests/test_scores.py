@@ -132,18 +132,18 @@ def test_random(setup):
 
 
 def test_snip_closed_form(setup):
-    """|g ⊙ θ| with the gradient of the mean cross-entropy written out by hand, training mode
-    (batch centring, so b1 drops out)."""
+    """|g ⊙ θ| with the gradient of the mean cross-entropy written out by hand, evaluation
+    mode as SNIP's references score (the running mean centres h, b1 stays)."""
     params, state, masks, (x, y) = setup
-    p, m = np_(params), np_(masks)
+    p, m, s = np_(params), np_(masks), np_(state)
     w1 = p["fc1"]["kernel"] * m["fc1"]["kernel"]
     w2 = p["out"]["kernel"] * m["out"]["kernel"]
-    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
-    h = xc @ w1
+    xs = np.asarray(x, np.float64)
+    h = xs @ w1 + p["fc1"]["bias"] - s["fc1"]["mean"]
     logits = h @ w2 + p["out"]["bias"]
     d = (softmax(logits) - np.eye(N_OUT)[np.asarray(y)]) / N_BATCH  # dL/dlogits
     g2 = h.T @ d
-    g1 = xc.T @ (d @ w2.T)
+    g1 = xs.T @ (d @ w2.T)
     expected = {"fc1": np.abs(g1 * w1), "out": np.abs(g2 * w2)}
     scores = score("snip", params, state, masks, (x, y))
     assert_close(scores, expected)
@@ -154,12 +154,13 @@ def test_snip_closed_form(setup):
 def test_snip_finite_differences(setup):
     """The gradient in SNIP against central differences of the loss (float64 numpy)."""
     params, state, masks, (x, y) = setup
-    p, m = np_(params), np_(masks)
-    xc = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
+    p, m, s = np_(params), np_(masks), np_(state)
+    xs = np.asarray(x, np.float64)
     labels = np.asarray(y)
 
-    def loss(w1, w2):
-        logp = np.log(softmax(xc @ w1 @ w2 + p["out"]["bias"]))
+    def loss(w1, w2):  # evaluation mode: centred by the running mean
+        h = xs @ w1 + p["fc1"]["bias"] - s["fc1"]["mean"]
+        logp = np.log(softmax(h @ w2 + p["out"]["bias"]))
         return -logp[np.arange(N_BATCH), labels].mean()
 
     w = {layer: p[layer]["kernel"] * m[layer]["kernel"] for layer in LAYERS}

@@ -49,13 +49,15 @@ def _mean_cross_entropy(logits, labels):
         logits.astype(jnp.float32), labels).mean()
 
 
-def _kernel_loss(model, theta, model_state, layers, batch, key, temperature=1.0):
-    """The mean training-mode cross-entropy on `batch` as a function of the prunable kernels
-    of the masked params `theta` (everything else fixed), and those kernels."""
+def _kernel_loss(model, theta, model_state, layers, batch, key, temperature=1.0, train=True):
+    """The mean cross-entropy on `batch` (in training or evaluation mode) as a function of
+    the prunable kernels of the masked params `theta` (everything else fixed), and those
+    kernels."""
     x, y = batch
 
     def loss(ks):
-        logits, _ = model.apply(with_kernels(theta, ks), model_state, x, train=True, key=key)
+        logits, _ = model.apply(with_kernels(theta, ks), model_state, x, train=train,
+                                key=key if train else None)
         return _mean_cross_entropy(logits / temperature, y)
 
     return loss, kernels(theta, layers)
@@ -77,14 +79,16 @@ def random_score(model, params, model_state, masks, layers, batch, key):
 def snip(model, params, model_state, masks, layers, batch, key):
     """SNIP connection sensitivity (Lee et al. 2019): |g ⊙ θ| with g = ∂L/∂θ.
 
-    L is the mean cross-entropy of the masked network on `batch` in training mode (batch
-    norm uses the batch's statistics; `key` drives dropout, if any). |g ⊙ θ| is the paper's
+    L is the mean cross-entropy of the masked network on `batch` in evaluation mode (batch
+    norm uses its running statistics, no dropout; `key` is unused), as both reference
+    implementations score (snip-public's `prune.py` feeds `is_train: False`, Synaptic-Flow's
+    `prune_loop` calls `model.eval()`). |g ⊙ θ| is the paper's
     |∂L/∂c| at c = 1 for the multiplicative connection variables c. The paper's
     normalisation by the sum of scores is a positive constant and does not change the
     ranking, so it is left out. Pruned entries score exactly 0.
     """
     theta = apply_masks(params, masks)
-    loss, ks = _kernel_loss(model, theta, model_state, layers, batch, key)
+    loss, ks = _kernel_loss(model, theta, model_state, layers, batch, key, train=False)
     grads = jax.grad(loss)(ks)
     return {layer: jnp.abs(grads[layer] * ks[layer]) for layer in layers}
 
@@ -98,7 +102,9 @@ def grasp(model, params, model_state, masks, layers, batch, key, *,
     (those whose removal least reduces the gradient flow); keeping the highest θ ⊙ Hg is the
     same selection. L is the mean training-mode cross-entropy with the logits divided by
     `temperature` (T = 200 in the reference implementation), for both g and Hg; batch norm
-    uses the batch's statistics and `key` drives dropout, if any (the same draw for both).
+    uses the batch's statistics and `key` drives dropout, if any (the same draw for both):
+    training mode, as GraSP's own code scores (its `.eval()` is commented out; Synaptic-Flow
+    scores GraSP in evaluation mode).
 
     Hg is a Hessian-vector product with the Hessian of the kernels only (biases and
     batch-norm parameters are held fixed), computed as the reference code does: the
