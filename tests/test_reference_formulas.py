@@ -331,12 +331,18 @@ def synflow_reference(params, state, masks):
     return {layer: np.asarray(jnp.abs(grads[layer] * theta[layer])) for layer in CB_LAYERS}
 
 
-def test_synflow_on_a_batch_norm_conv_net_uses_eval_mode_and_absolute_statistics():
+def conv_bn_setup(seed: int):
+    """The ConvBN net at a seed, with random masks keeping about 70% of each kernel."""
     model = conv_bn_model()
-    params, state = jax.jit(model.init)(jax.random.key(21))
-    rng = np.random.default_rng(22)
+    params, state = jax.jit(model.init)(jax.random.key(seed))
+    rng = np.random.default_rng(seed + 1)
     masks = {layer: np.asarray(rng.random(params[layer]["kernel"].shape) >= 0.3, np.float32)
              for layer in CB_LAYERS}
+    return model, params, state, masks, rng
+
+
+def test_synflow_on_a_batch_norm_conv_net_uses_eval_mode_and_absolute_statistics():
+    model, params, state, masks, rng = conv_bn_setup(21)
     batch = (jnp.asarray(rng.standard_normal((8, *CB_INPUT)), jnp.float32),
              jnp.zeros(8, jnp.int32))
     with imp.Method("synflow").precision:  # the engine's float64, as the reference's double()
@@ -372,11 +378,7 @@ def snip_eval_reference(params, state, masks, x, y):
 
 
 def test_snip_on_a_batch_norm_conv_net_scores_in_evaluation_mode():
-    model = conv_bn_model()
-    params, state = jax.jit(model.init)(jax.random.key(23))
-    rng = np.random.default_rng(24)
-    masks = {layer: np.asarray(rng.random(params[layer]["kernel"].shape) >= 0.3, np.float32)
-             for layer in CB_LAYERS}
+    model, params, state, masks, rng = conv_bn_setup(23)
     x = jnp.asarray(rng.standard_normal((8, *CB_INPUT)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, 8), jnp.int32)
     scores = jax.jit(lambda p, s, m: SCORES["snip"](model, p, s, m, CB_LAYERS, (x, y),
