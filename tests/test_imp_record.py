@@ -1,6 +1,7 @@
 """The record of a run (`record.jsonl`, `levels/level_NN.npz`, `rewind.npz`), early-stop
 summaries, exact densities, rewinding to step k > 0, and `lottery.record.load`."""
 
+import functools
 import json
 import shutil
 
@@ -10,9 +11,11 @@ import pandas as pd
 import pytest
 
 import helpers
-from helpers import BRANCHES, LAYERS, METRICS, WEIGHTS, expected_counts, host, load_npz
-from lottery import imp
+from helpers import BRANCHES, LAYERS, METRICS, WEIGHTS, expected_counts, load_npz
+from lottery.data import load_dataset
+from lottery.models import build_model
 from lottery.record import RECORD_NAME, load
+from plain_loop import data_key, flat, hand_schedule, initial_weights, ones_like, plain_training
 
 R, LEVELS = 2, 2
 EVAL_COLUMNS = ["level", "branch", "replicate", "density", "step", "val_loss", "val_accuracy",
@@ -172,20 +175,29 @@ def test_saved_level_masks_match_the_summary_densities(main_run, summaries):
     assert not np.array_equal(previous["fc1/kernel"][0], previous["fc1/kernel"][1])
 
 
+@functools.cache
+def lenet():
+    return build_model("lenet_300_100", (28, 28, 1), 10)
+
+
 def test_rewind_weights_at_step_zero_are_the_initialisation(main_run):
-    parts = helpers.setup(main_run.cfg)
-    _, _, initial = imp.level_programs(parts.model, parts.plan, BRANCHES, R, parts.trainer)
-    init = host(initial(0)[0][0])
+    """Replicate r's rewind weights at k = 0: the model's init from the member's derived
+    key (seed, replicate r, level 0, ticket, "init")."""
     saved = load_npz(main_run.dir / "rewind.npz")
     assert set(saved) == {f"params/{layer}/{leaf}" for layer in LAYERS
                           for leaf in ("kernel", "bias")}  # no model state: no batch norm
-    for key, value in saved.items():
-        _, layer, leaf = key.split("/")
-        assert value.dtype == np.float32
-        np.testing.assert_array_equal(value, init[layer][leaf])
+    for r in range(R):
+        params, model_state = initial_weights(lenet(), main_run.cfg.seed, R, r)
+        assert model_state == {}
+        expected = flat(params, "params")
+        assert saved.keys() == expected.keys()
+        for key, value in saved.items():
+            assert value.dtype == np.float32
+            np.testing.assert_array_equal(value[r], expected[key])
+    assert not np.array_equal(saved["params/fc1/kernel"][0], saved["params/fc1/kernel"][1])
 
 
-def test_summary_table_and_its_printout(summaries, capsys):
+def test_summary_table_and_its_printout(main_run, summaries, capsys):
     from lottery.cli import print_table
     from lottery.record import summary_table
 
@@ -203,7 +215,26 @@ def test_summary_table_and_its_printout(summaries, capsys):
     assert (single["accuracy_std"] == 0).all() and (single["replicates"] == 1).all()
     print_table(table)
     out = capsys.readouterr().out
-    assert "early-stop test accuracy" in out and "random_prune" in out and "64.00%" in out
+    assert "early-stop test accuracy" in out
+    printed = [[cell.strip() for cell in line.strip().strip("│").split("│")]
+               for line in out.splitlines() if line.startswith("│")]
+    printed = {(int(cells[0]), cells[2]): cells[1] for cells in printed if cells[0].isdigit()}
+    assert sorted(printed) == sorted((level, b) for level in range(LEVELS + 1) for b in BRANCHES)
+    prune = main_run.cfg.resolved["prune"]
+    for (level, _), density in printed.items():
+        assert density == f"{100 * remaining_fraction(prune, level):.2f}%"
+    # DESIGN.md's density after n levels, (1 - p)^n: exact here, every layer's count is
+    assert printed[(LEVELS, "ticket")] == f"{100 * (1 - prune['rate']) ** LEVELS:.2f}%"
+
+
+def remaining_fraction(prune: dict, level: int) -> float:
+    """The weights left after `level` levels of layerwise pruning at the config's rate (the
+    same for every layer), by hand: each level removes round(rate * n) of a layer's n."""
+    assert prune["scope"] == "layerwise" and not prune["layer_rates"] and prune["rate"] == 0.2
+    left = dict(WEIGHTS)
+    for _ in range(level):
+        left = {layer: n - round(prune["rate"] * n) for layer, n in left.items()}
+    return sum(left.values()) / TOTAL
 
 
 # ---------------------------------------------------------------- rewinding to step k > 0
@@ -233,21 +264,28 @@ def test_rewind_weights_do_not_depend_on_the_training_length(rewind_runs, main_r
         assert moved.mean() > 0.5
 
 
-def test_rewind_weights_are_the_dense_ticket_after_k_steps(rewind_runs):
+def test_rewind_weights_are_a_plain_loops_weights_after_k_steps(rewind_runs):
+    """The rewind point (k = 10) of each ticket replicate is what a plain loop
+    (tests/plain_loop.py: the model's apply, optax's Adam, masks of ones) reaches after k
+    steps from the member's init on the batches of its data key, at Adam's constant rate.
+    (Float tolerance: XLA fuses the engine's scanned, sharded steps differently.)"""
     run = rewind_runs[40]
-    parts = helpers.setup(run.cfg)
-    assert parts.chunk == K
-    begin, ticket_of, initial = imp.level_programs(parts.model, parts.plan, BRANCHES, R,
-                                                   parts.trainer)
-    init, full = initial(0)
-    _, (params, model_state, masks, keys), *_ = begin(0, 0, parts.counts[0], init,
-                                                     full, init)
-    state, _ = parts.trainer.train_chunk(parts.trainer.start(params, model_state, masks), keys, 0)
-    after_k = host(ticket_of(state[0]))
+    cfg = run.cfg
+    assert cfg.optimizer["name"] == "adam" and not cfg.optimizer["milestones"]
+    assert not cfg.optimizer["warmup"] and not cfg.optimizer["weight_decay"]
+    data = load_dataset(cfg.dataset["name"], **{k: v for k, v in cfg.dataset.items()
+                                                if k != "name"})
     saved = load_npz(run.dir / "rewind.npz")
-    for key, value in saved.items():
-        _, layer, leaf = key.split("/")
-        np.testing.assert_array_equal(value, after_k[layer][leaf])
+    for r in range(R):
+        start = initial_weights(lenet(), cfg.seed, R, r)
+        key = data_key(cfg.seed, R, 0, "ticket", r)
+        params, _ = plain_training(lenet(), data, start, ones_like(start[0]), key, range(K),
+                                   cfg.batch_size, hand_schedule(cfg.optimizer["lr"]))
+        expected = flat(params, "params")
+        assert saved.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_allclose(saved[name][r], value, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{name}, replicate {r}")
 
 
 def test_rewound_levels_train_from_step_k(rewind_runs):
