@@ -10,6 +10,7 @@ import contextlib
 import io
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import pytest
 
 import helpers
 
-from lottery.lm import baselines, budget, compact, gpt, prune, scores, train
+from lottery.lm import baselines, budget, compact, corpus, gpt, prune, scores, train
 from lottery.lm import cli as lm_cli
 from lottery.lm.config import LMConfigError, validate
 from lottery.record import load, summary_table
@@ -259,15 +260,36 @@ def test_bad_request_from_the_command_line(tmp_path):
 # -- the budget loop end to end ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The lm_tiny preset, shortened: the distilled variant only (plain fine-tuning is the
-    same loop with alpha = 0, and the dense model's training), one chunk per phase, one
-    timing repeat; compilation is most of its time."""
+def tiny(tmp_path_factory):
+    """The lm_tiny preset, shortened: both variants (distilled first, so the controls are
+    its targets'; the plain `prune` one shares the dense model, the scores and the
+    evaluation programs), one chunk per phase, one timing repeat; compilation is most of
+    its time. Every fine-tuning of a variant is spied on: `fits[(branch, level)]` holds
+    what `BudgetRun.fit` got (params, masks, key, steps) and returned (params, eval rows)."""
     out = tmp_path_factory.mktemp("lm_tiny")
     cfg = validate(lm_cli.compose([*TINY, "pretrain.eval_every=20", "measure.repeats=1",
-                                   "budget.params_fraction=[0.8,0.7]", "variants=[prune_kd]"]))
-    summaries = budget.run(cfg, out)
-    return cfg, out, summaries
+                                   "budget.params_fraction=[0.8,0.7]",
+                                   "variants=[prune_kd,prune]"]))
+    data = budget.load_data(cfg)
+    fits, fit = {}, budget.BudgetRun.fit
+
+    def spy(self, trainer, params, masks, key, steps, every, row, desc):
+        result = fit(self, trainer, params, masks, key, steps, every, row, desc)
+        if row["branch"] in cfg.variants:
+            fits[row["branch"], row["level"]] = SimpleNamespace(
+                params=params, masks=jax.tree.map(np.array, masks), key=key, steps=steps,
+                every=every, trained=result[0], history=result[1])
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget.BudgetRun, "fit", spy)
+        summaries = budget.run(cfg, out, data)
+    return SimpleNamespace(cfg=cfg, out=out, summaries=summaries, data=data, fits=fits)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny):
+    return tiny.cfg, tiny.out, tiny.summaries
 
 
 def test_the_loop_stops_at_the_first_round_under_budget(tiny_run):
@@ -293,7 +315,7 @@ def test_record_rows_and_summary_table(tiny_run):
     cfg, out, summaries = tiny_run
     runs, evals, rows = (load(out, kind) for kind in ("run", "eval", "summary"))
     assert len(runs) == 1 and runs["dense_params"][0] == gpt.param_count(cfg.model)
-    assert set(evals["branch"]) == {"dense", "prune_kd", "scratch", "ticket"}
+    assert set(evals["branch"]) == {"dense", "prune_kd", "prune", "scratch", "ticket"}
     for column in ("val_loss", "test_loss", "val_accuracy", "test_accuracy", "bits_per_byte",
                    "density", "step"):
         assert evals[column].notna().all(), column
@@ -326,6 +348,140 @@ def test_lottery_report_reads_an_lm_run(tiny_run, tmp_path):
     written = write_report(tiny_run[1], tmp_path)
     assert (tmp_path / "report.md").exists() and all(p.exists() for p in written)
     assert "prune_kd" in (tmp_path / "report.md").read_text()
+
+
+# -- the plain `prune` variant, against the test's own counts, evaluation and training ------
+
+def _hand_count(cfg, heads, ffn) -> int:
+    """Parameters of the byte-level GPT with these per-layer sizes, counted from its layout:
+    token (256 x d) and position (context x d) embeddings, the final LayerNorm (2d); per
+    layer with heads, ln1 (2d) and per head q, k, v (d x hd + hd each) and its rows of wo
+    (hd x d); per layer with FFN units, ln2 (2d) and per unit w1's column, b1 and w2's row."""
+    d, hd, context = cfg.model.d_model, cfg.model.head_dim, cfg.model.context
+    total = 256 * d + context * d + 2 * d
+    for h, f in zip(heads, ffn):
+        total += (2 * d + h * (3 * (d * hd + hd) + hd * d)) if h else 0
+        total += (2 * d + f * (d + 1 + d)) if f else 0
+    return total
+
+
+_forward = jax.jit(gpt.apply, static_argnums=0)  # one program per config
+
+
+def _bits_per_byte(config, params, windows, masks=None) -> float:
+    """Mean next-byte cross entropy over all the windows at once, in bits (float64)."""
+    x, y = (np.asarray(a) for a in windows)
+    logits = np.asarray(_forward(config, params, jnp.asarray(x), masks), np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_p = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_p, y[..., None], -1).mean() / np.log(2))
+
+
+def _prune_rounds(tiny):
+    return tiny.summaries[tiny.summaries["branch"] == "prune"].sort_values("level")
+
+
+def test_prune_records_the_sizes_of_its_compacted_model_and_lands_on_the_budget(tiny):
+    cfg, rounds = tiny.cfg, _prune_rounds(tiny)
+    assert cfg.model.vocab == 256 and cfg.structures == ("heads", "ffn") and len(rounds) >= 1
+    dense = _hand_count(cfg, cfg.model.heads, cfg.model.ffn)
+    for row in rounds.itertuples():
+        fit = tiny.fits["prune", row.level]
+        # the recorded sizes are the round's masks' survivors (no layer removed)
+        assert row.heads == [int(m.sum()) for m in fit.masks["heads"]]
+        assert row.ffn == [int(m.sum()) for m in fit.masks["ffn"]]
+        assert row.layers == cfg.model.layers and fit.masks["layers"].all()
+        assert row.params == _hand_count(cfg, row.heads, row.ffn)
+        assert row.density == pytest.approx(row.params / dense)
+        small = compact.compact(cfg.model, fit.trained, fit.masks)[1]  # the model it stands for
+        assert sum(np.size(leaf) for leaf in jax.tree.leaves(small)) == row.params
+        assert row.bytes == 4 * row.params
+    params, unit = rounds["params"].tolist(), 2 * cfg.model.d_model + 1  # one FFN unit
+    first = next(i for i, p in enumerate(params) if p <= cfg.targets[0])
+    assert cfg.targets[0] - unit < params[first] <= cfg.targets[0]  # lands on each target
+    assert cfg.targets[-1] - unit < params[-1] <= cfg.targets[-1] < min(params[:-1],
+                                                                       default=np.inf)
+    assert rounds["budget_targets"].iloc[first][0] == cfg.targets[0]
+    assert rounds["budget_targets"].iloc[-1][-1] == cfg.targets[-1]
+
+
+def test_prune_records_the_bits_per_byte_of_its_compacted_models(tiny):
+    """bits/byte: the fine-tuned model, compacted, evaluated here on the test windows;
+    pruned_bits_per_byte: the model right after removal (before fine-tuning)."""
+    cfg, rounds = tiny.cfg, _prune_rounds(tiny)
+    record = load(tiny.out, "summary").set_index(["branch", "level"])
+    for row in rounds.itertuples():
+        fit = tiny.fits["prune", row.level]
+        after = _bits_per_byte(*compact.compact(cfg.model, fit.trained, fit.masks),
+                               tiny.data.test)
+        before = _bits_per_byte(*compact.compact(cfg.model, fit.params, fit.masks),
+                                tiny.data.test)
+        assert abs(after - before) > 1e-3  # fine-tuning moved it: the two are told apart
+        assert row.bits_per_byte == pytest.approx(after, rel=1e-5)
+        assert row.pruned_bits_per_byte == pytest.approx(before, rel=1e-5)
+        assert record.loc[("prune", row.level), "bits_per_byte"] == row.bits_per_byte
+        # the compacted model is the masked one (the same bits/byte, up to rounding)
+        assert _bits_per_byte(cfg.model, fit.trained, tiny.data.test,
+                              jax.tree.map(jnp.asarray, fit.masks)) == pytest.approx(after,
+                                                                                     rel=1e-5)
+
+
+def _fine_tune(cfg, data, fit, teacher, alpha: float):
+    """The test's own first fine-tuning chunk: `fit.steps` Adam steps (gradients clipped at
+    global norm 1; lr warmed up linearly from 0, then cosine decay to 10%) from the round's
+    params under its gates, batch i drawn with fold_in(round key, i); the objective is
+    alpha * T^2 KL(teacher || student) + (1 - alpha) * the LM cross entropy.
+    Returns (params, mean objective over the steps)."""
+    phase, model, t = cfg.finetune, cfg.model, cfg.kd_temperature
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
+        optax.warmup_cosine_decay_schedule(0.0, phase.lr, phase.warmup, phase.steps,
+                                           0.1 * phase.lr)))
+
+    def objective(params, masks, teacher, x, y, alpha):
+        logits = gpt.apply(model, params, x, masks)
+        lm = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1).mean()
+        soft = jax.nn.log_softmax(gpt.apply(model, teacher, x) / t)
+        kl = jnp.sum(jnp.exp(soft) * (soft - jax.nn.log_softmax(logits / t)), -1).mean()
+        return alpha * t ** 2 * kl + (1 - alpha) * lm
+
+    @jax.jit
+    def step(params, opt_state, masks, teacher, tokens, key, i, alpha):
+        x, y = corpus.sample_batch(tokens, jax.random.fold_in(key, i), phase.batch_size,
+                                   model.context)
+        value, grads = jax.value_and_grad(objective)(params, masks, teacher, x, y, alpha)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    params, opt_state, values = fit.params, tx.init(fit.params), []
+    masks = jax.tree.map(jnp.asarray, fit.masks)
+    for i in range(fit.steps):
+        params, opt_state, value = step(params, opt_state, masks, teacher, data.train,
+                                        fit.key, i, alpha)
+        values.append(float(value))
+    return params, float(np.mean(values))
+
+
+def test_prune_fine_tunes_on_the_lm_loss_without_the_teacher(tiny):
+    """Round 1 of `prune` is the test's plain LM-loss loop; the same loop with the teacher
+    gives another loss, and is what `prune_kd`'s round 1 recorded."""
+    cfg = tiny.cfg
+    plain, kd = tiny.fits["prune", 1], tiny.fits["prune_kd", 1]
+    teacher = plain.params  # round 1 starts from the dense model, which is the teacher
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(kd.params)):
+        np.testing.assert_array_equal(a, b)
+    for fit in (plain, kd):  # one chunk: its train_loss is the mean over every step
+        assert fit.steps == fit.every == cfg.finetune.steps and len(fit.history) == 1
+    assert 0 < cfg.kd_alpha < 1
+
+    params, loss = _fine_tune(cfg, tiny.data, plain, teacher, 0.0)
+    assert plain.history[0]["train_loss"] == pytest.approx(loss, rel=1e-5)
+    for got, want in zip(jax.tree.leaves(plain.trained), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    distilled = _fine_tune(cfg, tiny.data, plain, teacher, cfg.kd_alpha)[1]
+    assert abs(distilled - plain.history[0]["train_loss"]) > 0.1  # distilling shows
+    # and the loop's distillation is `prune_kd`'s
+    assert kd.history[0]["train_loss"] == pytest.approx(
+        _fine_tune(cfg, tiny.data, kd, teacher, cfg.kd_alpha)[1], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
