@@ -175,3 +175,33 @@ def test_options(name, options, weights):
 def test_bad_options_are_model_errors(name, shape, options, match):
     with pytest.raises(ModelError, match=match):
         build_model(name, shape, CLASSES, **options)
+
+
+def test_apply_in_training_mode_leaves_the_callers_statistics_alone():
+    """An eager training-mode call returns new batch-norm statistics and leaves the ones it
+    was given unchanged, also when they are numpy arrays (as notebooks load them from a
+    run's npz files): batch norm assigns its statistics in place."""
+    from flax import nnx
+
+    from lottery.models import spec_of
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x, *, train=False, rngs=None):
+            return self.bn(self.fc(x), use_running_average=not train)
+
+    def init(key):
+        _, params, state = nnx.split(Net(nnx.Rngs(key)), nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
+
+    model = spec_of("net", nnx.eval_shape(lambda: Net(nnx.Rngs(0))), init, ("fc",))
+    params, state = init(jax.random.key(0))
+    state = jax.tree.map(np.array, state)  # writable numpy leaves
+    before = state["bn"]["mean"].copy()
+    x = jax.random.normal(jax.random.key(1), (8, 3)) + 5.0
+    _, new_state = model.apply(params, state, x, train=True)
+    np.testing.assert_array_equal(np.asarray(state["bn"]["mean"]), before)  # all zeros
+    assert not np.allclose(np.asarray(new_state["bn"]["mean"]), before)

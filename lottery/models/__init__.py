@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from lottery.models.conv import Conv2, Conv4, Conv6
@@ -110,7 +111,10 @@ def spec_of(name: str, module: nnx.Module, init: Callable, prunable) -> ModelSpe
     graphdef, _, _ = nnx.split(module, nnx.Param, ...)
 
     def apply(params, state, x, train=False, key=None):
-        model = nnx.merge(graphdef, params, state)
+        # batch norm assigns its running statistics in place (`mean[...] = ...`): on numpy
+        # leaves, an eager call would overwrite the caller's arrays (or fail on read-only
+        # ones); as JAX arrays they are replaced instead (under jit they are tracers anyway)
+        model = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, state))
         rngs = None if key is None else nnx.Rngs(dropout=key)
         logits = model(x, train=train, rngs=rngs)
         return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
