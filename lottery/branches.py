@@ -19,9 +19,10 @@ this level and branch; a branch folds in a purpose name for each use.
 - shuffle: the ticket's masks permuted at random within each layer (group), start weights:
   the layerwise-shuffling sanity check of Frankle et al. 2021 (refused by the config where
   it would revive pruned trained weights: iterative pruning from trained weights).
-- inverted: per layer (group), as many units as the ticket keeps, chosen by the same method
-  with its scores inverted: every scoring round keeps the *lowest*-scoring survivors
-  (score inversion, Frankle et al. 2021; round by round, as Synaptic-Flow's `invert`).
+- inverted: the units the same method keeps with its scores inverted: every scoring round
+  keeps the *lowest*-scoring survivors, as many as the method keeps (per layer, or over the
+  pool under global pruning, which then sets the per-layer counts); score inversion, Frankle
+  et al. 2021, round by round as Synaptic-Flow's `invert`.
 - instability: two copies of the ticket (`instability` and its twin `instability_b`), trained
   with different data orders; the engine records the error barrier on the straight line
   between them (`lottery.instability`). At every level both copies start as the ticket's

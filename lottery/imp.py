@@ -202,18 +202,20 @@ def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, 
     steps start, start + every, ..., end, keep the largest-magnitude survivors, as many as
     the cubic schedule gives between `full` and `controls["counts"]` (the level's counts);
     `end` is a step the level trains (the config refuses one it never reaches), so the
-    level ends at exactly its counts. Ties are broken at random from the member's `key`."""
+    level ends at exactly its counts. Ties are broken at random from the member's `key`,
+    folded with the step (only at an event, not at every step)."""
     def prune_step(params, masks, step, controls, key):
         # one event only (end == start, every longer than the span): straight to the counts
-        remaining_fraction = 1 - jnp.clip((step - start) / max(end - start, 1), 0, 1) \
+        remaining_fraction = 1 - jnp.clip((step - start) / (end - start), 0, 1) \
             if end > start else jnp.float32(0)
         event = (step >= start) & (step <= end) & ((step - start) % every == 0)
 
         def prune_now(masks):
             scores = units.scores("magnitude", None, params, None, masks, None, None)
             target = interpolate(full, controls["counts"], remaining_fraction)
+            ties = jax.random.fold_in(key, step)
             return units.expand(masks, keep_counts(plan, scores, units.select(masks), target,
-                                                   key))
+                                                   ties))
 
         return jax.lax.cond(event, prune_now, lambda masks: masks, masks)
 

@@ -123,8 +123,8 @@ class Trainer:
     A member's training state is `(params, model_state, opt_state, masks)`: `model_state`
     (batch-norm statistics) is carried through training and used at evaluation; the
     optimizer sees only `params`. `prune_step(params, masks, step, controls, key) -> masks`,
-    if given, runs before every step (gradual pruning; `key`: the member's, for ties); `controls` are the traced values shared
-    by all members that `train_chunk` passes on (`lr`: a constant learning rate where
+    if given, runs before every step (gradual pruning; `key`: the member's pruning key, for
+    ties); `controls` are the traced values shared by all members that `train_chunk` passes on (`lr`: a constant learning rate where
     positive, else the schedule's).
     """
 
@@ -167,8 +167,7 @@ class Trainer:
                 params, model_state, opt_state, masks = carry
                 at, idx = inputs
                 if prune_step is not None:
-                    masks = prune_step(params, masks, at, controls,
-                                       jax.random.fold_in(prune_keys, at))
+                    masks = prune_step(params, masks, at, controls, prune_keys)
                     params = apply_masks(params, masks)
                 augment_key, dropout_key = jax.random.split(jax.random.fold_in(step_keys, at))
                 x = x_all[idx] if augment is None else augment(augment_key, x_all[idx])

@@ -3,10 +3,10 @@
 A *unit* is what a score ranks and a mask keeps: a weight of a prunable kernel
 (unstructured pruning) or a whole neuron or channel (structured). Pruning works on
 `{name: 0/1 array}` selections of units (one entry per layer or per structure group) and
-keeps, among the survivors of a base selection, the `count` highest-scoring ones. Ties are broken at random
-from a key the caller derives (`lottery.seeds`), never by position or layer order, so every
-count is exact and equal scores (a quantised grid, rewound weights, weights already pruned)
-share the cut fairly. Counts are traced values: changing them never recompiles.
+keeps, among the survivors of a base selection, the `count` highest-scoring ones. Ties are
+broken at random from a key the caller derives (`lottery.seeds`), never by position or layer
+order, so every count is exact and equal scores (a quantised grid, rewound weights, weights
+already pruned) share the cut fairly. Counts are traced values: changing them never recompiles.
 
 `PrunePlan.counts` plans every level's counts on the host: layerwise (each layer at its
 rate), global (one pool, one threshold) or ERK (the pool's total split over its layers by
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottery.pruning.masks import MASK_DTYPE, kernels, with_kernels
+from lottery.pruning.masks import MASK_DTYPE
 from lottery.seeds import name_id
 
 
