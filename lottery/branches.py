@@ -1,9 +1,11 @@
 """Branches: how a level starts, given the level's ticket and the start weights.
 
-Each branch is a pure function `(model, units, level: LevelStart, key)` of one replicate,
-returning `((params, model_state), masks)`; the engine vmaps it over replicates. `units`
+Each branch is a small class: `start(model, units, level: LevelStart, key)`, a pure function
+of one replicate returning `(Network, masks)` (the engine vmaps it over replicates), and,
+where a branch needs them, hooks into the level (`LevelHooks`). The level loop never names a
+branch: to add one, write a class and add it to `BRANCHES`. `units`
 (`lottery.pruning.units`) says what is pruned (weights, neurons or channels), so every
-control works alike on each. `level.start` is `(params, model_state)` to start from: the
+control works alike on each. `level.start` is the `Network` to start from: the
 rewind point (weight rewinding; batch-norm statistics rewind with the weights) or the
 trained weights (learning-rate rewinding, fine-tuning). `key` is the member's own key for
 this level and branch; a branch folds in a purpose name for each use.
@@ -32,63 +34,168 @@ At level 0 (nothing pruned) every branch is a dense network: all start from the 
 init except reinit, which starts from a fresh one.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from lottery.history import recorded
+from lottery.instability import POINTS, barrier, interpolation_errors
 from lottery.pruning.masks import apply_masks
 from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
+from lottery.state import MemberState, Network
 
 
 class LevelStart(NamedTuple):
-    start: tuple  # (params, model_state)
-    masks: dict  # the ticket's masks tree
+    start: Network  # the network every branch starts from
+    masks: Any  # the ticket's masks tree
     selection: dict  # the ticket's kept units, {name: 0/1}
     candidates: dict  # the units random_prune draws from, {name: 0/1}
     inverted: dict | None  # the selection of the method run with inverted scores
+
+
+class LevelAddition(NamedTuple):
+    """What a branch adds to a level's record: rows, values for its members' summary rows
+    (by (branch, replicate)), and words for the level's log line."""
+
+    rows: list
+    summary: dict
+    log: str
+
+
+class LevelHooks:
+    """A branch's hooks into the level loop; the default does nothing."""
+
+    def at_rewind_point(self, state: MemberState) -> MemberState:
+        """Called at step k of level 0, after the rewind point is taken."""
+        return state
+
+    def after_level(self, state: MemberState, level: int, density) -> LevelAddition:
+        """Called when the level has trained (`density`: each member's)."""
+        return LevelAddition([], {}, "")
 
 
 def _purpose(key, purpose: str):
     return jax.random.fold_in(key, name_id(purpose))
 
 
-def _with_masks(start, masks):
-    params, model_state = start
-    return (apply_masks(params, masks), model_state), masks
+def _with_masks(start: Network, masks):
+    return Network(apply_masks(start.params, masks), start.model_state), masks
 
 
-def ticket(model, units, level: LevelStart, key):
-    return _with_masks(level.start, level.masks)
+class Branch:
+    """The ticket: the start weights under the ticket's masks."""
+
+    uses_inverted = False  # whether the level also runs the method with inverted scores
+    twin = None  # the name of a second member with its own data order, if any
+
+    def start(self, model, units, level: LevelStart, key):
+        return _with_masks(level.start, level.masks)
+
+    def hooks(self, setup) -> LevelHooks | None:
+        """The branch's hooks for a run built as `setup` (`lottery.setup.Setup`), if any."""
+        return None
 
 
-def reinit(model, units, level: LevelStart, key):
-    return _with_masks(model.init(_purpose(key, "init")), level.masks)
+class Reinit(Branch):
+    def start(self, model, units, level, key):
+        return _with_masks(Network(*model.init(_purpose(key, "init"))), level.masks)
 
 
-def random_prune(model, units, level: LevelStart, key):
-    selection = random_like(_purpose(key, "mask"), level.selection, level.candidates)
-    return _with_masks(level.start, units.expand(level.masks, selection))
+class RandomPrune(Branch):
+    def start(self, model, units, level, key):
+        selection = random_like(_purpose(key, "mask"), level.selection, level.candidates)
+        return _with_masks(level.start, units.expand(level.masks, selection))
 
 
-def shuffle(model, units, level: LevelStart, key):
-    selection = shuffled(_purpose(key, "shuffle"), level.selection)
-    return _with_masks(level.start, units.expand(level.masks, selection))
+class Shuffle(Branch):
+    def start(self, model, units, level, key):
+        selection = shuffled(_purpose(key, "shuffle"), level.selection)
+        return _with_masks(level.start, units.expand(level.masks, selection))
 
 
-def inverted(model, units, level: LevelStart, key):
-    return _with_masks(level.start, units.expand(level.masks, level.inverted))
+class Inverted(Branch):
+    uses_inverted = True
+
+    def start(self, model, units, level, key):
+        return _with_masks(level.start, units.expand(level.masks, level.inverted))
 
 
-BRANCHES = {"ticket": ticket, "reinit": reinit, "random_prune": random_prune,
-            "shuffle": shuffle, "inverted": inverted, "instability": ticket}
-TWIN = "instability_b"  # the second copy of the instability pair: its own data order
+class Instability(Branch):
+    """Two copies of the ticket; the pair's hooks (`Pair`) share their start and record the
+    error barrier between them after each level."""
+
+    twin = "instability_b"
+
+    def hooks(self, setup):
+        return Pair(setup.model, setup.layout, setup.trainer, setup.rewind.step)
+
+
+class Pair(LevelHooks):
+    """The instability pair's compiled programs. `share(state)` starts both copies as the
+    ticket's retraining starts at step k: the ticket's params and model state, a fresh
+    optimizer state (the rule of every level); `errors(network)` gives the test errors,
+    shape (replicates, POINTS), on the line between each replicate's copies (batch-norm
+    statistics re-estimated on `statistics_batches` training batches at each point)."""
+
+    def __init__(self, model, layout, trainer, rewind_step: int, statistics_batches: int = 50):
+        self.layout, self.rewind_step = layout, rewind_step
+        ticket, first, second = (layout.rows(b) for b in ("ticket", "instability",
+                                                          Instability.twin))
+        x_train = trainer.train_data[0]
+        batch = min(len(x_train) // statistics_batches, 100) or 1
+        statistics = x_train[: batch * statistics_batches].reshape(-1, batch, *x_train.shape[1:])
+
+        def share(state: MemberState) -> MemberState:
+            source = jnp.arange(ticket.start, ticket.stop)
+            targets = jnp.concatenate([jnp.arange(first.start, first.stop),
+                                       jnp.arange(second.start, second.stop)])
+            pair = jnp.concatenate([source, source])
+            network = jax.tree.map(lambda x: x.at[targets].set(x[pair]), state.network)
+            fresh = jax.vmap(trainer.optimizer.init)(
+                jax.tree.map(lambda x: x[targets], network.params))
+            opt_state = jax.tree.map(lambda x, f: x.at[targets].set(f), state.opt_state, fresh)
+            return MemberState(*network, opt_state, state.masks)
+
+        def errors(network: Network):
+            ends = [jax.tree.map(lambda x, rows=rows: x[rows], network) for rows in (first, second)]
+            return jax.lax.map(lambda ab: interpolation_errors(
+                model, ab[0], ab[1], trainer.eval_data[1], statistics), tuple(ends))
+
+        self.share = jax.jit(share, out_shardings=trainer.stacked, donate_argnums=0)
+        self.errors = jax.jit(errors, out_shardings=trainer.replicated)
+
+    def at_rewind_point(self, state):
+        return self.share(state)  # both copies start from the dense run at k
+
+    def after_level(self, state, level, density):
+        errors = np.asarray(self.errors(state.network))
+        ticket = self.layout.ticket.start
+        rows, summary = [], {}
+        for r, line in enumerate(errors):
+            value = recorded(barrier(line))
+            rows.append({"kind": "instability", "level": level, "replicate": r,
+                         "density": float(density[ticket + r]),
+                         "rewind_step": self.rewind_step, "barrier": value,
+                         "errors": line.tolist(), "alphas": np.linspace(0, 1, POINTS).tolist()})
+            summary[("instability", r)] = {"barrier": value}
+        values = [row["barrier"] for row in rows]
+        return LevelAddition(rows, summary, "instability barrier "
+                             f"{100 * np.nanmean(np.array(values, float)):.2f}%")
+
+
+BRANCHES = {"ticket": Branch(), "reinit": Reinit(), "random_prune": RandomPrune(),
+            "shuffle": Shuffle(), "inverted": Inverted(), "instability": Instability()}
+TWINS = {branch.twin: branch for branch in BRANCHES.values() if branch.twin}
 
 
 def members_of(branches) -> tuple[str, ...]:
-    """The branches as trained: `instability` brings its twin."""
-    return tuple(branches) + ((TWIN,) if "instability" in branches else ())
+    """The branches as trained: a branch with a twin brings it, after all the others."""
+    return tuple(branches) + tuple(BRANCHES[b].twin for b in branches if BRANCHES[b].twin)
 
 
-def branch_function(name: str):
-    return BRANCHES["instability" if name == TWIN else name]
+def branch_of(name: str) -> Branch:
+    """The branch a trained member's name belongs to (a twin: its branch)."""
+    return TWINS.get(name) or BRANCHES[name]

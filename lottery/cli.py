@@ -2,6 +2,7 @@
 
     lottery experiment=lenet_mnist train.steps=5000 prune.levels=5 replicates=2
     lottery -m experiment=lenet_mnist rewind.step=0,500 seed=0,1
+    lottery check experiment=lenet_mnist # validate, load the data, build; no training
     lottery report RUN_OR_SWEEP_DIR      # plots and report.md (lottery.analysis.report)
 
 Any bad input (unknown name, out-of-range value, missing data) stops before training with
@@ -26,6 +27,7 @@ from lottery.train import use_cpu_cores, use_eigen_dots
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
+CHECK_ONLY = False  # `lottery check ...`: stop once the run is built, before training
 
 
 def fail(message: str) -> None:
@@ -105,6 +107,13 @@ def hydra_main(cfg: DictConfig) -> None:
         run_cfg = validate(cfg)
         use_cpu_cores(run_cfg.stack_size)
         use_eigen_dots()
+        if CHECK_ONLY:
+            from lottery.setup import build, describe
+
+            setup = build(run_cfg)
+            print(f"lottery: {run_cfg.name}: config OK: {setup.model.name} on "
+                  f"{setup.data.name}, {describe(setup)}; {run_cfg.stack_size} members")
+            return
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
@@ -137,6 +146,10 @@ def main() -> None:
 
         lm(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["check"]:  # the run's checks, from overrides to a built setup
+        global CHECK_ONLY
+        CHECK_ONLY = True
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
     check_overrides(sys.argv[1:])
     hydra_main()
 

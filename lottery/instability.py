@@ -15,6 +15,9 @@ different modes. Pure and traceable.
 import jax
 import jax.numpy as jnp
 
+from lottery.state import Network
+from lottery.train import split_metrics
+
 POINTS = 30  # evenly spaced interpolation points, as the paper
 
 
@@ -33,12 +36,7 @@ def recompute_statistics(model, params, model_state, batches, key):
 
 def test_error(model, params, model_state, split):
     """Error (1 - accuracy) on a split of padded batches `(x, y, weight)`."""
-    def batch(args):
-        x, y, w = args
-        logits = model.logits(params, model_state, x)
-        return jnp.sum((jnp.argmax(logits, -1) == y) * w)
-
-    return 1 - jnp.sum(jax.lax.map(batch, split)) / jnp.sum(split[2])
+    return 1 - split_metrics(model, Network(params, model_state), split)[1]
 
 
 def interpolation_errors(model, a, b, split, statistics_batches=None, points: int = POINTS,

@@ -23,6 +23,7 @@ from lottery.models import ModelSpec
 from lottery.optim import Optimizer
 from lottery.pruning.masks import apply_masks
 from lottery.seeds import name_id
+from lottery.state import MemberState, Network
 
 
 def use_cpu_cores(stack_size: int) -> None:
@@ -61,6 +62,20 @@ def use_eigen_dots() -> None:
 
 def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def split_metrics(model: ModelSpec, network: Network, split):
+    """Mean loss and accuracy of `network` on a split of padded batches `(x, y, weight)`
+    (`_padded_batches`): batch by batch, the padding weighted 0."""
+    def batch(args):
+        x, y, w = args
+        logits = model.logits(*network, x)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
+
+    losses, corrects = jax.lax.map(batch, split)
+    total = jnp.sum(split[2])
+    return jnp.sum(losses) / total, jnp.sum(corrects) / total
 
 
 def _padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
@@ -120,9 +135,7 @@ def over_members(fn, batched: tuple[bool, ...], mode: str):
 class Trainer:
     """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members.
 
-    A member's training state is `(params, model_state, opt_state, masks)`: `model_state`
-    (batch-norm statistics) is carried through training and used at evaluation; the
-    optimizer sees only `params`. `prune_step(params, masks, step, controls, key) -> masks`,
+    A member's training state is a `MemberState` (`lottery.state`). `prune_step(params, masks, step, controls, key) -> masks`,
     if given, runs before every step (gradual pruning; `key`: the member's pruning key, for
     ties); `controls` are the traced values shared by all members that `train_chunk` passes on (`lr`: a constant learning rate where
     positive, else the schedule's).
@@ -187,18 +200,8 @@ class Trainer:
             return params, model_state, opt_state, masks, losses.mean()
 
         def member_eval(params, model_state, eval_data):
-            def split_metrics(split):
-                def batch(args):
-                    x, y, w = args
-                    logits = model.logits(params, model_state, x)
-                    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-                    return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
-
-                losses, corrects = jax.lax.map(batch, split)
-                total = jnp.sum(split[2])
-                return jnp.sum(losses) / total, jnp.sum(corrects) / total
-
-            (val_loss, val_acc), (test_loss, test_acc) = map(split_metrics, eval_data)
+            (val_loss, val_acc), (test_loss, test_acc) = (
+                split_metrics(model, Network(params, model_state), split) for split in eval_data)
             return {"val_loss": val_loss, "val_accuracy": val_acc,
                     "test_loss": test_loss, "test_accuracy": test_acc}
 
@@ -222,11 +225,12 @@ class Trainer:
             return tree
         return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]), tree)
 
-    def start(self, params, model_state, masks):
-        """The training state for padded, placed params, model state and masks."""
-        return params, model_state, self._opt_init(params), masks
+    def start(self, network: Network, masks) -> MemberState:
+        """The training state for a padded, placed stack of networks and masks: a fresh
+        optimizer state."""
+        return MemberState(*network, self._opt_init(network.params), masks)
 
-    def train_chunk(self, state, keys, start_step: int, controls=None):
+    def train_chunk(self, state: MemberState, keys, start_step: int, controls=None):
         """Train every member `chunk` steps from global step `start_step`; returns the new
         state and each member's mean training loss. `keys` are raw key data
         (`jax.random.key_data`), one row per padded member; `controls` as in the class
@@ -234,9 +238,9 @@ class Trainer:
         optimizer state are donated."""
         controls = {"lr": np.float32(0.0)} if controls is None else controls
         *state, loss = self._train(*state, keys, np.int32(start_step), self.train_data, controls)
-        return tuple(state), loss
+        return MemberState(*state), loss
 
-    def evaluate(self, params, model_state) -> dict[str, np.ndarray]:
+    def evaluate(self, network: Network) -> dict[str, np.ndarray]:
         """Validation and test loss and accuracy of every (unpadded) member."""
-        metrics = jax.device_get(self._eval(params, model_state, self.eval_data))
+        metrics = jax.device_get(self._eval(*network, self.eval_data))
         return {name: value[: self.stack_size] for name, value in metrics.items()}

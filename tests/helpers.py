@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 import lottery.cli
 from lottery import imp
 from lottery.config import RunConfig, validate
-from lottery.train import Trainer
+from lottery.record import load
+from lottery.setup import build
 
 TINY = {
     "dataset": "synthetic",
@@ -79,8 +80,8 @@ def expected_counts(n: int, rate: float, levels: int) -> list[int]:
 
 
 def setup(cfg: RunConfig):
-    """The data, model, plan, chunk and trainer exactly as `imp.run` builds them for `cfg`."""
-    return imp.build(cfg)
+    """The data, model, plan, chunk, trainer and programs exactly as `imp.run` builds them."""
+    return build(cfg)
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -106,28 +107,45 @@ def count_compilations():
 
 
 def spied_run(cfg: RunConfig, out_dir: Path) -> SimpleNamespace:
-    """`imp.run(cfg, out_dir)`, keeping its Trainer, its level programs, its log lines and
-    the number of XLA compilations of each program."""
-    seen = {}
-    original_programs = imp.level_programs
-
-    class SpyTrainer(Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
-
-    def spy_programs(*args, **kwargs):
-        seen["programs"] = original_programs(*args, **kwargs)
-        return seen["programs"]
-
+    """`imp.run(cfg, out_dir)` on a setup built here, keeping its trainer, its level
+    programs, its log lines and the number of XLA compilations of each program."""
     logs = []
-    with pytest.MonkeyPatch.context() as patch, count_compilations() as compilations:
-        patch.setattr(imp, "Trainer", SpyTrainer)
-        patch.setattr(imp, "level_programs", spy_programs)
-        summaries = imp.run(cfg, out_dir, log=logs.append)
+    with count_compilations() as compilations:
+        built = build(cfg)
+        summaries = imp.run(cfg, out_dir, log=logs.append, setup=built)
     return SimpleNamespace(dir=Path(out_dir), cfg=cfg, summaries=summaries, logs=logs,
-                           trainer=seen["trainer"], programs=seen["programs"],
+                           trainer=built.trainer, programs=built.programs,
                            compilations=dict(compilations))
+
+
+def driven_run(cfg: RunConfig, out_dir: Path) -> SimpleNamespace:
+    """A run of `cfg` whose level loop (`imp.Experiment`) is driven here, keeping (on the
+    host) each level's inputs (`Experiment.level_inputs`: counts, scored, base masks,
+    start), its started stack before training and the ticket's masks, each level's trained
+    ticket, every training chunk's start step, controls and resulting learning rate, and
+    the XLA compilations of each program."""
+    begun, tickets, chunks, logs = [], [], [], []
+    with count_compilations() as compilations:
+        parts = build(cfg)
+        experiment = imp.Experiment(parts, out_dir, log=logs.append)
+        for number in range(cfg.levels + 1):
+            inputs = host(experiment.level_inputs(number))
+            level = experiment.start_level(number)
+            state = host(level.state)
+            begun.append(SimpleNamespace(inputs=inputs, state=state, ticket_masks=jax.tree.map(
+                lambda x: x[parts.layout.ticket], state.masks)))
+            while level.step < parts.cfg.steps:
+                start = level.step
+                experiment.train_chunk(level)
+                lr = np.asarray(level.state.opt_state.hyperparams["learning_rate"])
+                chunks.append(SimpleNamespace(start=start, controls=host(level.controls),
+                                              lr=lr[: parts.trainer.stack_size]))
+            experiment.finish_level(level)
+            tickets.append(host(experiment.entry.trained))
+        experiment.close()
+    return SimpleNamespace(cfg=cfg, dir=Path(out_dir), begun=begun, tickets=tickets,
+                           chunks=chunks, summaries=load(out_dir, kind="summary"), parts=parts,
+                           logs=logs, compilations=dict(compilations))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""How each branch starts a level (`imp.level_programs`), the compiled training step under
+"""How each branch starts a level (`lottery.level_start`), the compiled training step under
 masks (`Trainer`), one compilation per run, and determinism."""
 
 import os
@@ -14,6 +14,7 @@ from helpers import BRANCHES, LAYERS, METRICS, WEIGHTS, expected_counts, host
 from lottery import imp
 from lottery.record import load
 from lottery.optim import Optimizer, OptimizerError, build_optimizer
+from lottery.state import Network
 from lottery.train import Trainer
 
 R = 2  # replicates of the TINY config; member m = branch_index * R + replicate
@@ -28,7 +29,8 @@ def parts():
 
 @pytest.fixture(scope="module")
 def programs(parts):
-    return imp.level_programs(parts.model, parts.plan, BRANCHES, R, parts.trainer)
+    assert parts.layout.branches == BRANCHES
+    return parts.programs
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,16 @@ def init_stack(parts):
 @pytest.fixture(scope="module")
 def start(parts, programs, init_stack):
     """Level 0 (rates scaled by 0) and level 1 started from a stand-in trained ticket."""
-    begin, _, initial = programs
-    rewind, full = initial(0)
-    assert rewind[1] == {}  # LeNet-300-100 has no batch norm: no model state
+    rewind, full = programs.initial(0)
+    assert rewind.model_state == {}  # LeNet-300-100 has no batch norm: no model state
     trained = init_stack(123)[0]
-    level0 = begin(0, 0, parts.counts[0], rewind, full, rewind)
-    level1 = begin(0, 1, parts.counts[1], (trained, rewind[1]), full, rewind)
-    return dict(rewind=host(rewind[0]), full=host(full), trained=host(trained),
-                level0=host(level0), level1=host(level1))
+    level0 = programs.begin(0, 0, parts.counts[0], rewind, full, rewind)
+    level1 = programs.begin(0, 1, parts.counts[1], Network(trained, rewind.model_state), full,
+                            rewind)
+    return dict(rewind=host(rewind.params), full=host(full), trained=host(trained),
+                level0=host(level0), level1=host(level1),
+                alive0=host(programs.measure(level0.masks)[0]),
+                alive1=host(programs.measure(level1.masks)[0]))
 
 
 def member(tree, branch, replicate):
@@ -80,20 +84,22 @@ def counts(masks):
 
 
 def test_stack_is_branch_major_and_padded_to_the_devices(start, parts):
-    ticket_masks, (params, _, masks, keys), alive = start["level1"][:3]
+    begun, alive = start["level1"], start["alive1"]
+    ticket_masks, params, masks, keys = begun.ticket_masks, begun.network.params, begun.masks, begun.keys
     assert parts.trainer.stack_size == 6
     assert parts.trainer.padded_size % len(jax.devices()) == 0
     for tree in (params, masks):
         for leaf in jax.tree.leaves(tree):
             assert leaf.shape[0] == parts.trainer.padded_size
     assert ticket_masks["fc1"]["kernel"].shape == (R, 784, 300)
-    assert {layer: a.shape for layer, a in alive.items()} == {layer: (6,) for layer in LAYERS}
+    assert {layer: a.shape for layer, a in alive.items()} == {
+        layer: (parts.trainer.padded_size,) for layer in LAYERS}
     data = keys  # raw key data (helpers.host)
     assert len({row.tobytes() for row in data[:6]}) == 6  # every member shuffles on its own
 
 
 def test_ticket_masks_prune_the_trained_ticket_at_the_plan_rates(start):
-    ticket_masks = start["level1"][0]
+    ticket_masks = start["level1"].ticket_masks
     for r in range(R):
         masks, trained = replicate_of(ticket_masks, r), replicate_of(start["trained"], r)
         assert counts(masks) == {layer: expected_counts(WEIGHTS[layer], rate, 1)[1]
@@ -106,7 +112,8 @@ def test_ticket_masks_prune_the_trained_ticket_at_the_plan_rates(start):
 
 
 def test_ticket_starts_from_rewind_weights_under_its_masks(start):
-    ticket_masks, (params, _, masks, _), alive = start["level1"][:3]
+    begun, alive = start["level1"], start["alive1"]
+    ticket_masks, params, masks = begun.ticket_masks, begun.network.params, begun.masks
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "ticket", r), tm)
@@ -116,7 +123,8 @@ def test_ticket_starts_from_rewind_weights_under_its_masks(start):
 
 
 def test_reinit_has_ticket_masks_on_fresh_weights(start):
-    ticket_masks, (params, _, masks, _), _ = start["level1"][:3]
+    begun = start["level1"]
+    ticket_masks, params, masks = begun.ticket_masks, begun.network.params, begun.masks
     for r in range(R):
         tm = replicate_of(ticket_masks, r)
         assert_trees_equal(member(masks, "reinit", r), tm)
@@ -133,7 +141,8 @@ def test_reinit_has_ticket_masks_on_fresh_weights(start):
 
 
 def test_random_prune_has_ticket_counts_but_other_masks(start):
-    ticket_masks, (params, _, masks, _), alive = start["level1"][:3]
+    begun, alive = start["level1"], start["alive1"]
+    ticket_masks, params, masks = begun.ticket_masks, begun.network.params, begun.masks
     for r in range(R):
         tm, rm = replicate_of(ticket_masks, r), member(masks, "random_prune", r)
         assert counts(rm) == counts(tm)
@@ -150,7 +159,8 @@ def test_random_prune_has_ticket_counts_but_other_masks(start):
 
 
 def test_level_zero_is_dense_for_every_branch(start):
-    ticket_masks, (params, _, masks, _), alive = start["level0"][:3]
+    begun, alive = start["level0"], start["alive0"]
+    ticket_masks, params, masks = begun.ticket_masks, begun.network.params, begun.masks
     for leaf in jax.tree.leaves((ticket_masks, masks)):
         assert np.all(leaf == 1)
     assert {layer: a[:6].tolist() for layer, a in alive.items()} == {
@@ -176,15 +186,16 @@ def test_initial_weights_come_from_the_member_seeds(start, init_stack):
 
 
 def test_begin_is_deterministic_and_compiled_once(parts, programs, start, init_stack):
-    begin, _, initial = programs
+    begin, initial = programs.begin, programs.initial
     rewind, full = initial(0)
-    trained = init_stack(123)[0]
-    again = host(begin(0, 1, parts.counts[1], (trained, rewind[1]), full, rewind))
+    trained = Network(init_stack(123)[0], rewind.model_state)
+    again = host(begin(0, 1, parts.counts[1], trained, full, rewind))
     assert_trees_equal(again, start["level1"])
-    other_seed = host(begin(1, 1, parts.counts[1], (trained, rewind[1]), full, rewind))
-    assert_trees_equal(other_seed[0], start["level1"][0])  # same trained ticket, same masks
-    assert not np.array_equal(other_seed[1][0]["fc2"]["kernel"][2],
-                              start["level1"][1][0]["fc2"]["kernel"][2])  # reinit weights
+    other_seed = host(begin(1, 1, parts.counts[1], trained, full, rewind))
+    # same trained ticket, same masks; other reinit weights
+    assert_trees_equal(other_seed.ticket_masks, start["level1"].ticket_masks)
+    assert not np.array_equal(other_seed.network.params["fc2"]["kernel"][2],
+                              start["level1"].network.params["fc2"]["kernel"][2])
     assert begin._cache_size() == 1
     assert initial._cache_size() == 1
 
@@ -195,19 +206,19 @@ def test_begin_is_deterministic_and_compiled_once(parts, programs, start, init_s
 @pytest.fixture(scope="module")
 def trained(parts, programs, init_stack):
     """Level 1's stack (masks with 20% zeros) trained for two chunks (40 steps)."""
-    begin, _, initial = programs
-    rewind, full = initial(0)
+    rewind, full = programs.initial(0)
     trained_ticket = init_stack(5)[0]
-    _, (params, model_state, masks, keys), *_ = begin(0, 1, parts.counts[1],
-                                                      (trained_ticket, rewind[1]), full, rewind)
-    before = host(params)
-    state = parts.trainer.start(params, model_state, masks)
-    before_eval = parts.trainer.evaluate(*state[:2])
-    state, loss_first = parts.trainer.train_chunk(state, keys, 0)
-    state, loss_second = parts.trainer.train_chunk(state, keys, parts.chunk)
-    return dict(before=before, masks=host(masks), params=host(state[0]), opt_state=host(state[2]),
-                loss_first=np.asarray(loss_first), loss_second=np.asarray(loss_second),
-                before_eval=before_eval, after_eval=parts.trainer.evaluate(*state[:2]))
+    begun = programs.begin(0, 1, parts.counts[1], Network(trained_ticket, rewind.model_state),
+                           full, rewind)
+    before = host(begun.network.params)
+    state = parts.trainer.start(begun.network, begun.masks)
+    before_eval = parts.trainer.evaluate(state.network)
+    state, loss_first = parts.trainer.train_chunk(state, begun.keys, 0)
+    state, loss_second = parts.trainer.train_chunk(state, begun.keys, parts.chunk)
+    return dict(before=before, masks=host(begun.masks), params=host(state.params),
+                opt_state=host(state.opt_state), loss_first=np.asarray(loss_first),
+                loss_second=np.asarray(loss_second), before_eval=before_eval,
+                after_eval=parts.trainer.evaluate(state.network))
 
 
 def test_pruned_weights_and_adam_moments_stay_exactly_zero(trained):
@@ -306,13 +317,17 @@ def test_one_compilation_of_each_program_across_levels(main_run):
     exactly once in the run."""
     assert load(main_run.dir, kind="summary")["level"].max() == 2  # it did run 3 levels
     compiled = main_run.compilations
-    for name in ("member_chunk", "member_eval", "init", "begin", "initial", "<lambda>"):
+    for name in ("member_chunk", "member_eval", "init", "begin", "initial", "measure"):
         assert compiled.get(f"jit({name})") == 1, (name, compiled)
+    # the ticket's rows of two trees: networks (rewind point, trained) and masks
+    assert compiled.get("jit(ticket_rows)") == 2, compiled
     trainer = main_run.trainer
     assert trainer._eval._cache_size() == 1
     assert trainer._opt_init._cache_size() == 1
-    for program in main_run.programs:  # begin, ticket_of, initial
+    for program in (main_run.programs.begin, main_run.programs.initial,
+                    main_run.programs.measure):
         assert program._cache_size() == 1
+    assert main_run.programs.ticket_of._cache_size() == 2
 
 
 def test_train_dispatch_cache_has_one_entry_after_a_run(main_run):
@@ -363,17 +378,15 @@ def test_identical_runs_give_identical_records(main_run, main_run_repeat):
 def test_member_modes_train_the_same_networks(parts, programs):
     """`map` (one member at a time) and `vmap` (batched) give the same training to float
     tolerance; `auto` maps on CPU when a device holds several members."""
-    begin, _, initial = programs
-    rewind, full = initial(0)
+    rewind, full = programs.initial(0)
     trained = {}
     for mode in ("vmap", "map"):
         trainer = Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1),
                           parts.data, 20, parts.chunk, parts.trainer.stack_size, members=mode)
         assert trainer.members == mode
-        _, (params, model_state, masks, keys), *_ = begin(0, 1, parts.counts[1],
-                                                          rewind, full, rewind)
-        state, loss = trainer.train_chunk(trainer.start(params, model_state, masks), keys, 0)
-        trained[mode] = host((state[0], loss, trainer.evaluate(*state[:2])))
+        begun = programs.begin(0, 1, parts.counts[1], rewind, full, rewind)
+        state, loss = trainer.train_chunk(trainer.start(begun.network, begun.masks), begun.keys, 0)
+        trained[mode] = host((state.params, loss, trainer.evaluate(state.network)))
     for a, b in zip(jax.tree.leaves(trained["vmap"]), jax.tree.leaves(trained["map"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     per_device = parts.trainer.padded_size // len(jax.devices())

@@ -259,3 +259,20 @@ def test_a_finished_run_is_not_run_again_in_its_directory(main_run):
                     f"{run_id(main_run.cfg.resolved)}): nothing to do"]
     assert returned.equals(main_run.summaries)
     assert (main_run.dir / "record.jsonl").read_bytes() == before
+
+
+def test_check_builds_a_good_config_and_trains_nothing(tmp_path):
+    """`lottery check`: every check of a run (overrides, config, data, model, plan), then
+    one line describing the run; no record, no checkpoint, no training."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lottery.cli", "check", "dataset=synthetic",
+         "dataset.train_size=200", "dataset.validation_size=50", "dataset.test_size=50",
+         "train.steps=20", "train.eval_every=10", "train.batch_size=10", "prune.levels=2",
+         "replicates=2", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "lottery: default: config OK: lenet_300_100 on synthetic, iterative layerwise pruning "
+        "of weights by magnitude scores of the trained network; weights rewound to step 0; "
+        "6 members"]
+    assert not list(tmp_path.rglob("record.jsonl")) and not list(tmp_path.rglob("checkpoints"))

@@ -11,34 +11,31 @@ import helpers
 from lottery import imp
 from lottery.config import ConfigError
 from lottery.record import load, summary_table
-from lottery.train import Trainer
 
-# TINY: 6 members (ticket, reinit, random_prune) x 2 replicates, chunks of 20 steps, 2 calls
-# per level. After the 3rd call (level 1, step 20) ticket replicate 0 and reinit replicate 1
-# get NaN weights.
-POISON_AFTER_CALL, POISONED = 3, (("ticket", 0), ("reinit", 1))
+# TINY: 6 members (ticket, reinit, random_prune) x 2 replicates, chunks of 20 steps, 2 per
+# level. Once level 1 has started (and recorded its step-0 evaluation), ticket replicate 0
+# and reinit replicate 1 get NaN weights: their step-20 evaluation finds them diverged.
+POISONED_LEVEL, POISONED = 1, (("ticket", 0), ("reinit", 1))
 
 
 @pytest.fixture(scope="module")
 def poisoned_run(tmp_path_factory):
-    calls = []
-    original = Trainer.train_chunk
+    """The level loop driven here, poisoning two members' weights with NaN once level
+    POISONED_LEVEL has started."""
     members = [(b, r) for b in helpers.BRANCHES for r in range(2)]
     index = jnp.array([members.index(m) for m in POISONED])
-
-    def train_chunk(self, state, keys, start_step, controls=None):
-        state, loss = original(self, state, keys, start_step, controls)
-        calls.append(start_step)
-        if len(calls) == POISON_AFTER_CALL:
-            params = jax.tree.map(lambda x: x.at[index].set(jnp.nan), state[0])
-            state = (params, *state[1:])
-        return state, loss
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "train_chunk", train_chunk)
-        out = tmp_path_factory.mktemp("poisoned") / "run"
-        returned = imp.run(helpers.run_config(), out, log=lambda line: None)
-    return out, returned
+    out = tmp_path_factory.mktemp("poisoned") / "run"
+    setup = helpers.setup(helpers.run_config())
+    experiment = imp.Experiment(setup, out, log=lambda line: None)
+    for number in range(setup.cfg.levels + 1):
+        level = experiment.start_level(number)
+        if number == POISONED_LEVEL:
+            params = jax.tree.map(lambda x: x.at[index].set(jnp.nan), level.state.params)
+            level.state = level.state._replace(params=params)
+        experiment.train_level(level)
+        experiment.finish_level(level)
+    experiment.close()
+    return out, load(out, kind="summary")
 
 
 def test_diverged_members_are_recorded_as_such(poisoned_run):
@@ -108,24 +105,17 @@ def test_the_final_table_leaves_the_diverged_members_out(poisoned_run):
     assert table.loc[0, "diverged"].eq(0).all()
 
 
-def test_out_of_memory_is_one_line_saying_what_to_change(tmp_path, monkeypatch):
-    def out_of_memory(self, *args, **kwargs):
+def test_out_of_memory_is_one_line_saying_what_to_change():
+    with pytest.raises(ConfigError) as error, imp.out_of_memory_hint(helpers.run_config()):
         raise jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 bytes.")
-
-    monkeypatch.setattr(Trainer, "train_chunk", out_of_memory)
-    with pytest.raises(ConfigError) as error:
-        imp.run(helpers.run_config(), tmp_path / "run", log=lambda line: None)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("out of memory training 6 members (3 branches x 2 replicates, "
                               "3 per device on 2 cpu device(s)): use fewer replicates per device")
 
 
-def test_other_runtime_errors_are_not_disguised(tmp_path, monkeypatch):
-    def broken(self, *args, **kwargs):
+def test_other_runtime_errors_are_not_disguised():
+    with (pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"),
+          imp.out_of_memory_hint(helpers.run_config())):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
-
-    monkeypatch.setattr(Trainer, "train_chunk", broken)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        imp.run(helpers.run_config(), tmp_path / "run", log=lambda line: None)

@@ -11,6 +11,7 @@ import helpers
 from lottery import imp
 from lottery.instability import POINTS, barrier, interpolation_errors, recompute_statistics
 from lottery.record import load
+from lottery.state import Network
 
 R = 2
 
@@ -33,16 +34,16 @@ def trained(parts):
     trainer, model = parts.trainer, parts.model
     inits = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 2))
     index = np.array([0, 0, 1] + [1] * (trainer.padded_size - 3))
-    params, model_state = jax.tree.map(lambda x: x[index], inits)
-    masks = jax.tree.map(np.ones_like, params)
+    network = Network(*jax.tree.map(lambda x: x[index], inits))
+    masks = jax.tree.map(np.ones_like, network.params)
     keys = jax.random.key_data(jax.random.split(jax.random.key(1), trainer.padded_size))
     keys = keys.at[1].set(keys[0])
-    put = jax.device_put((params, model_state, masks, keys), trainer.stacked)
-    state = trainer.start(*put[:3])
+    network, masks, keys = jax.device_put((network, masks, keys), trainer.stacked)
+    state = trainer.start(network, masks)
     for start in range(0, 80, parts.chunk):
-        state, _ = trainer.train_chunk(state, put[3], start)
-    accuracy = trainer.evaluate(state[0], state[1])["test_accuracy"]
-    nets = [jax.tree.map(lambda x, m=m: x[m], (state[0], state[1])) for m in range(3)]
+        state, _ = trainer.train_chunk(state, keys, start)
+    accuracy = trainer.evaluate(state.network)["test_accuracy"]
+    nets = [jax.tree.map(lambda x, m=m: x[m], state.network) for m in range(3)]
     return nets, accuracy
 
 

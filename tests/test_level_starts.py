@@ -11,10 +11,11 @@ import pytest
 
 import helpers
 from helpers import LAYERS
-from lottery import imp
-from lottery.branches import members_of
 from lottery.config import ConfigError, _gradual_steps
+from lottery.history import early_stop_summary
 from lottery.pruning.masks import full_masks
+from lottery.pruning.schedules import gradual_pruning
+from lottery.state import Network
 
 R = 2
 
@@ -65,8 +66,8 @@ def test_every_accepted_gradual_schedule_ends_at_the_one_shot_density(gradual_pa
             assert start < k or start + (end - start) // every * every >= 40
             continue
         accepted += 1
-        step_fn = jax.jit(imp.gradual_pruning(parts.units, parts.plan, parts.counts[0],
-                                              **schedule))
+        step_fn = jax.jit(gradual_pruning(parts.units, parts.plan, parts.counts[0],
+                                          **schedule))
         masks = full_masks(params)
         for step in range(k, 40):
             masks = step_fn(params, masks, np.int32(step), controls, jax.random.key(step))
@@ -82,10 +83,10 @@ def test_early_stop_chooses_among_evaluations_at_the_final_density():
     history = {"val_loss": np.array([[0.50], [0.30], [0.40], [0.35], [0.45]]),
                "test_accuracy": np.array([[0.1], [0.9], [0.8], [0.85], [0.7]])}
     densities = np.array([[1.0], [0.5], [0.25], [0.25], [0.25]])
-    summary = imp.early_stop_summary(steps, history, densities)
+    summary = early_stop_summary(steps, history, densities)
     assert summary["early_stop_step"].tolist() == [30]
     assert summary["early_stop_test_accuracy"].tolist() == [0.85]
-    assert imp.early_stop_summary(steps, history)["early_stop_step"].tolist() == [10]
+    assert early_stop_summary(steps, history)["early_stop_step"].tolist() == [10]
 
 
 # ---------------------------------------------------------------- instability
@@ -102,15 +103,12 @@ def test_the_instability_pair_starts_bit_identical_at_a_later_level(pair_parts):
     fresh optimizer); trained with each other's data order they stay bit-identical, with
     their own orders they part: the data order is their only difference."""
     cfg, parts = pair_parts
-    branches = members_of(cfg.branches)
-    begin, _, initial = imp.level_programs(parts.model, parts.plan, branches, R, parts.trainer,
-                                           parts.units)
-    init, full = initial(np.uint32(0))
-    trained = jax.jit(jax.vmap(parts.model.init))(jax.random.split(jax.random.key(9), R))
-    _, (params, model_state, masks, keys), *_ = begin(np.uint32(0), 2, parts.counts[2],
-                                                      trained, full, init)
-    first, second = (branches.index(b) * R for b in ("instability", "instability_b"))
-    ticket = branches.index("ticket") * R
+    init, full = parts.programs.initial(np.uint32(0))
+    trained = Network(*jax.jit(jax.vmap(parts.model.init))(jax.random.split(jax.random.key(9), R)))
+    begun = parts.programs.begin(np.uint32(0), 2, parts.counts[2], trained, full, init)
+    params, masks, keys = begun.network.params, begun.masks, begun.keys
+    first, second, ticket = (parts.layout.rows(b).start
+                             for b in ("instability", "instability_b", "ticket"))
     for r in range(R):
         for tree in (params, masks):
             for a, b, t in zip(jax.tree.leaves(member(tree, first + r)),
@@ -121,8 +119,8 @@ def test_the_instability_pair_starts_bit_identical_at_a_later_level(pair_parts):
         assert not np.array_equal(np.asarray(keys[first + r]), np.asarray(keys[second + r]))
 
     def train(keys):
-        state = parts.trainer.start(*jax.tree.map(jnp.copy, (params, model_state, masks)))
-        return helpers.host(parts.trainer.train_chunk(state, keys, cfg.rewind_step)[0][0])
+        state = parts.trainer.start(*jax.tree.map(jnp.copy, (begun.network, masks)))
+        return helpers.host(parts.trainer.train_chunk(state, keys, cfg.rewind_step)[0].params)
 
     swapped = np.asarray(keys).copy()
     swapped[second:second + R] = swapped[first:first + R]
@@ -137,30 +135,28 @@ def test_at_level_0_the_pair_leaves_the_dense_run_with_a_fresh_optimizer(pair_pa
     """At step k of level 0 both copies take the ticket's weights, as every later level's
     pair starts from the rewind point: Adam's moments and count start again at 0."""
     cfg, parts = pair_parts
-    branches = members_of(cfg.branches)
-    begin, _, initial = imp.level_programs(parts.model, parts.plan, branches, R, parts.trainer,
-                                           parts.units)
-    share, _ = imp.instability_programs(parts.model, branches, R, parts.trainer)
-    init, full = initial(np.uint32(0))
-    _, (params, model_state, masks, keys), *_ = begin(np.uint32(0), 0, parts.counts[0],
-                                                      init, full, init)
-    state, _ = parts.trainer.train_chunk(parts.trainer.start(params, model_state, masks), keys, 0)
+    (pair,) = parts.hooks
+    init, full = parts.programs.initial(np.uint32(0))
+    begun = parts.programs.begin(np.uint32(0), 0, parts.counts[0], init, full, init)
+    state, _ = parts.trainer.train_chunk(parts.trainer.start(begun.network, begun.masks),
+                                         begun.keys, 0)
     before = helpers.host(state)
-    after = helpers.host(share(state))
-    ticket = branches.index("ticket") * R
+    after = helpers.host(pair.at_rewind_point(state))
+    ticket = parts.layout.ticket.start
     for b in ("instability", "instability_b"):
         for r in range(R):
-            m = branches.index(b) * R + r
-            for got, source in zip(jax.tree.leaves(member(after[0], m)),
-                                   jax.tree.leaves(member(before[0], ticket + r))):
+            m = parts.layout.rows(b).start + r
+            for got, source in zip(jax.tree.leaves(member(after.params, m)),
+                                   jax.tree.leaves(member(before.params, ticket + r))):
                 np.testing.assert_array_equal(got, source)
-            fresh = parts.trainer.optimizer.init(member(before[0], ticket + r))
-            for got, new in zip(jax.tree.leaves(member(after[2], m)), jax.tree.leaves(fresh)):
+            fresh = parts.trainer.optimizer.init(member(before.params, ticket + r))
+            for got, new in zip(jax.tree.leaves(member(after.opt_state, m)),
+                                jax.tree.leaves(fresh)):
                 np.testing.assert_array_equal(got, new)  # moments 0, count 0
     # the ticket itself keeps its moments
-    assert any(np.any(leaf) for leaf in jax.tree.leaves(member(before[2], ticket)))
-    for x, y in zip(jax.tree.leaves(member(after[2], ticket)),
-                    jax.tree.leaves(member(before[2], ticket))):
+    assert any(np.any(leaf) for leaf in jax.tree.leaves(member(before.opt_state, ticket)))
+    for x, y in zip(jax.tree.leaves(member(after.opt_state, ticket)),
+                    jax.tree.leaves(member(before.opt_state, ticket))):
         np.testing.assert_array_equal(x, y)
 
 
@@ -175,13 +171,12 @@ def test_random_prune_from_trained_weights_draws_among_the_survivors(mode):
     level 1 starts again at exactly 0."""
     cfg = helpers.run_config(f"rewind.mode={mode}")
     parts = helpers.setup(cfg)
-    branches = cfg.branches
-    begin, _, initial = imp.level_programs(parts.model, parts.plan, branches, R, parts.trainer,
-                                           parts.units, from_trained=mode != "weights")
-    init, full = initial(np.uint32(0))
-    level1, *_ = begin(np.uint32(0), 1, parts.counts[1], init, full, init)
-    _, (params, _, masks, _), *_ = begin(np.uint32(0), 2, parts.counts[2], init, level1, init)
-    random = branches.index("random_prune") * R
+    assert parts.rewind.from_trained == (mode != "weights")
+    begin = parts.programs.begin
+    init, full = parts.programs.initial(np.uint32(0))
+    level1 = begin(np.uint32(0), 1, parts.counts[1], init, full, init).ticket_masks
+    masks = begin(np.uint32(0), 2, parts.counts[2], init, level1, init).masks
+    random = parts.layout.rows("random_prune").start
     for r in range(R):
         base, drawn = member(level1, r), member(masks, random + r)
         outside = sum(int(np.sum((drawn[layer]["kernel"] == 1) & (base[layer]["kernel"] == 0)))

@@ -3,7 +3,7 @@
 retraining modes (weight rewinding, learning-rate rewinding, fine-tuning).
 
 Each run is the TINY synthetic LeNet-300-100 config with one method changed; the level
-programs and the trainer are spied on, so the tests see what each level started from."""
+level loop is driven here, so the tests see what each level started from."""
 
 from types import SimpleNamespace
 
@@ -18,52 +18,20 @@ from lottery import imp
 from lottery.config import ConfigError
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_top
 from lottery.pruning.scores import SCORES
+from lottery.pruning.schedules import gradual_pruning
 from lottery.pruning.units import Weights
 from lottery.record import load
-from lottery.train import Trainer
+from lottery.seeds import member_keys
+from lottery.setup import build
 
 R = 2
 SHAPES = {"fc1": (784, 300), "fc2": (300, 100), "out": (100, 10)}
 
 
 def traced_run(tmp_path_factory, name: str, *overrides: str) -> SimpleNamespace:
-    """A TINY run with `overrides`, keeping (on the host) each level's `begin` arguments and
-    results, every `ticket_of` result, and every training chunk's start step, controls and
-    resulting learning rate."""
-    cfg = helpers.run_config(*overrides)
-    begun, tickets, chunks = [], [], []
-    original = imp.level_programs
-
-    def recording(*args, **kwargs):
-        begin, ticket_of, initial = original(*args, **kwargs)
-
-        def begin_and_keep(*begin_args):
-            out = begin(*begin_args)
-            begun.append(SimpleNamespace(args=host(begin_args[2:]), out=host(out)))
-            return out
-
-        def ticket_and_keep(tree):
-            out = ticket_of(tree)
-            tickets.append(host(out))
-            return out
-
-        return begin_and_keep, ticket_and_keep, initial
-
-    class SpyTrainer(Trainer):
-        def train_chunk(self, state, keys, start_step, controls=None):
-            state, loss = super().train_chunk(state, keys, start_step, controls)
-            lr = np.asarray(state[2].hyperparams["learning_rate"])[: self.stack_size]
-            chunks.append(SimpleNamespace(start=start_step, controls=host(controls), lr=lr))
-            return state, loss
-
-    out_dir = tmp_path_factory.mktemp(name) / "run"
-    with pytest.MonkeyPatch.context() as patch, helpers.count_compilations() as compilations:
-        patch.setattr(imp, "level_programs", recording)
-        patch.setattr(imp, "Trainer", SpyTrainer)
-        summaries = imp.run(cfg, out_dir, log=lambda line: None)
-    return SimpleNamespace(cfg=cfg, dir=out_dir, begun=begun, tickets=tickets, chunks=chunks,
-                           summaries=summaries, parts=helpers.setup(cfg),
-                           compilations=dict(compilations))
+    """A TINY run with `overrides`, driven level by level (`helpers.driven_run`)."""
+    return helpers.driven_run(helpers.run_config(*overrides),
+                              tmp_path_factory.mktemp(name) / "run")
 
 
 def member(tree, m):
@@ -91,11 +59,11 @@ def pooled_snip_scores(run, level: int, r: int) -> np.ndarray:
     """Replicate r's SNIP scores at `level`, recomputed here from the initial weights and the
     score batch its derived key draws, pooled over the layers."""
     model, trainer = run.parts.model, run.parts.trainer
-    init, base = run.begun[level].args[1], run.begun[level].args[2]
-    key = imp.member_keys(np.uint32(0), R, level, "ticket", "score")[r]
+    init, base = run.begun[level].inputs.scored, run.begun[level].inputs.base_masks
+    key = member_keys(np.uint32(0), R, level, "ticket", "score")[r]
     x, y = trainer.train_data
     index = jax.random.choice(key, len(x), (50,), replace=False)
-    scores = SCORES["snip"](model, member(init[0], r), member(init[1], r), member(base, r),
+    scores = SCORES["snip"](model, *member(init, r), member(base, r),
                             LAYERS, (x[index], y[index]), key)
     return np.concatenate([np.asarray(scores[layer]).ravel() for layer in LAYERS])
 
@@ -106,13 +74,13 @@ def pooled_kernels(masks) -> np.ndarray:
 
 def test_pruning_at_init_keeps_the_top_snip_scores_of_the_initial_weights(snip_at_init):
     run = snip_at_init
-    init = run.begun[0].args[1]  # level 0 scores the initialisation too
+    init = run.begun[0].inputs.scored  # level 0 scores the initialisation too
     for level in (1, 2):
-        counts, scored, base, start = run.begun[level].args
+        counts, scored, base, start = run.begun[level].inputs
         assert jax.tree.all(jax.tree.map(np.array_equal, scored, init))  # the init, not trained
         assert jax.tree.all(jax.tree.map(np.array_equal, start, init))
         assert all(np.all(leaf == 1) for leaf in jax.tree.leaves(base))  # one-shot: from dense
-        ticket_masks = run.begun[level].out[0]
+        ticket_masks = run.begun[level].ticket_masks
         for r in range(R):
             masks = member(ticket_masks, r)
             # the global pool keeps exactly the planned count
@@ -135,8 +103,9 @@ def test_pai_densities_follow_the_oneshot_plan(snip_at_init):
 
 def test_shuffle_keeps_each_layers_count_and_moves_the_mask(snip_at_init):
     for level in (1, 2):
-        ticket_masks, (params, _, masks, _), *_ = snip_at_init.begun[level].out
-        start = snip_at_init.begun[level].args[3][0]
+        begun = snip_at_init.begun[level]
+        ticket_masks, params, masks = begun.ticket_masks, begun.state.params, begun.state.masks
+        start = begun.inputs.start.params
         for r in range(R):
             ticket = member(ticket_masks, r)
             shuffled = member(masks, PAI_BRANCHES.index("shuffle") * R + r)
@@ -157,8 +126,8 @@ def test_inverted_is_the_method_run_with_its_scores_inverted(snip_at_init):
     following from them, not copied from the ticket."""
     run = snip_at_init
     for level in (1, 2):
-        counts = run.begun[level].args[0]
-        masks = run.begun[level].out[1][2]
+        counts = run.begun[level].inputs.counts
+        masks = run.begun[level].state.masks
         for r in range(R):
             inverted = pooled_kernels(member(masks, PAI_BRANCHES.index("inverted") * R + r))
             pooled = pooled_snip_scores(run, level, r)
@@ -224,15 +193,14 @@ def finetuning(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["lr_rewinding", "finetuning"])
 def test_lr_rewinding_and_finetuning_start_from_the_trained_weights(mode, request):
     run = request.getfixturevalue(mode)
-    trained_at_end = [t for t in run.tickets if isinstance(t, tuple)][-(run.cfg.levels + 1):]
     for level in (1, 2):
-        counts, scored, base, start = run.begun[level].args
-        trained = trained_at_end[level - 1]
+        counts, scored, base, start = run.begun[level].inputs
+        trained = run.tickets[level - 1]  # the ticket trained at the last level
         assert jax.tree.all(jax.tree.map(np.array_equal, start, trained))
         assert jax.tree.all(jax.tree.map(np.array_equal, scored, trained))
-        ticket_masks, (params, _, masks, _), *_ = run.begun[level].out
+        ticket_masks, params = run.begun[level].ticket_masks, run.begun[level].state.params
         for r in range(R):
-            expected = jax.tree.map(lambda w, m: w * m, member(trained[0], r),
+            expected = jax.tree.map(lambda w, m: w * m, member(trained.params, r),
                                     member(ticket_masks, r))
             assert jax.tree.all(jax.tree.map(np.array_equal, member(params, r), expected))
 
@@ -259,9 +227,9 @@ def test_finetuning_holds_a_constant_rate(finetuning):
 
 
 def test_weight_rewinding_starts_from_the_rewind_point(erk_run):
-    init = erk_run.begun[0].args[3]
+    init = erk_run.begun[0].inputs.start
     for level in (1, 2):
-        assert jax.tree.all(jax.tree.map(np.array_equal, erk_run.begun[level].args[3], init))
+        assert jax.tree.all(jax.tree.map(np.array_equal, erk_run.begun[level].inputs.start, init))
 
 
 # ---------------------------------------------------------------- gradual pruning
@@ -283,7 +251,7 @@ def test_gradual_prune_step_hits_its_targets_at_the_scheduled_steps():
     plan = PrunePlan({"fc1": 0.2, "fc2": 0.2, "out": 0.2})
     units = Weights(LAYERS)
     counts = plan.counts(SHAPES, 2)
-    prune_step = jax.jit(imp.gradual_pruning(units, plan, counts[0], start=10, end=40, every=10))
+    prune_step = jax.jit(gradual_pruning(units, plan, counts[0], start=10, end=40, every=10))
     model = helpers.setup(helpers.run_config()).model
     params = model.init(jax.random.key(0))[0]
     masks = jax.tree.map(np.ones_like, params)
@@ -369,7 +337,7 @@ def test_bad_method_choices_are_one_clear_error(overrides, message):
 def test_an_erk_plan_that_empties_a_layer_is_refused():
     cfg = helpers.run_config("prune.scope=erk", "prune.rate=0.9", "prune.levels=30")
     with pytest.raises(ConfigError, match="empties the global pool"):
-        imp.build(cfg)
+        build(cfg)
 
 
 def test_keep_top_of_negated_scores_is_the_lowest():
@@ -415,7 +383,7 @@ def test_structured_controls_keep_each_groups_unit_count(neuron_run):
         rows = summaries[summaries.level == level]
         for column in ("units_fc1", "units_fc2", "density"):
             assert rows[column].nunique() == 1  # ticket, reinit and random_prune alike
-        ticket_masks, (_, _, masks, _), *_ = neuron_run.begun[level].out
+        ticket_masks, masks = neuron_run.begun[level].ticket_masks, neuron_run.begun[level].state.masks
         for r in range(R):
             random = member(masks, 2 * R + r)  # random_prune: whole random units
             kept = np.asarray(random["fc1"]["kernel"]).any(axis=0)
@@ -428,10 +396,10 @@ def test_structured_controls_keep_each_groups_unit_count(neuron_run):
 def test_structured_pruning_refuses_a_dimension_the_model_lacks():
     cfg = helpers.run_config("prune.structure=channels")
     with pytest.raises(ConfigError, match="has no channels"):
-        imp.build(cfg)
+        build(cfg)
     cfg = helpers.run_config("prune.structure=neurons", "prune.layers=[out]")
     with pytest.raises(ConfigError, match="out"):
-        imp.build(cfg)
+        build(cfg)
 
 
 def test_a_structured_tickets_masks_compact_into_a_smaller_equal_model(neuron_run):

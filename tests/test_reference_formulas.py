@@ -22,12 +22,13 @@ import pytest
 from flax import nnx
 
 import helpers
-from lottery import imp
 from lottery.models import ModelSpec, build_model, spec_of
 from lottery.models.layers import Conv, Linear
 from lottery.pruning.masks import MASK_DTYPE, full_masks, kernels, with_kernels
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_counts
+from lottery.pruning.schedules import gradual_pruning
 from lottery.pruning.scores import SCORES
+from lottery.pruning.select import Method
 from lottery.pruning.units import Weights
 from test_erk import rigl_reference
 
@@ -345,7 +346,7 @@ def test_synflow_on_a_batch_norm_conv_net_uses_eval_mode_and_absolute_statistics
     model, params, state, masks, rng = conv_bn_setup(21)
     batch = (jnp.asarray(rng.standard_normal((8, *CB_INPUT)), jnp.float32),
              jnp.zeros(8, jnp.int32))
-    with imp.Method("synflow").precision:  # the engine's float64, as the reference's double()
+    with Method("synflow").precision:  # the engine's float64, as the reference's double()
         scores = jax.jit(lambda p, s, m: SCORES["synflow"](model, p, s, m, CB_LAYERS, batch,
                                                            None))(
             params, state, with_kernels(full_masks(params), masks))
@@ -445,7 +446,7 @@ def test_gradual_prune_step_follows_polynomial_decay_at_every_event(begin, end, 
     final = {layer: int(counts[3].layers[layer]) for layer in layers}
     assert final == {"a": 15, "b": 22}  # 120 -> 60 -> 30 -> 15; 63 -> 44 -> 31 -> 22
     sizes = {layer: math.prod(shape) for layer, shape in ZG_SHAPES.items()}
-    prune_step = jax.jit(imp.gradual_pruning(Weights(layers), ZG_PLAN, counts[0], start=begin,
+    prune_step = jax.jit(gradual_pruning(Weights(layers), ZG_PLAN, counts[0], start=begin,
                                              end=end, every=every))
     controls = {"lr": np.float32(0), "counts": counts[3]}
     rng = np.random.default_rng(begin * 100 + end)

@@ -1,5 +1,5 @@
 """Choosing a ticket in several scoring rounds, its inverted control, ties, and scores that
-overflow: the engine (`imp.level_programs`'s `begin`) against plain loops written here.
+overflow: the engine (`lottery.level_start`'s `begin`) against plain loops written here.
 
 The plain loops port the rule of Synaptic-Flow's `prune.py: prune_loop` (score the masked
 network, keep the top of the survivors at density d**((j+1)/rounds), with the scores
@@ -21,7 +21,8 @@ from lottery.models.layers import Linear
 from lottery.pruning.masks import full_masks, kernels
 from lottery.pruning.prune import Counts, PrunePlan, keep_counts, keep_top
 from lottery.pruning.scores import SCORES
-from lottery.seeds import name_id
+from lottery.pruning.select import Method
+from lottery.seeds import member_keys, name_id
 
 R = 2
 LAYERS = ("fc1", "fc2", "out")
@@ -48,11 +49,9 @@ def begun_level_one(score: str):
     """The engine's level 1 for `score`: (begin's outputs, the init, the parts)."""
     cfg = mlp_config(score)
     parts = helpers.setup(cfg)
-    method = imp.Method(cfg.score, cfg.score_batch, cfg.score_rounds)
-    begin, _, initial = imp.level_programs(parts.model, parts.plan, BRANCHES, R, parts.trainer,
-                                           parts.units, method)
-    init, full = initial(np.uint32(0))
-    out = begin(np.uint32(0), 1, parts.counts[1], init, full, init)
+    assert parts.method == Method(score, 50, ROUNDS, "init")
+    init, full = parts.programs.initial(np.uint32(0))
+    out = parts.programs.begin(np.uint32(0), 1, parts.counts[1], init, full, init)
     return helpers.host(out), helpers.host(init), parts
 
 
@@ -99,11 +98,12 @@ def score_batch(parts, key):
 
 @pytest.mark.parametrize("score", ["magnitude", "random", "snip", "grasp", "synflow"])
 def test_every_branch_under_every_score_in_several_rounds(score):
-    (ticket_masks, (params, _, masks, _), _, _, finite), init, parts = begun_level_one(score)
-    assert finite.all()
+    begun, init, parts = begun_level_one(score)
+    ticket_masks, masks = begun.ticket_masks, begun.masks
+    assert begun.finite.all()
     count = int(parts.counts[1].pool)
     for r in range(R):
-        key = imp.member_keys(np.uint32(0), R, 1, "ticket", "score")[r]
+        key = member_keys(np.uint32(0), R, 1, "ticket", "score")[r]
         batch = score_batch(parts, key)
         p, s = jax.tree.map(lambda x: x[r], init)
 
@@ -111,7 +111,7 @@ def test_every_branch_under_every_score_in_several_rounds(score):
             masks = full_masks(p)
             for layer in LAYERS:
                 masks[layer]["kernel"] = jnp.asarray(selection[layer], jnp.float32)
-            with imp.Method(score).precision:
+            with Method(score).precision:
                 return jax.device_get(
                     SCORES[score](parts.model, p, s, masks, LAYERS, batch, key))
 
@@ -164,7 +164,7 @@ def test_synflow_scores_equal_the_float64_hand_computation():
         masks[layer]["kernel"] = jnp.asarray(rng.random(masks[layer]["kernel"].shape) < 0.5,
                                              jnp.float32)
     batch = (jnp.ones((1, 40)), jnp.zeros((1,), jnp.int32))
-    with imp.Method("synflow").precision:
+    with Method("synflow").precision:
         scores = jax.jit(lambda p, s, m: SCORES["synflow"](parts.model, p, s, m, LAYERS,
                                                           batch, None))(params, state, masks)
         assert all(s.dtype == jnp.float64 for s in scores.values())
@@ -205,7 +205,7 @@ def test_synflow_on_a_deep_network_is_finite_and_ranks_as_the_exact_computation(
     score = jax.jit(lambda p: SCORES["synflow"](model, p, state, masks, layers, batch, None))
     in_float32 = np.concatenate([np.asarray(s).ravel() for s in score(params).values()])
     assert not np.isfinite(in_float32).all()  # the overflow the engine must not rank
-    with imp.Method("synflow").precision:
+    with Method("synflow").precision:
         scores = score(params)
     # by hand, in log space: log|w_ij| + log(1ᵀ|W_L|...|W_{l+1}|)_j + log(|W_{l-1}|...1)_i
     w = [np.abs(np.asarray(params["layers"][i]["kernel"], np.float64)) for i in range(depth)]
@@ -228,12 +228,11 @@ def test_synflow_on_a_deep_network_is_finite_and_ranks_as_the_exact_computation(
 def test_a_non_finite_score_stops_the_run_with_one_line():
     cfg = mlp_config("magnitude")
     parts = helpers.setup(cfg)
-    begin, _, initial = imp.level_programs(parts.model, parts.plan, ("ticket",), R,
-                                           parts.trainer, parts.units)
-    init, full = initial(np.uint32(0))
+    init, full = parts.programs.initial(np.uint32(0))
     broken = jax.tree.map(lambda x: x, init)
-    broken[0]["fc2"]["kernel"] = broken[0]["fc2"]["kernel"].at[1, 0, 0].set(jnp.inf)
-    finite = np.asarray(begin(np.uint32(0), 1, parts.counts[1], broken, full, init)[-1])
+    broken.params["fc2"]["kernel"] = broken.params["fc2"]["kernel"].at[1, 0, 0].set(jnp.inf)
+    finite = np.asarray(parts.programs.begin(np.uint32(0), 1, parts.counts[1], broken, full,
+                                             init).finite)
     np.testing.assert_array_equal(finite, [True, False])
     with pytest.raises(ConfigError, match=r"not finite at level 1 \(replicate\(s\) \[1\]\)"):
         imp.check_finite(cfg, 1, finite, lost=set())

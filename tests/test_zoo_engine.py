@@ -39,6 +39,7 @@ from flax import nnx
 from helpers import (
     check_reachable,
     compose_config,
+    driven_run,
     expected_counts,
     host,
     load_npz,
@@ -61,6 +62,8 @@ from lottery.data.augment import random_crop_and_flip
 from lottery.data.synthetic import load_synthetic
 from lottery.models import MODELS, build_model, lookup
 from lottery.optim import build_optimizer, learning_rate_schedule
+from lottery.setup import build
+from lottery.state import MemberState, Network
 from lottery.train import Trainer
 
 CONF = Path(lottery.cli.CONF_DIR)
@@ -154,7 +157,7 @@ def test_preset_trains_two_steps_and_prunes_one_level(name, tmp_path):
     run = spied_run(cfg, tmp_path / "run")
     total = expected_prunable(cfg.model)
     assert re.search(rf": {total:,} prunable weights", run.logs[0]), run.logs[0]
-    weights = imp.build(cfg).weights
+    weights = build(cfg).weights
     assert sum(weights.values()) == total
     plan = cfg.prune_plan(tuple(weights))
 
@@ -183,7 +186,7 @@ def check_train_step(cfg, compiled: bool):
     """The preset's real Setup and one training chunk from drawn weights under masks pruned
     to level 1's densities: compiled and run (finite loss, pruned weights stay zero, the
     others move, batch-norm statistics move), or only traced (the state keeps its shapes)."""
-    parts = imp.build(cfg)
+    parts = build(cfg)
     assert sum(parts.weights.values()) == expected_prunable(cfg.model)
     assert parts.cfg.steps == 2 and parts.chunk == 2
     check_reachable(parts.plan, parts.weights, cfg.levels)
@@ -196,7 +199,7 @@ def check_train_step(cfg, compiled: bool):
         params, model_state = member_stack(abstract)
         opt_state = jax.eval_shape(jax.vmap(parts.trainer.optimizer.init), params)
         keys = jax.ShapeDtypeStruct((n, *KEY.shape), KEY.dtype)
-        state = (params, model_state, opt_state, params)
+        state = MemberState(params, model_state, opt_state, params)
         new, loss = jax.eval_shape(lambda s, k: parts.trainer.train_chunk(s, k, 0), state, keys)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), new) == jax.tree.map(
             lambda a: (a.shape, a.dtype), state)
@@ -212,16 +215,17 @@ def check_train_step(cfg, compiled: bool):
     for layer, rate in rates.items():  # random masks, each layer at its level-1 density
         kernel = kernel_of(masks, layer)
         kernel.reshape(-1)[rng.permutation(kernel.size)[expected_counts(kernel.size, rate, 1)[1]:]] = 0
-    start = parts.trainer.start(stacked(parts.trainer, params),
-                                stacked(parts.trainer, model_state), stacked(parts.trainer, masks))
+    start = parts.trainer.start(stacked(parts.trainer, Network(params, model_state)),
+                                stacked(parts.trainer, masks))
     new, loss = parts.trainer.train_chunk(start, stacked(parts.trainer, KEY), 0)
     new = host(new)
     assert np.isfinite(loss).all()
     for layer in parts.plan.layers:
-        kernel, mask = kernel_of(new[0], layer)[0], kernel_of(masks, layer)
+        kernel, mask = kernel_of(new.params, layer)[0], kernel_of(masks, layer)
         assert (kernel[mask == 0] == 0).all(), layer
         assert (kernel[mask == 1] != kernel_of(params, layer)[mask == 1]).any(), layer
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a[0] != b).any()), new[1], model_state))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a[0] != b).any()), new.model_state,
+                                         model_state))
     assert all(moved)  # every running statistic (none without batch norm)
 
 
@@ -253,7 +257,7 @@ def test_epoch_milestones_and_warmup_convert_with_steps_per_epoch():
                                milestones=[80 * epoch, "120ep"], warmup=epoch).schedule
     np.testing.assert_array_equal(values(in_steps, steps), values(schedule, steps))
     # through the engine: the preset's "80ep" at the data's steps per epoch (40 // 4 = 10)
-    parts = imp.build(validate(compose_list(replaced(
+    parts = build(validate(compose_list(replaced(
         smoke_overrides("resnet20_cifar10"), "dataset.train_size=40", "train.batch_size=4",
         "train.steps=160ep", "train.eval_every=4ep"))))
     assert (parts.cfg.steps, parts.cfg.eval_every) == (1600, 40)
@@ -285,7 +289,7 @@ def sgd_trainer(data, model, chunk: int) -> Trainer:
 def train(trainer: Trainer, params, model_state, start: int, chunks: int):
     """`chunks` chunks from global step `start`, from a fresh optimizer state and full masks
     (as a level starts); the final (params, model state, opt state, masks) on the host."""
-    state = trainer.start(stacked(trainer, params), stacked(trainer, model_state),
+    state = trainer.start(stacked(trainer, Network(params, model_state)),
                           stacked(trainer, jax.tree.map(np.ones_like, params)))
     for chunk in range(chunks):
         state, _ = trainer.train_chunk(state, stacked(trainer, KEY), start + chunk * trainer.chunk)
@@ -293,7 +297,7 @@ def train(trainer: Trainer, params, model_state, start: int, chunks: int):
 
 
 def learning_rate(state) -> np.ndarray:
-    return state[2].hyperparams["learning_rate"]
+    return state.opt_state.hyperparams["learning_rate"]
 
 
 def first_member(tree):
@@ -311,14 +315,14 @@ def test_a_rewound_chunk_sees_the_dense_runs_learning_rates(one_example):
     first = train(trainer, params, model_state, start=0, chunks=1)  # steps 0, 1
     dense = train(trainer, params, model_state, start=0, chunks=2)  # steps 0-3
     # rewound to step 2 with the dense weights at step 2: steps 2, 3, a fresh optimizer state
-    rewound = train(trainer, first_member(first[0]), model_state, start=2, chunks=1)
+    rewound = train(trainer, first_member(first.params), model_state, start=2, chunks=1)
     for state, last in ((first, 1), (dense, 3), (rewound, 3)):  # the chunk's last step's rate
         np.testing.assert_allclose(learning_rate(state), SGD_RATE(last), rtol=1e-6)
     assert SGD_RATE(1) == pytest.approx(0.05) and SGD_RATE(3) == pytest.approx(0.01)
-    assert_trees_equal(rewound[0], dense[0])  # the same rates .1, .01 as the dense run
+    assert_trees_equal(rewound.params, dense.params)  # the same rates .1, .01 as the dense run
     # counted from the optimizer's own step instead, the chunk would use rates 0, .05
-    restarted = train(trainer, first_member(first[0]), model_state, start=0, chunks=1)
-    assert not np.array_equal(restarted[0]["fc1"]["kernel"], dense[0]["fc1"]["kernel"])
+    restarted = train(trainer, first_member(first.params), model_state, start=0, chunks=1)
+    assert not np.array_equal(restarted.params["fc1"]["kernel"], dense.params["fc1"]["kernel"])
 
 
 def test_one_step_from_the_same_weights_scales_with_the_schedule(one_example):
@@ -330,7 +334,7 @@ def test_one_step_from_the_same_weights_scales_with_the_schedule(one_example):
     flat = np.concatenate([leaf.ravel() for leaf in jax.tree.leaves(params)])
     updates = {}
     for step in range(5):
-        after = first_member(train(trainer, params, model_state, start=step, chunks=1)[0])
+        after = first_member(train(trainer, params, model_state, start=step, chunks=1).params)
         updates[step] = np.concatenate([leaf.ravel() for leaf in jax.tree.leaves(after)]) - flat
     assert not updates[0].any()  # learning rate 0: the weights are unchanged, bit for bit
     assert np.abs(updates[2]).max() > 1e-4
@@ -383,24 +387,7 @@ def bn_run(tiny_bn, tmp_path_factory):
     """Late rewinding (k = 2 of 4 steps), 2 levels, 3 branches x 2 replicates of TinyBN,
     keeping what `begin` returned at each level (on the host)."""
     cfg = validate(compose_list(BN_RUN))
-    begun = []
-    original = imp.level_programs
-
-    def recording(*args, **kwargs):
-        begin, ticket_of, initial = original(*args, **kwargs)
-
-        def begin_and_keep(*begin_args):
-            out = begin(*begin_args)
-            begun.append(host(out))
-            return out
-
-        return begin_and_keep, ticket_of, initial
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(imp, "level_programs", recording)
-        run = spied_run(cfg, tmp_path_factory.mktemp("bn") / "run")
-    run.begun = begun
-    return run
+    return driven_run(cfg, tmp_path_factory.mktemp("bn") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +457,8 @@ def test_pruned_levels_start_from_the_rewound_statistics(bn_run, saved_rewind, d
     assert bn_run.cfg.branches == ("ticket", "reinit", "random_prune")
     assert len(bn_run.begun) == 3  # levels 0, 1, 2
     for level in (1, 2):
-        ticket_masks, (params, model_state, masks, _), *_ = bn_run.begun[level]
+        begun = bn_run.begun[level]
+        ticket_masks, (params, model_state, _, masks) = begun.ticket_masks, begun.state
         ticket, reinit, random = (rows(model_state, b * R, (b + 1) * R) for b in range(3))
         assert_trees_equal(ticket, state_k)
         assert_trees_equal(random, state_k)
@@ -486,7 +474,7 @@ def test_pruned_levels_start_from_the_rewound_statistics(bn_run, saved_rewind, d
 def test_batch_norm_is_never_pruned(bn_run, saved_rewind):
     params_k, _ = saved_rewind
     for level in (1, 2):
-        _, (params, _, masks, _), *_ = bn_run.begun[level]
+        params, masks = bn_run.begun[level].state.params, bn_run.begun[level].state.masks
         assert jax.tree.structure(masks) == jax.tree.structure(params)  # no mask for the state
         for leaf in ("scale", "bias"):
             assert (masks["bn"][leaf] == 1).all()
@@ -526,14 +514,14 @@ def test_augmentation_is_deterministic_and_for_training_only(tiny_bn):
     _, again = trained(data.augment)
     plain, unaugmented = trained(None)
     _, identity = trained(lambda key, x: x)
-    assert_trees_equal(once[:2], again[:2])  # same keys, same crops and flips
-    assert_trees_equal(identity[:2], unaugmented[:2])  # the hook changes nothing else
-    assert not np.array_equal(once[0]["conv"]["kernel"], unaugmented[0]["conv"]["kernel"])
-    assert not np.array_equal(once[1]["bn"]["mean"], unaugmented[1]["bn"]["mean"])
+    assert_trees_equal(once.network, again.network)  # same keys, same crops and flips
+    assert_trees_equal(identity.network, unaugmented.network)  # the hook changes nothing else
+    assert not np.array_equal(once.params["conv"]["kernel"], unaugmented.params["conv"]["kernel"])
+    assert not np.array_equal(once.model_state["bn"]["mean"],
+                              unaugmented.model_state["bn"]["mean"])
     # evaluation never augments: the same weights score the same with or without it
-    weights = (stacked(augmenting, first_member(once[0])),
-               stacked(augmenting, first_member(once[1])))
-    with_augment, without = augmenting.evaluate(*weights), plain.evaluate(*weights)
+    weights = stacked(augmenting, first_member(once.network))
+    with_augment, without = augmenting.evaluate(weights), plain.evaluate(weights)
     assert with_augment.keys() == without.keys()
     for metric in with_augment:
         np.testing.assert_array_equal(with_augment[metric], without[metric])

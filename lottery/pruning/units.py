@@ -21,6 +21,7 @@ class Weights:
     """Unstructured pruning of the kernels of `layers`."""
 
     layers: tuple[str, ...]
+    records_units = False  # the record counts weights already (`density_<layer>`)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -45,6 +46,7 @@ class Structures:
     (`lottery.pruning.structured`); a unit is scored by the norm of its weights."""
 
     groups: tuple  # lottery.models.structure.Group
+    records_units = True  # summary rows count each group's kept units (`units_<name>`)
 
     @property
     def names(self) -> tuple[str, ...]:

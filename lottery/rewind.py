@@ -1,0 +1,71 @@
+"""Rewinding: where a level's training starts after pruning (`rewind.mode`).
+
+- weights (Frankle & Carbin 2019; Frankle et al. 2020 for k > 0): the surviving weights
+  go back to their values at step k of the dense run, and the level trains steps k..T.
+- lr (Renda et al. 2020): the trained weights are kept and the learning-rate schedule is
+  replayed from step k.
+- finetune (Renda et al. 2020's baseline): the trained weights are kept and trained steps
+  k..T at a constant rate (`lr`, or the schedule's last rate).
+Level 0 always starts from the initial network. To add one: a class with these three
+methods, and a `REWINDS` entry.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lottery.state import LevelEntry
+
+
+@dataclass(frozen=True)
+class WeightRewinding:
+    step: int
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The mode with its options from `cfg` (a `RunConfig` in steps)."""
+        return cls(cfg.rewind_step)
+
+    #: random_prune draws among the units the ticket was chosen from (no weight pruned at
+    #: an earlier level comes back at 0) when a level starts from trained weights
+    from_trained = False
+
+    def start(self, level: int, entry: LevelEntry, source):
+        """The network the level's branches start from (`source`: the schedule's)."""
+        return entry.rewind
+
+    def learning_rate(self, level: int, optimizer, steps: int) -> np.float32:
+        """A constant learning rate for the level where positive; 0: the schedule's."""
+        return np.float32(0)
+
+    def describe(self) -> str:
+        return f"weights rewound to step {self.step}"
+
+
+@dataclass(frozen=True)
+class LearningRateRewinding(WeightRewinding):
+    from_trained = True
+
+    def start(self, level, entry, source):
+        return source if level else entry.rewind
+
+    def describe(self):
+        return f"trained weights, learning rate replayed from step {self.step}"
+
+
+@dataclass(frozen=True)
+class FineTuning(LearningRateRewinding):
+    lr: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.rewind_step, cfg.finetune_lr)
+
+    def learning_rate(self, level, optimizer, steps):
+        return np.float32(self.lr or optimizer.schedule(steps - 1)) if level else np.float32(0)
+
+    def describe(self):
+        return "trained weights fine-tuned"
+
+
+REWINDS = {"weights": WeightRewinding, "lr": LearningRateRewinding, "finetune": FineTuning}

@@ -1,0 +1,113 @@
+"""What a run is built from: its config in steps, data, model, pruning method and trainer.
+
+`build(cfg)` loads the data and builds every piece once, refusing an impossible schedule
+with a `ConfigError` before anything trains; the level loop (`lottery.imp`) only calls them.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import jax
+
+from lottery.branches import BRANCHES, branch_of, members_of
+from lottery.config import ConfigError, RunConfig
+from lottery.data import Dataset, load_dataset
+from lottery.level_start import LevelPrograms, level_programs
+from lottery.models import ModelSpec, build_model
+from lottery.optim import OptimizerError, build_optimizer
+from lottery.pruning.prune import PlanError, PrunePlan
+from lottery.pruning.schedules import SCHEDULES, Schedule
+from lottery.pruning.select import Method
+from lottery.pruning.structured import StructureError, model_groups
+from lottery.pruning.units import Structures, Weights
+from lottery.rewind import REWINDS
+from lottery.state import Layout
+from lottery.train import Trainer
+
+
+@dataclass(frozen=True)
+class Setup:
+    cfg: RunConfig  # every duration in steps
+    data: Dataset
+    model: ModelSpec
+    plan: PrunePlan
+    units: Weights | Structures  # what a level prunes: weights, neurons or channels
+    counts: list  # Counts of units kept at each level 0..levels
+    weights: dict[str, int]  # prunable weights per layer
+    measured: tuple[str, ...]  # the layers whose remaining weights make up `density`
+    chunk: int  # steps per compiled training call: gcd(eval_every, steps, rewind step)
+    trainer: Trainer
+    layout: Layout  # which rows of the stack are which branch and replicate
+    schedule: Schedule
+    method: Method
+    rewind: object  # a `lottery.rewind.REWINDS` mode
+
+    @cached_property
+    def programs(self) -> LevelPrograms:
+        """The compiled programs that start a level (`lottery.level_start`), made once."""
+        return level_programs(self)
+
+    @cached_property
+    def hooks(self) -> list:
+        """The hooks of the branches that have them, made once."""
+        return [hook for hook in (BRANCHES[b].hooks(self) for b in self.cfg.branches) if hook]
+
+    @property
+    def uses_inverted(self) -> bool:
+        return any(branch_of(b).uses_inverted for b in self.layout.branches)
+
+
+def _options(section: dict) -> dict:
+    return {key: value for key, value in section.items() if key != "name"}
+
+
+def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Structures]:
+    if cfg.structure == "weights":
+        plan = cfg.prune_plan(model.prunable)
+        return plan, Weights(plan.layers)
+    try:
+        groups = model_groups(model, cfg.structure)
+    except StructureError as error:
+        raise ConfigError(f"prune.structure={cfg.structure}: {error}") from None
+    plan = cfg.prune_plan(tuple(group.name for group in groups))
+    return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
+
+
+def build(cfg: RunConfig) -> Setup:
+    """Load the data and build everything a run needs; refuses impossible schedules."""
+    data = load_dataset(cfg.dataset["name"], **_options(cfg.dataset))
+    if cfg.batch_size > len(data.x_train):
+        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {len(data.x_train)} "
+                          f"training examples of {data.name}")
+    model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
+                        **_options(cfg.model))
+    params = jax.eval_shape(model.init, jax.random.key(0))[0]
+    plan, units = _units(cfg, model)
+    try:
+        counts = plan.counts(units.shapes(params), cfg.levels)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
+    steps_per_epoch = len(data.x_train) // cfg.batch_size
+    cfg = cfg.in_steps(steps_per_epoch)
+    chunk = math.gcd(cfg.eval_every, cfg.steps, cfg.rewind_step)
+    try:
+        optimizer = build_optimizer(**cfg.optimizer, steps_per_epoch=steps_per_epoch)
+    except OptimizerError as error:
+        raise ConfigError(str(error)) from None
+    schedule = SCHEDULES[cfg.schedule].from_config(cfg)
+    trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
+                      cfg.eval_batch_size, cfg.members, schedule.prune_step(units, plan, counts))
+    rewind = REWINDS[cfg.rewind_mode].from_config(cfg)
+    return Setup(cfg, data, model, plan, units, counts, model.param_counts(params),
+                 plan.layers if cfg.structure == "weights" else model.prunable, chunk, trainer,
+                 Layout(members_of(cfg.branches), cfg.replicates), schedule,
+                 Method(cfg.score, cfg.score_batch, cfg.score_rounds, cfg.prune_at), rewind)
+
+
+def describe(setup: Setup) -> str:
+    """The pruning method in words, for the log."""
+    cfg = setup.cfg
+    return (f"{cfg.schedule} {cfg.scope} pruning of {cfg.structure} by {cfg.score} scores of "
+            f"the {'initial' if cfg.prune_at == 'init' else 'trained'} network; "
+            f"{setup.rewind.describe()}")
