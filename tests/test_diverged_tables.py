@@ -16,7 +16,7 @@ import pytest
 import wandb
 
 from lottery.analysis import plots, report, results
-from lottery.record import RECORD_NAME, WandbSink, load, markdown_table, summary_table
+from lottery.record import RECORD_NAME, load, markdown_table, summary_table, wandb_summary
 
 # (level, branch, replicate): (early-stop test accuracy, early-stop step)
 MEMBERS = {
@@ -147,13 +147,16 @@ def test_wandb_levels_table_leaves_them_out_and_summaries_keep_them(run_dir, mon
     monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
     monkeypatch.setattr(wandb, "Table", lambda dataframe: dataframe)
     monkeypatch.setattr(wandb, "Image", lambda path: path)
-    WandbSink("p", "g", {}, run_dir, run_id="x")._log_summary()
+    wandb_summary(run_dir, {"figure": run_dir / "figure.png"})
     assert len(logged["summaries"]) == len(MEMBERS)
     assert (logged["summaries"]["status"] == "diverged").sum() == 1
     row = row_of(logged["levels"], 1, "random_prune")
     assert row["accuracy_mean"] == pytest.approx(OK_MEAN, abs=1e-12)
     assert (row["replicates"], row["diverged"]) == (2, 1)
-
+    assert logged["figure"] == str(run_dir / "figure.png")  # what it was given, as it is
+    logged.clear()
+    wandb_summary(run_dir)  # once per run folder: a finished run started again logs nothing
+    assert logged == {}
 
 
 def test_a_report_over_several_runs_names_the_run(tmp_path):
