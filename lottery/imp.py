@@ -46,7 +46,7 @@ from lottery.pruning.prune import (
 )
 from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
-from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows
+from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows, save_arrays
 from lottery.rundir import exclusive
 from lottery.seeds import member_keys, name_id
 from lottery.train import Trainer
@@ -220,17 +220,6 @@ def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, 
         return jax.lax.cond(event, prune_now, lambda masks: masks, masks)
 
     return prune_step
-
-
-def save_arrays(path: Path, tree, dtype=None) -> None:
-    """Save a stacked tree of arrays as `path` (npz, keys 'layer/leaf'; axis 0 = replicate),
-    atomically: a killed run never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(str(k.key) for k in keys): np.asarray(leaf, dtype)
-            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    with open(path.with_suffix(".tmp"), "wb") as f:
-        np.savez_compressed(f, **flat)
-    path.with_suffix(".tmp").replace(path)
 
 
 def early_stop_summary(steps: list[int], history: dict[str, np.ndarray],
