@@ -9,11 +9,13 @@ The last `KEEP` checkpoints are kept. When the run ends, `finish` replaces them 
 `finished.json`, so a finished run costs no checkpoint space and a rerun does nothing.
 
 Plain npz and JSON rather than a checkpointing library: the trees are small and
-host-gathered, and the checksum, atomicity and fall-back rules are the point.
+host-gathered, and the checksum, atomicity and fall-back rules are the point. orbax-checkpoint
+(installed with flax) writes atomically too, but verifies no content: a byte flipped in a
+saved array restores silently as a wrong number, so it would need this sha256 manifest (over
+its folder of eleven files per checkpoint) and this fall-back loop on top of it.
 """
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
