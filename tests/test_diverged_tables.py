@@ -125,15 +125,23 @@ def test_plots_average_only_the_healthy_members(run_dir, monkeypatch):
     assert drawn["random_prune"] == pytest.approx([200, OK_STEP])
 
 
+def report_text(path, level1: str, networks: int, gone: int, replicates: int) -> str:
+    """report.md of `path`, checked for its level-1 row, its count of trained networks and
+    diverged ones, and the replicates each mean is over."""
+    report.write_report(path)
+    text = (path / "report.md").read_text()
+    assert level1 in text
+    assert f"{networks} trained networks, {gone} of them diverged" in text
+    assert (f"mean ± std over {replicates} replicates per level and branch (diverged ones "
+            "left out)") in text
+    return text
+
+
 def test_report_says_how_many_were_left_out_and_where(run_dir):
-    report.write_report(run_dir)
-    text = (run_dir / "report.md").read_text()
     # level 1: ticket steps 100, 200, 300 (200 ± 100) and accuracies 0.96, 0.97, 0.98;
     # random_prune as in the module's docstring
-    assert ("| 1 | 80.0 | 200 ± 100 | 97.00 ± 1.00 | 150 ± 71 | 97.50 ± 0.71 (1 diverged) |"
-            in text)
-    assert "12 trained networks, 1 of them diverged" in text
-    assert "mean ± std over 3 replicates per level and branch (diverged ones left out)" in text
+    row = "| 1 | 80.0 | 200 ± 100 | 97.00 ± 1.00 | 150 ± 71 | 97.50 ± 0.71 (1 diverged) |"
+    text = report_text(run_dir, row, networks=12, gone=1, replicates=3)
     assert "Left out of the means: 1 diverged member (level 1 random_prune r1)." in text
 
 
@@ -171,11 +179,7 @@ def test_a_report_over_several_runs_names_the_run(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / RECORD_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    report.write_report(tmp_path)
-    text = (tmp_path / "report.md").read_text()
-    assert ("| 1 | 80.0 | 200 ± 89 | 97.00 ± 0.89 | 150 ± 58 | 97.50 ± 0.58 (2 diverged) |"
-            in text)
-    assert "24 trained networks, 2 of them diverged" in text
-    assert "mean ± std over 6 replicates per level and branch (diverged ones left out)" in text
+    row = "| 1 | 80.0 | 200 ± 89 | 97.00 ± 0.89 | 150 ± 58 | 97.50 ± 0.58 (2 diverged) |"
+    text = report_text(tmp_path, row, networks=24, gone=2, replicates=6)
     assert ("Left out of the means: 2 diverged members (a level 1 random_prune r1, "
             "b level 1 random_prune r1).") in text
