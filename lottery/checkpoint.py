@@ -9,11 +9,13 @@ The last `KEEP` checkpoints are kept. When the run ends, `finish` replaces them 
 `finished.json`, so a finished run costs no checkpoint space and a rerun does nothing.
 
 Plain npz and JSON rather than a checkpointing library: the trees are small and
-host-gathered, and the checksum, atomicity and fall-back rules are the point.
+host-gathered, and the checksum, atomicity and fall-back rules are the point. orbax-checkpoint
+(installed with flax) writes atomically too, but verifies no content: a byte flipped in a
+saved array restores silently as a wrong number, so it would need this sha256 manifest (over
+its folder of eleven files per checkpoint) and this fall-back loop on top of it.
 """
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +24,10 @@ import jax
 import numpy as np
 
 from lottery import faults
-from lottery.data.fetch import sha256
+from lottery.atomic import sha256, write_atomically
 
 KEEP = 2
 FINISHED = "finished.json"
-
-
-def _write_atomically(path: Path, write) -> None:
-    """`write(file)` into `path.tmp`, flushed to disk, then renamed to `path`."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    temporary.replace(path)
 
 
 @dataclass(frozen=True)
@@ -74,11 +66,11 @@ class CheckpointStore:
         arrays = {f"{name}/{i}": np.asarray(leaf) for name, tree in trees.items()
                   for i, leaf in enumerate(jax.tree.leaves(tree))}
         data = self.directory / f"{number:06d}.npz"
-        _write_atomically(data, lambda f: np.savez(f, **arrays))
+        write_atomically(data, lambda f: np.savez(f, **arrays))
         faults.reached("checkpoint")  # a crash here leaves an npz without its manifest
         manifest = {"run_id": self.run_id, "sha256": sha256(data), **meta}
-        _write_atomically(data.with_suffix(".json"),
-                          lambda f: f.write(json.dumps(manifest).encode()))
+        write_atomically(data.with_suffix(".json"),
+                         lambda f: f.write(json.dumps(manifest).encode()))
         for old in self._manifests()[KEEP:]:
             old.with_suffix(".npz").unlink(missing_ok=True)
             old.unlink()
@@ -111,8 +103,8 @@ class CheckpointStore:
     def finish(self, meta: dict) -> None:
         """Mark the run finished and drop its checkpoints."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.directory / FINISHED,
-                          lambda f: f.write(json.dumps({"run_id": self.run_id, **meta}).encode()))
+        write_atomically(self.directory / FINISHED,
+                         lambda f: f.write(json.dumps({"run_id": self.run_id, **meta}).encode()))
         for path in self.directory.iterdir():
             if path.name != FINISHED:
                 path.unlink()

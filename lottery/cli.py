@@ -21,7 +21,7 @@ import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra co
 from lottery.config import ConfigError, validate
 from lottery.data import DataError
 from lottery.models import ModelError
-from lottery.record import summary_table
+from lottery.record import summary_table, wandb_summary
 from lottery.optim import OptimizerError
 from lottery.train import use_cpu_cores, use_eigen_dots
 
@@ -118,6 +118,10 @@ def hydra_main(cfg: DictConfig) -> None:
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
         fail(str(error))
+    if run_cfg.logger["name"] == "wandb":  # the W&B summary run, with figures drawn here
+        from lottery.analysis.plots import summary_figures
+
+        wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summary_table(summaries))
 
 

@@ -33,21 +33,11 @@ from lottery.config import ConfigError, RunConfig
 from lottery.history import LevelHistory, recorded
 from lottery.identity import run_id
 from lottery.level_start import LevelInputs
-from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink, recorded_rows
+from lottery.record import (RECORD_NAME, JsonlSink, Record, WandbSink, level_file, recorded_rows,
+                            rewind_file, save_arrays, trained_file)
 from lottery.rundir import exclusive
 from lottery.setup import Setup, build, describe
 from lottery.state import LevelEntry, MemberState, Network
-
-
-def save_arrays(path: Path, tree, dtype=None) -> None:
-    """Save a stacked tree of arrays as `path` (npz, keys 'layer/leaf'; axis 0 = replicate),
-    atomically: a killed run never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(str(k.key) for k in keys): np.asarray(leaf, dtype)
-            for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    with open(path.with_suffix(".tmp"), "wb") as f:
-        np.savez_compressed(f, **flat)
-    path.with_suffix(".tmp").replace(path)
 
 
 @dataclass
@@ -216,7 +206,7 @@ class Experiment:
         seconds, number = level.elapsed(), level.number
         trained = self.programs.ticket_of(level.state.network)
         masks = self.programs.ticket_of(level.state.masks)
-        self.save_level_files(level, trained, masks)
+        self.save_level_files(level, trained)
         alive, kept, density = self.measure(level)
         additions = [hook.after_level(level.state, number, density) for hook in self.hooks]
         del level.state
@@ -235,23 +225,20 @@ class Experiment:
                              "record_offset": self.jsonl.offset}, {"entry": self.entry})
             faults.reached("level")
 
-    def save_level_files(self, level: Level, trained: Network, masks) -> None:
-        """The rewind point (level 0), the trained ticket (`train.save_weights`), and each
-        branch's masks: the ticket's `levels/level_NN.npz`, a control's
-        `levels/level_NN_<branch>.npz` (axis 0: replicate)."""
-        setup, out = self.setup, self.out_dir
-        if level.number == 0:
-            save_arrays(out / "rewind.npz", {"params": level.rewind.params,
-                                             "state": level.rewind.model_state})
+    def save_level_files(self, level: Level, trained: Network) -> None:
+        """The rewind point (level 0), the trained ticket (`train.save_weights`), and every
+        branch's masks (`lottery.record.arrays`; axis 0: replicate)."""
+        setup, out, number = self.setup, self.out_dir, level.number
+        if number == 0:
+            save_arrays(rewind_file(out), {"params": level.rewind.params,
+                                           "state": level.rewind.model_state})
         if setup.cfg.save_weights:
-            save_arrays(out / "levels" / f"trained_{level.number:02d}.npz",
-                        {"params": trained.params, "state": trained.model_state})
-        save_arrays(out / "levels" / f"level_{level.number:02d}.npz", masks, bool)
+            save_arrays(trained_file(out, number), {"params": trained.params,
+                                                    "state": trained.model_state})
         for branch in setup.layout.branches:
-            if branch != "ticket":
-                rows = setup.layout.rows(branch)
-                save_arrays(out / "levels" / f"level_{level.number:02d}_{branch}.npz",
-                            jax.tree.map(lambda x, rows=rows: x[rows], level.state.masks), bool)
+            rows = setup.layout.rows(branch)
+            save_arrays(level_file(out, number, branch),
+                        jax.tree.map(lambda x, rows=rows: x[rows], level.state.masks), bool)
 
     def summary_rows(self, level: Level, seconds: float, alive, kept, density,
                      extras: dict) -> list[dict]:

@@ -92,6 +92,6 @@ def ones_like(tree):
 
 
 def flat(tree, prefix: str) -> dict:
-    """A tree as `lottery.imp.save_arrays` names its leaves: "prefix/layer/leaf"."""
+    """A tree as `lottery.record.save_arrays` names its leaves: "prefix/layer/leaf"."""
     return {f"{prefix}/{'/'.join(str(k.key) for k in path)}": leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

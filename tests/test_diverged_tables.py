@@ -16,7 +16,7 @@ import pytest
 import wandb
 
 from lottery.analysis import plots, report, results
-from lottery.record import RECORD_NAME, WandbSink, load, markdown_table, summary_table
+from lottery.record import RECORD_NAME, load, markdown_table, summary_table, wandb_summary
 
 # (level, branch, replicate): (early-stop test accuracy, early-stop step)
 MEMBERS = {
@@ -125,12 +125,23 @@ def test_plots_average_only_the_healthy_members(run_dir, monkeypatch):
     assert drawn["random_prune"] == pytest.approx([200, OK_STEP])
 
 
+def report_text(path, level1: str, networks: int, gone: int, replicates: int) -> str:
+    """report.md of `path`, checked for its level-1 row, its count of trained networks and
+    diverged ones, and the replicates each mean is over."""
+    report.write_report(path)
+    text = (path / "report.md").read_text()
+    assert level1 in text
+    assert f"{networks} trained networks, {gone} of them diverged" in text
+    assert (f"mean ± std over {replicates} replicates per level and branch (diverged ones "
+            "left out)") in text
+    return text
+
+
 def test_report_says_how_many_were_left_out_and_where(run_dir):
-    report.write_report(run_dir)
-    text = (run_dir / "report.md").read_text()
-    assert "| 1 | 80.00 | random_prune | 97.50 ± 0.71 | 150 ± 71 | 2 (+1 diverged) |" in text
-    assert "| 1 | 80.00 | ticket | 97.00 ± 1.00 | 200 ± 100 | 3 |" in text
-    assert "12 trained networks, 1 of them diverged" in text
+    # level 1: ticket steps 100, 200, 300 (200 ± 100) and accuracies 0.96, 0.97, 0.98;
+    # random_prune as in the module's docstring
+    row = "| 1 | 80.0 | 200 ± 100 | 97.00 ± 1.00 | 150 ± 71 | 97.50 ± 0.71 (1 diverged) |"
+    text = report_text(run_dir, row, networks=12, gone=1, replicates=3)
     assert "Left out of the means: 1 diverged member (level 1 random_prune r1)." in text
 
 
@@ -147,24 +158,28 @@ def test_wandb_levels_table_leaves_them_out_and_summaries_keep_them(run_dir, mon
     monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
     monkeypatch.setattr(wandb, "Table", lambda dataframe: dataframe)
     monkeypatch.setattr(wandb, "Image", lambda path: path)
-    WandbSink("p", "g", {}, run_dir, run_id="x")._log_summary()
+    wandb_summary(run_dir, {"figure": run_dir / "figure.png"})
     assert len(logged["summaries"]) == len(MEMBERS)
     assert (logged["summaries"]["status"] == "diverged").sum() == 1
     row = row_of(logged["levels"], 1, "random_prune")
     assert row["accuracy_mean"] == pytest.approx(OK_MEAN, abs=1e-12)
     assert (row["replicates"], row["diverged"]) == (2, 1)
-
+    assert logged["figure"] == str(run_dir / "figure.png")  # what it was given, as it is
+    logged.clear()
+    wandb_summary(run_dir)  # once per run folder: a finished run started again logs nothing
+    assert logged == {}
 
 
 def test_a_report_over_several_runs_names_the_run(tmp_path):
-    """Two copies of the run: four healthy members (0.97, 0.98, 0.97, 0.98; std with ddof 1
-    = sqrt(4 * 0.005**2 / 3) = 0.0057735; steps 100, 200, 100, 200: 150 ± 57.7) and two
-    left out, each named with its run."""
+    """Two copies of the run: at level 1, random_prune has four healthy members (0.97, 0.98,
+    0.97, 0.98; std with ddof 1 = sqrt(4 * 0.005**2 / 3) = 0.0057735; steps 100, 200, 100,
+    200: 150 ± 57.7) and two left out, each named with its run; ticket has six (0.96, 0.97,
+    0.98 twice: std sqrt(4 * 0.01**2 / 5) = 0.0089443; steps 100, 200, 300 twice: 200 ±
+    89.4)."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / RECORD_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    report.write_report(tmp_path)
-    text = (tmp_path / "report.md").read_text()
-    assert "| 1 | 80.00 | random_prune | 97.50 ± 0.58 | 150 ± 58 | 4 (+2 diverged) |" in text
+    row = "| 1 | 80.0 | 200 ± 89 | 97.00 ± 0.89 | 150 ± 58 | 97.50 ± 0.58 (2 diverged) |"
+    text = report_text(tmp_path, row, networks=24, gone=2, replicates=6)
     assert ("Left out of the means: 2 diverged members (a level 1 random_prune r1, "
             "b level 1 random_prune r1).") in text

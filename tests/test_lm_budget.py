@@ -20,10 +20,11 @@ import pytest
 
 import helpers
 
+from lottery.analysis.plots import summary_figures
 from lottery.lm import baselines, budget, compact, corpus, gpt, prune, scores, train
 from lottery.lm import cli as lm_cli
 from lottery.lm.config import LMConfigError, validate
-from lottery.record import load, summary_table
+from lottery.record import load, summary_table, wandb_summary
 
 CONFIG = gpt.GPTConfig(vocab=256, context=8, d_model=8, head_dim=4, heads=(2, 3), ffn=(6, 5))
 
@@ -502,6 +503,8 @@ def latency_run(tmp_path_factory):
         patch.setenv("WANDB_MODE", "offline")
         patch.setattr(budget.measure, "tokens_per_second", stand_in)
         summaries = budget.run(cfg, out)
+        # the group's summary run, as `lottery lm` logs it after the run
+        wandb_summary(out, summary_figures(summaries, out, cfg.name))
     return cfg, out, summaries, stderr.getvalue()
 
 
@@ -543,3 +546,4 @@ def test_rounds_go_to_wandb_like_imp_levels(latency_run):
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 4  # dense, prune, scratch, and the summary
     assert "W&B disabled" not in stderr and "lottery lm: done" in stderr
+    assert "W&B summary not logged" not in stderr and (out / "accuracy_vs_density.png").exists()

@@ -8,7 +8,8 @@ import pytest
 import wandb
 
 import helpers
-from lottery.record import load
+from lottery.analysis.plots import summary_figures
+from lottery.record import load, wandb_summary
 
 R, LEVELS, EVALS = 2, 2, 3
 MEMBERS = 3 * R
@@ -28,10 +29,14 @@ def assert_record_complete(run_dir, main_run):
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory, session_tmp):
+    """The run, then its summary run as `lottery.cli` logs it after the run, twice (as when a
+    finished run is started again)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         run = helpers.spied_run(helpers.run_config("logger=wandb"),
                                 tmp_path_factory.mktemp("wandb") / "run")
+        for _ in range(2):
+            wandb_summary(run.dir, summary_figures(run.summaries, run.dir, run.cfg.name))
     return run
 
 

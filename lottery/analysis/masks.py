@@ -17,16 +17,16 @@ prunable kernels are read. Every table is a tidy pandas DataFrame, one row per
 """
 
 import itertools
-import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from lottery.record import (RECORD_NAME, load_arrays, read_rows, rewind_file, saved_levels,
+                            trained_file)
+
 ALL = "all"  # the `layer` of rows pooling every layer
-_LEVEL = re.compile(r"^level_(\d+)\.npz$")
 
 OVERLAP_COLUMNS = ["layer", "size", "kept_a", "kept_b", "intersection", "union", "jaccard",
                    "jaccard_random"]
@@ -153,17 +153,15 @@ class TicketRun:
 
     def __init__(self, path, layers=None):
         self.path = Path(path)
-        if self.path.name == "record.jsonl":
+        if self.path.name == RECORD_NAME:
             self.path = self.path.parent
-        found = sorted((int(m.group(1)), f) for f in (self.path / "levels").glob("level_*.npz")
-                       if (m := _LEVEL.match(f.name)))
-        if not found:
+        self._files = saved_levels(self.path)
+        if not self._files:
             raise FileNotFoundError(f"no levels/level_NN.npz in {self.path}: not a run directory")
-        self.levels = [level for level, _ in found]
-        self._files = dict(found)
+        self.levels = list(self._files)
         self.layers = tuple(layers) if layers is not None else self._prunable_layers()
-        with np.load(self._files[self.levels[0]]) as archive:
-            self.replicates = archive[_key(self.layers[0])].shape[0]
+        first = _key(self.layers[0])
+        self.replicates = load_arrays(self._files[self.levels[0]], [first])[first].shape[0]
         self._masks = {}
 
     def __repr__(self) -> str:
@@ -171,16 +169,13 @@ class TicketRun:
                 f"replicates, layers {list(self.layers)})")
 
     def _prunable_layers(self) -> tuple[str, ...]:
-        record = self.path / "record.jsonl"
+        record = self.path / RECORD_NAME
         if record.exists():
-            with open(record, encoding="utf-8") as f:
-                for line in f:
-                    row = json.loads(line)
-                    if row.get("kind") == "run" and row.get("prunable_weights"):
-                        return tuple(row["prunable_weights"])
-        with np.load(self._files[self.levels[0]]) as archive:  # no record: every kernel
-            return tuple(k[:-len("/kernel")].replace("/", ".") for k in archive.files
-                         if k.endswith("/kernel"))
+            for row in read_rows(record):
+                if row.get("kind") == "run" and row.get("prunable_weights"):
+                    return tuple(row["prunable_weights"])
+        keys = load_arrays(self._files[self.levels[0]])  # no record: every kernel
+        return tuple(k[:-len("/kernel")].replace("/", ".") for k in keys if k.endswith("/kernel"))
 
     def masks(self, level: int) -> dict[str, np.ndarray]:
         """The ticket masks of `level`: {layer: bool array (replicates, ...)}."""
@@ -192,17 +187,16 @@ class TicketRun:
 
     def rewind(self) -> dict[str, np.ndarray]:
         """The rewind weights (the initialisation when rewind.step=0): {layer: (replicates, ...)}."""
-        return _read(self.path / "rewind.npz", self.layers, "params/")
+        return _read(rewind_file(self.path), self.layers, "params/")
 
     @property
     def trained_levels(self) -> list[int]:
         """The levels whose trained ticket was saved (`train.save_weights=true`)."""
-        return [level for level in self.levels
-                if (self.path / "levels" / f"trained_{level:02d}.npz").exists()]
+        return [level for level in self.levels if trained_file(self.path, level).exists()]
 
     def trained(self, level: int) -> dict[str, np.ndarray]:
         """The trained ticket weights of `level`: {layer: (replicates, ...)}."""
-        path = self.path / "levels" / f"trained_{level:02d}.npz"
+        path = trained_file(self.path, level)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: trained weights are saved only "
                                     "by runs with train.save_weights=true")
@@ -351,8 +345,8 @@ def load_runs(path) -> dict[str, TicketRun]:
     path = Path(path)
     runs = {}
     for levels in sorted(path.rglob("levels")):
-        if levels.is_dir() and any(_LEVEL.match(f.name) for f in levels.iterdir()):
-            directory = levels.parent
+        directory = levels.parent
+        if levels.is_dir() and saved_levels(directory):
             runs[str(directory.relative_to(path)) if directory != path else "."] = \
                 TicketRun(directory)
     if not runs:
@@ -371,13 +365,8 @@ def _key(layer: str) -> str:
 
 
 def _read(path: Path, layers, prefix: str, dtype=None) -> dict[str, np.ndarray]:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    with np.load(path) as archive:
-        missing = [prefix + _key(layer) for layer in layers if prefix + _key(layer) not in archive]
-        if missing:
-            raise KeyError(f"{path} lacks {', '.join(missing)}")
-        return {layer: np.asarray(archive[prefix + _key(layer)], dtype) for layer in layers}
+    arrays = load_arrays(path, [prefix + _key(layer) for layer in layers], dtype)
+    return {layer: arrays[prefix + _key(layer)] for layer in layers}
 
 
 def _as_run(run) -> TicketRun:

@@ -62,6 +62,14 @@ def plot_tickets_vs_controls(summaries: pd.DataFrame, path: Path, title: str = "
     return _save(figure, path, title)
 
 
+def summary_figures(summaries: pd.DataFrame, directory: Path,
+                    title: str = "") -> dict[str, Path]:
+    """The figures of a finished run's W&B summary (`lottery.record.wandb_summary`), drawn
+    into `directory`: {"accuracy_vs_density": `plot_tickets_vs_controls`' PNG}."""
+    path = Path(directory) / "accuracy_vs_density.png"
+    return {"accuracy_vs_density": plot_tickets_vs_controls(summaries, path, title)}
+
+
 def plot_accuracy_panels(panels: dict[str, pd.DataFrame], path: Path, title: str = "",
                          accuracy: str = "early_stop", columns: int = 3) -> Path:
     """One panel per entry of `panels` (e.g. per pruning method): test accuracy against

@@ -3,12 +3,13 @@
     lottery report outputs/lenet_mnist/5c0ffee123                 # one run
     lottery report multirun/default                               # Hydra -m sweeps' runs
 
-Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, per level and
-branch: early-stop test accuracy and step, mean ± std over replicates, and the count),
-`accuracy_vs_density.png`, `early_stop_vs_density.png`, `learning_curves.png` and, when the
-sweep varies `rewind.step`, `rewind_sweep.png`. A missing directory or one without a record
-stops with one line on stderr and exit status 2. Members whose training diverged are left out
-of every table and plot; report.md says how many and which.
+Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, the summary
+table of `lottery.record.markdown_table`: per level and branch, early-stop step and test
+accuracy, mean ± std over replicates), `accuracy_vs_density.png`, `early_stop_vs_density.png`,
+`learning_curves.png` and, when the sweep varies `rewind.step`, `rewind_sweep.png`. A missing
+directory or one without a record stops with one line on stderr and exit status 2. Members
+whose training diverged are left out of every table and plot; report.md says how many and
+which.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from lottery.analysis import plots, results
-from lottery.record import diverged, left_out
+from lottery.record import diverged, markdown_table
 
 REWIND = "rewind.step"
 
@@ -45,40 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cell(mean: float, std: float, count: int, scale: float, digits: int) -> str:
-    """`mean ± std` (just the mean when one replicate leaves the std undefined; a dash when
-    every replicate diverged)."""
-    if count == 0:
-        return "—"
-    text = f"{scale * mean:.{digits}f}"
-    return text if count < 2 or pd.isna(std) else f"{text} ± {scale * std:.{digits}f}"
-
-
 def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
-    """One Markdown table per combination of the swept overrides (one table for a single
-    run): per level and branch, percent remaining, test accuracy and early-stop step (mean ±
-    std over replicates) and the replicate count; diverged members are left out of the
-    means, counted in the count's cell ("2 (+1 diverged)") and named under the table."""
-    columns = results.swept(summaries)
-    table = results.early_stop(summaries, accuracy=accuracy)
-    notes = dict(plots._panels(summaries, columns))
-    metric = f"{accuracy}_test_accuracy"
-    label = "early-stop" if accuracy == "early_stop" else accuracy
-    sections = []
-    for name, rows in plots._panels(table, columns):
-        lines = [f"## {name}\n"] if name else []
-        lines += [f"| level | % remaining | branch | {label} test acc (%) | early-stop step | n |",
-                  "|---:|---:|---|---:|---:|---:|"]
-        for row in rows.sort_values("level", kind="stable").to_dict("records"):
-            count, gone = int(row[f"{metric}_count"]), int(row.get("diverged", 0))
-            lines.append(
-                f"| {row['level']} | {100 * row['density']:.2f} | {row['branch']} | "
-                f"{_cell(row[f'{metric}_mean'], row[f'{metric}_std'], count, 100, 2)} | "
-                f"{_cell(row['early_stop_step_mean'], row['early_stop_step_std'], count, 1, 0)}"
-                f" | {count}{f' (+{gone} diverged)' if gone else ''} |")
-        note = left_out(notes[name])
-        sections.append("\n".join(lines) + "\n" + ("\n" + note if note else ""))
-    return "\n".join(sections)
+    """`lottery.record.markdown_table` once per combination of the swept overrides, under a
+    heading naming it (one table for a single run)."""
+    return "\n".join((f"## {name}\n\n" if name else "") + markdown_table(rows, accuracy)
+                     for name, rows in plots._panels(summaries, results.swept(summaries)))
 
 
 def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
@@ -89,11 +61,15 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
     when = ("early stop (minimum validation loss)" if accuracy == "early_stop"
             else "the end of training")
     gone = int(diverged(summaries).sum())
+    counts = summaries.groupby([*columns, "level", "branch"], dropna=False).size()
+    n = (f"{counts.min()}" if counts.min() == counts.max()
+         else f"{counts.min()} to {counts.max()}")
     lines = [f"# Report: {path}\n",
              (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks"
               + (f", {gone} of them diverged: left out of the tables and plots, and named "
                  "under each table" if gone else "")
-              + f". Test accuracy at {when}; mean ± std over replicates, n = replicates.\n")]
+              + f". Test accuracy at {when}; mean ± std over {n} replicates per level and "
+                "branch" + (" (diverged ones left out)" if gone else "") + ".\n")]
     if columns:
         lines.append("Swept: " + ", ".join(
             f"`{c}` ({', '.join(map(str, summaries[c].drop_duplicates()))})" for c in columns)

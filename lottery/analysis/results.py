@@ -16,14 +16,14 @@ plots made from them) leave diverged members out, and `healthy` drops their rows
 """
 
 import ast
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from lottery.record import INTEGER_COLUMNS, RECORD_NAME, diverged
+from lottery import record
+from lottery.record import RECORD_NAME, diverged
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 STATS = ("mean", "std", "min", "max", "count")
@@ -35,21 +35,13 @@ class ResultsError(ValueError):
     """A path holds no run record (or no rows of the kind asked for)."""
 
 
-def _natural(path: Path) -> list:
-    """Sort key that puts sweep job 10 after job 9 (numbered job directories, 0, 1, ..., 10)
-    and never compares a number with a name (run ids are hex: some are all digits)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
-
-
 def run_dirs(path) -> list[Path]:
     """Every directory at or under `path` that holds a `record.jsonl`: the run itself, or
     the jobs of a Hydra multirun sweep (named by run id; numbered ones in job order)."""
     path = Path(path)
-    if path.is_file():
-        return [path.parent]
-    if not path.is_dir():
+    if not path.exists():
         raise ResultsError(f"no such directory: {path}")
-    dirs = sorted((file.parent for file in path.rglob(RECORD_NAME)), key=_natural)
+    dirs = record.run_dirs(path)
     if not dirs:
         raise ResultsError(f"no {RECORD_NAME} in {path}")
     return dirs
@@ -88,23 +80,6 @@ def read_overrides(run_dir) -> dict:
     return overrides
 
 
-def _read_record(file: Path) -> pd.DataFrame:
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows)
-
-
-def _select(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Rows of one kind, without the columns only other kinds fill, integer columns as int
-    (as `lottery.record.load` does)."""
-    if "kind" not in frame.columns:  # only empty records
-        return frame.iloc[0:0]
-    frame = frame[frame["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
-    for column in INTEGER_COLUMNS & set(frame.columns):
-        if frame[column].notna().all():
-            frame[column] = frame[column].astype(int)
-    return frame
-
-
 def load(paths, kind: str | None = None) -> pd.DataFrame:
     """The rows of every run under `paths` (a run directory, a sweep directory, a
     `record.jsonl`, or a list of them) as one DataFrame with `run` and override columns.
@@ -120,7 +95,7 @@ def load(paths, kind: str | None = None) -> pd.DataFrame:
     base = Path(os.path.commonpath(roots))
     frames, names = [], []
     for run_dir in dirs:
-        frame = _read_record(run_dir / RECORD_NAME)
+        frame = record.rows_frame(run_dir / RECORD_NAME)
         frame.insert(0, "run", str(run_dir.relative_to(base)) if run_dir.is_relative_to(base)
                      else str(run_dir))
         for key, value in read_overrides(run_dir).items():
@@ -129,7 +104,7 @@ def load(paths, kind: str | None = None) -> pd.DataFrame:
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
     if kind is not None:
-        frame = _select(frame, kind)
+        frame = record.of_kind(frame, kind)
         if frame.empty:
             raise ResultsError(f"no {kind} rows in {', '.join(map(str, paths))}")
     frame.attrs["overrides"] = [n for n in dict.fromkeys(names) if n in frame.columns]

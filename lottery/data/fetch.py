@@ -13,6 +13,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from lottery.atomic import sha256, write_atomically
 from lottery.data.dataset import DataError
 
 
@@ -22,14 +23,6 @@ def data_root() -> Path:
         return Path(os.environ["LOTTERY_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "lottery"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _raw_bytes(path: Path) -> bytes:
@@ -45,9 +38,7 @@ def _store_verified(source: Path, target: Path, expected_sha256: str) -> bool:
         return False
     if hashlib.sha256(raw).hexdigest() != expected_sha256:
         return False
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(raw)
-    tmp.replace(target)
+    write_atomically(target, lambda f: f.write(raw))
     return True
 
 
@@ -143,15 +134,14 @@ def fetch_url(url: str, target: Path, expected_sha256: str) -> None:
     """Download `url` to `target` as is (no decompression), kept only if its sha256 matches.
 
     Raises OSError when the download fails, DataError when the content is wrong."""
-    digest = hashlib.sha256()
-    part = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+
+    def download(f) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=30) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 f.write(block)
         if digest.hexdigest() != expected_sha256:
             raise DataError(f"{url}: content does not match its sha256")
-        part.replace(target)
-    finally:
-        part.unlink(missing_ok=True)
+
+    write_atomically(target, download)

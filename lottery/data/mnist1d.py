@@ -16,6 +16,7 @@ from importlib.metadata import version
 
 import numpy as np
 
+from lottery.atomic import write_atomically
 from lottery.data.dataset import DataError, Dataset, hold_out
 from lottery.data.fetch import data_root
 
@@ -67,8 +68,5 @@ def _generated(num_samples: int, seed: int, log) -> dict[str, np.ndarray]:
               "x_test": made["x_test"].astype(np.float32),
               "y_test": made["y_test"].astype(np.int32)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
     return arrays

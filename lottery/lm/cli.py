@@ -76,6 +76,11 @@ def hydra_main(cfg: DictConfig) -> None:
             summaries = budget.run(run_cfg, out_dir)
     except (LMConfigError, ConfigError) as error:
         fail(str(error))
+    if run_cfg.logger.get("name") == "wandb":  # the W&B summary run, with figures drawn here
+        from lottery.analysis.plots import summary_figures
+        from lottery.record import wandb_summary
+
+        wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summaries)
 
 
