@@ -17,14 +17,14 @@ from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PrunePlan
+from lottery.pruning.schedules import SCHEDULES
 from lottery.pruning.scores import SCORES
+from lottery.rewind import REWINDS
 from lottery.train import MEMBER_MODES
 
 SCOPES = ("layerwise", "global", "erk")
-SCHEDULES = ("iterative", "oneshot", "gradual")
 PRUNE_AT = ("trained", "init")
 STRUCTURES = ("weights", "neurons", "channels")
-REWIND_MODES = ("weights", "lr", "finetune")
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adam", "sgd")
 # The keys of the sections that `validate` reads whole (dataset, model and optimizer options
@@ -381,7 +381,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     schedule = _choice(prune.get("schedule", "iterative"), "prune.schedule", SCHEDULES)
     prune_at = _choice(prune.get("at", "trained"), "prune.at", PRUNE_AT)
     scope = _choice(prune.get("scope"), "prune.scope", SCOPES)
-    rewind_mode = _choice(rewind.get("mode", "weights"), "rewind.mode", REWIND_MODES)
+    rewind_mode = _choice(rewind.get("mode", "weights"), "rewind.mode", REWINDS)
     finetune_lr = rewind.get("finetune_lr")
     if finetune_lr is not None and (isinstance(finetune_lr, bool) or not isinstance(
             finetune_lr, (int, float)) or finetune_lr <= 0):
