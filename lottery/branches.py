@@ -144,7 +144,7 @@ class Pair(LevelHooks):
         self.layout, self.rewind_step = layout, rewind_step
         ticket, first, second = (layout.rows(b) for b in ("ticket", "instability",
                                                           Instability.twin))
-        x_train = trainer.train_data[0]
+        x_train, _ = trainer.train_data
         batch = min(len(x_train) // statistics_batches, 100) or 1
         statistics = x_train[: batch * statistics_batches].reshape(-1, batch, *x_train.shape[1:])
 
@@ -161,8 +161,9 @@ class Pair(LevelHooks):
 
         def errors(network: Network):
             ends = [jax.tree.map(lambda x, rows=rows: x[rows], network) for rows in (first, second)]
-            return jax.lax.map(lambda ab: interpolation_errors(
-                model, ab[0], ab[1], trainer.eval_data[1], statistics), tuple(ends))
+            _, test = trainer.eval_data
+            return jax.lax.map(lambda ends: interpolation_errors(model, *ends, test, statistics),
+                               tuple(ends))
 
         self.share = jax.jit(share, out_shardings=trainer.stacked, donate_argnums=0)
         self.errors = jax.jit(errors, out_shardings=trainer.replicated)

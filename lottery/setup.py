@@ -22,7 +22,7 @@ from lottery.pruning.select import Method
 from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
 from lottery.rewind import REWINDS
-from lottery.state import Layout
+from lottery.state import Layout, Network
 from lottery.train import Trainer
 
 
@@ -82,7 +82,7 @@ def build(cfg: RunConfig) -> Setup:
                           f"training examples of {data.name}")
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
-    params = jax.eval_shape(model.init, jax.random.key(0))[0]
+    params = Network(*jax.eval_shape(model.init, jax.random.key(0))).params
     plan, units = _units(cfg, model)
     try:
         counts = plan.counts(units.shapes(params), cfg.levels)

@@ -74,7 +74,8 @@ def split_metrics(model: ModelSpec, network: Network, split):
         return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
 
     losses, corrects = jax.lax.map(batch, split)
-    total = jnp.sum(split[2])
+    _, _, weights = split
+    total = jnp.sum(weights)
     return jnp.sum(losses) / total, jnp.sum(corrects) / total
 
 
