@@ -269,9 +269,9 @@ def worker(args) -> None:
     if args.matmul:  # XLA's own choice of matmul kernels, as any JAX program gets them
         print(json.dumps({"matmul_gflops": matmul_gflops(args.repeats)}))
         return
-    from lottery.train import use_eigen_dots
+    from lottery import platform
 
-    use_eigen_dots()  # as `lottery` trains
+    platform.configure()  # as `lottery` trains (the parent chose the CPU device count)
     import jax
 
     result = {"devices": len(jax.devices()), "platform": jax.devices()[0].platform,
@@ -301,6 +301,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    from lottery import platform
+
+    # the compact section runs in this process: with the CPU kernels on CPU, but XLA's own
+    # dots (its environment goes to the workers: the matmul one measures XLA's defaults)
+    platform.configure(eigen_dots=False)
     if args.section in ("training", "all"):
         training_section(args)
     if args.section in ("compact", "all"):
@@ -315,11 +320,10 @@ def _run_worker(env, *options) -> dict:
 
 
 def training_section(args) -> None:
-    import jax
+    from lottery import platform
 
-    on_cpu = jax.default_backend() == "cpu"
     cores = os.cpu_count() or 1
-    settings = [1, cores] if on_cpu and cores > 1 else [None]
+    settings = [1, cores] if platform.on_cpu_path() and cores > 1 else [None]
     results = []
     for i, devices in enumerate(settings):
         env = dict(os.environ)

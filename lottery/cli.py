@@ -18,12 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
+from lottery import platform
 from lottery.config import ConfigError, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table, wandb_summary
 from lottery.optim import OptimizerError
-from lottery.train import use_cpu_cores, use_eigen_dots
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
@@ -105,8 +105,7 @@ def hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
         run_cfg = validate(cfg)
-        use_cpu_cores(run_cfg.stack_size)
-        use_eigen_dots()
+        platform.configure(run_cfg.stack_size)  # on CPU: devices, XLA flags, CPU kernels
         if CHECK_ONLY:
             from lottery.setup import build, describe
 

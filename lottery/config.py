@@ -16,11 +16,11 @@ from lottery.data import DATASETS, DataError, describe
 from lottery.durations import DurationError, parse_duration, to_steps
 from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
+from lottery.platform import MEMBER_MODES
 from lottery.pruning.prune import PrunePlan
 from lottery.pruning.schedules import SCHEDULES
 from lottery.pruning.scores import SCORES
 from lottery.rewind import REWINDS
-from lottery.train import MEMBER_MODES
 
 SCOPES = ("layerwise", "global", "erk")
 PRUNE_AT = ("trained", "init")

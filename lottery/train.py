@@ -1,15 +1,15 @@
 """The compiled training and evaluation programs for a stack of members.
 
 A *member* is one (branch, replicate) network: params, masks and optimizer state. The stack
-of all members is trained by one compiled program: `vmap` over the members, `lax.scan`
-over the steps of a chunk, data resident on the device and shuffled there. The stack axis
+of all members is trained by one compiled program: the members of each device batched by
+`vmap` or run one after another (`lottery.platform.member_mode`), `lax.scan` over the
+steps of a chunk, data resident on the device and shuffled there. The stack axis
 is sharded over every available device (padded to a multiple of the device count). Masks,
 rates and the start step are traced arguments, so a run compiles each program once.
 """
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lottery import platform
 from lottery.data import Dataset
 from lottery.data.order import batch_indices
 from lottery.models import ModelSpec
@@ -24,40 +25,6 @@ from lottery.optim import Optimizer
 from lottery.pruning.masks import apply_masks
 from lottery.seeds import name_id
 from lottery.state import MemberState, Network
-
-
-def use_cpu_cores(stack_size: int) -> None:
-    """On CPU, split the cores into as many JAX devices as divide the stack evenly.
-
-    XLA's intra-op threading leaves cores idle for small matrices; one device per core, each
-    with its share of the stack, uses them. `$JAX_NUM_CPU_DEVICES` wins when set. Must run
-    before JAX's backend starts; afterwards it does nothing.
-    """
-    if "JAX_NUM_CPU_DEVICES" in os.environ:
-        return
-    cores = os.cpu_count() or 1
-    count = max(d for d in range(1, min(cores, stack_size) + 1) if stack_size % d == 0)
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:
-        pass  # backend already initialised (e.g. a second run in one process)
-
-
-YNNPACK_OFF = "--xla_cpu_experimental_ynn_fusion_type="
-
-
-def use_eigen_dots() -> None:
-    """Leave XLA:CPU's matmuls to Eigen rather than its default YNNPACK fusions.
-
-    For the engine's small matmuls Eigen is faster: LeNet-300-100's batch-60 forward matmul
-    took 0.13 ms against YNNPACK's 0.51 (one device, JAX profiler), and `lottery-bench`'s
-    worker on two devices (R=2, six alternating runs) trained at a median 1,444
-    replica-steps/s against 1,278. `$XLA_FLAGS` that set YNNPACK's fusion types themselves
-    win. Does nothing off CPU; must run before JAX's backend starts, and afterwards nothing.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {YNNPACK_OFF}".strip()
 
 
 def cross_entropy(logits, labels):
@@ -90,32 +57,6 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
     return x.reshape(*shape, *x.shape[1:]), y.reshape(shape), weight.reshape(shape)
 
 
-MEMBER_MODES = ("auto", "vmap", "map")
-
-
-def uses_convolutions(model: ModelSpec, input_shape) -> bool:
-    """Whether the model's forward pass contains a convolution (traced, nothing computed)."""
-    params, state = jax.eval_shape(model.init, jax.random.key(0))
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    return "conv_general_dilated" in str(jax.make_jaxpr(model.logits)(params, state, x))
-
-
-def member_mode(mode: str, model: ModelSpec, input_shape, per_device: int) -> str:
-    """How a device runs its `per_device` members: `vmap` (batched into one program) or `map`
-    (one after another). `auto` maps on CPU and vmaps elsewhere. On CPU, XLA lowers a
-    convolution vmapped over members with different kernels to a grouped convolution (Conv-2
-    forward, 3 members: 2.8 GFLOP/s vmapped vs 36 mapped), and even LeNet-300-100's batched
-    matmuls trained slower than one member at a time (`lottery-bench`, 2 devices x 2 members:
-    about 830 vs 920 replica-steps/s; 1 device x 4: 520 vs 830)."""
-    if mode not in MEMBER_MODES:
-        raise ValueError(f"train.members={mode!r}: choose one of {', '.join(MEMBER_MODES)}")
-    if mode != "auto":
-        return mode
-    if jax.default_backend() != "cpu":
-        return "vmap"
-    return "map" if per_device > 1 or uses_convolutions(model, input_shape) else "vmap"
-
-
 def over_members(fn, batched: tuple[bool, ...], mode: str):
     """`fn` applied to each member: over the leading axis of the arguments marked `batched`,
     the others shared; by `vmap` or sequentially (`lax.map`)."""
@@ -136,10 +77,12 @@ def over_members(fn, batched: tuple[bool, ...], mode: str):
 class Trainer:
     """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members.
 
-    A member's training state is a `MemberState` (`lottery.state`). `prune_step(params, masks, step, controls, key) -> masks`,
-    if given, runs before every step (gradual pruning; `key`: the member's pruning key, for
-    ties); `controls` are the traced values shared by all members that `train_chunk` passes on (`lr`: a constant learning rate where
-    positive, else the schedule's).
+    A member's training state is a `MemberState` (`lottery.state`).
+    `prune_step(params, masks, step, controls, key) -> masks`, if given, runs before every
+    step (a schedule's per-step hook, `lottery.pruning.schedules`; `key`: the member's
+    pruning key, for ties); `controls` are the traced values shared by all members that
+    `train_chunk` passes on (`lr`: a constant learning rate where positive, else the
+    schedule's; a schedule's own, e.g. gradual pruning's `counts`).
     """
 
     def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
@@ -149,8 +92,8 @@ class Trainer:
         self.mesh = Mesh(np.array(devices), ("stack",))
         self.stack_size = stack_size
         self.padded_size = math.ceil(stack_size / len(devices)) * len(devices)
-        self.members = member_mode(members, model, data.input_shape,
-                                   self.padded_size // len(devices))
+        self.members = platform.member_mode(members, model.convolves,
+                                            self.padded_size // len(devices))
         self.stacked = NamedSharding(self.mesh, PartitionSpec("stack"))
         self.replicated = replicated = NamedSharding(self.mesh, PartitionSpec())
         self.optimizer = optimizer

@@ -4,9 +4,10 @@ The environment is set before JAX, W&B or lottery are imported: W&B disabled and
 folders in a temporary directory, the data cache an empty temporary directory (so MNIST is
 never fetched by accident), two CPU devices (so the member stack is really sharded), and a
 persistent XLA compilation cache shared by every run of the session (the same small
-programs are compiled once instead of once per run), and XLA's CPU matmuls as `lottery`
-sets them (`use_eigen_dots`). Set `$JAX_COMPILATION_CACHE_DIR` yourself to keep that cache
-between sessions.
+programs are compiled once instead of once per run), and the platform tuning as `lottery`
+applies it (`lottery.platform.configure`: XLA's CPU matmuls, the CPU path's kernels and
+member mode), so that tests calling the engine directly train as the command does. Set
+`$JAX_COMPILATION_CACHE_DIR` yourself to keep that cache between sessions.
 """
 
 import os
@@ -29,9 +30,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
 
-from lottery.train import use_eigen_dots  # noqa: E402
+from lottery import platform  # noqa: E402
 
-use_eigen_dots()
+platform.configure()  # XLA's CPU matmuls and the CPU kernels as `lottery` trains
 
 import helpers  # noqa: E402
 

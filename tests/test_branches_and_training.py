@@ -1,8 +1,6 @@
 """How each branch starts a level (`lottery.level_start`), the compiled training step under
 masks (`Trainer`), one compilation per run, and determinism."""
 
-import os
-
 import jax
 import numpy as np
 import optax
@@ -262,36 +260,6 @@ def test_padding_repeats_the_last_member(parts):
 def test_trainer_refuses_a_batch_larger_than_the_training_set(parts):
     with pytest.raises(ValueError, match="batch_size=601 exceeds the 600 training examples"):
         Trainer(parts.model, build_optimizer("adam", 1e-3, steps_per_epoch=1), parts.data, 601, 20, 6)
-
-
-def test_use_cpu_cores_picks_the_largest_divisor_of_the_stack(monkeypatch):
-    from lottery import train
-
-    calls = []
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(train.jax.config, "update", lambda name, value: calls.append((name, value)))
-    for stack_size in (6, 7, 2, 12):
-        train.use_cpu_cores(stack_size)
-    assert calls == [("jax_num_cpu_devices", n) for n in (3, 1, 2, 4)]
-    calls.clear()
-    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")  # the environment wins
-    train.use_cpu_cores(6)
-    assert calls == []
-
-
-def test_use_eigen_dots_adds_its_flag_unless_xla_flags_choose_ynnpack_fusions(monkeypatch):
-    from lottery import train
-
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    train.use_eigen_dots()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
-    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    train.use_eigen_dots()
-    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type="
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    train.use_eigen_dots()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 
 
 def test_build_optimizer_rejects_bad_names_and_options():

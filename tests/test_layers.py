@@ -1,5 +1,7 @@
 """The models' layers with CPU-friendly gradients (`lottery.models.layers`): the same values
-and the same first and second derivatives as the plain JAX operations they replace."""
+and the same first and second derivatives as the plain JAX operations they replace. On the
+CPU path (`lottery.platform`; on in the tests) they use the CPU kernels, which take no
+forward-mode autodiff; off it they are the plain layers, forward mode included."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lottery import platform
 from lottery.models import layers
 
 
@@ -46,24 +49,51 @@ def test_second_derivatives_reverse_over_reverse():
         jax.jvp(lambda w: layers.matmul(x, w), (w,), (v,))
 
 
-def test_linear_uses_matmul_and_matches_nnx_linear():
+def weights_jvp(model, x):
+    """The outputs' derivative in the direction of all-ones weights (forward mode)."""
+    graphdef, weights = nnx.split(model)
+    ones = jax.tree.map(jnp.ones_like, weights)
+    return jax.jvp(lambda w: nnx.merge(graphdef, w)(x), (weights,), (ones,))[1]
+
+
+def check_forward_mode(ours, plain, x, cpu_path):
+    """On the CPU path jvp fails (the kernel is in use); off it, it equals the plain layer's."""
+    if cpu_path:
+        with pytest.raises(TypeError, match="forward-mode"):
+            weights_jvp(ours, x)
+    else:
+        np.testing.assert_allclose(weights_jvp(ours, x), weights_jvp(plain, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_path", [True, False], ids=["cpu path", "plain"])
+def test_linear_matches_nnx_linear(cpu_path):
     ours = layers.Linear(5, 3, rngs=nnx.Rngs(0))
     plain = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
     x = _random((7, 5), 1)
-    np.testing.assert_allclose(ours(x), plain(x), rtol=1e-6)
 
     def grads(model):
         return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
 
-    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # anything but the plain product goes to lax.dot_general unchanged
-    batched = layers.dot_general(_random((2, 4, 5), 2), _random((2, 5, 3), 3),
-                                 (((2,), (1,)), ((0,), (0,))))
-    assert batched.shape == (2, 4, 3)
+    with platform.cpu_path(cpu_path):
+        np.testing.assert_allclose(ours(x), plain(x), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        check_forward_mode(ours, plain, x, cpu_path)
 
 
-def test_conv_gradient_equals_the_plain_convolution():
+def test_dot_general_passes_other_products_to_lax():
+    """On the CPU path too, anything but the plain product is `lax.dot_general` (forward
+    mode included)."""
+    a, b = _random((2, 4, 5), 2), _random((2, 5, 3), 3)
+    numbers = (((2,), (1,)), ((0,), (0,)))
+    batched, tangent = jax.jvp(lambda a: layers.dot_general(a, b, numbers), (a,), (a,))
+    np.testing.assert_allclose(batched, jnp.einsum("bij,bjk->bik", a, b), rtol=1e-5)
+    np.testing.assert_allclose(tangent, batched, rtol=1e-5)  # linear in a
+
+
+@pytest.mark.parametrize("cpu_path", [True, False], ids=["cpu path", "plain"])
+def test_conv_gradient_equals_the_plain_convolution(cpu_path):
     ours = layers.Conv(3, 4, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     plain = nnx.Conv(3, 4, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     x = _random((2, 8, 8, 3), 1)
@@ -71,6 +101,8 @@ def test_conv_gradient_equals_the_plain_convolution():
     def grads(model):
         return nnx.grad(lambda m: jnp.sum(jnp.tanh(m(x))))(model)
 
-    np.testing.assert_allclose(ours(x), plain(x), rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with platform.cpu_path(cpu_path):
+        np.testing.assert_allclose(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        check_forward_mode(ours, plain, x, cpu_path)

@@ -11,6 +11,9 @@ A registered model is an `nnx.Module` class with
     updates its running ones when `train`; dropout draws from `rngs` when `train`,
   * a class attribute `prunable`: the dotted paths (`"stage1.0.conv1"`) of the layers whose
     `kernel` is pruned. The model declares them; nothing is guessed from names,
+  * a class attribute `convolves`: whether its forward pass has a convolution (on CPU the
+    members of such a model train one at a time, `lottery.platform.member_mode`); a module
+    that does not declare it counts as not convolving,
   * a method `structure(self)`: the groups of units (hidden neurons, conv channels) that
     structured pruning may remove (`lottery.models.structure`), kept in `ModelSpec.groups`.
 """
@@ -67,6 +70,7 @@ class ModelSpec:
     apply: Callable  # (params, state, x, train=False, key=None) -> (logits, new state)
     prunable: tuple[str, ...]  # paths of the layers whose `kernel` is pruned; nothing else is
     groups: tuple[Group, ...] = ()  # removable units (structured pruning), see models.structure
+    convolves: bool = False  # whether the forward pass has a convolution (the class declares it)
     graphdef: nnx.GraphDef | None = field(default=None, compare=False, repr=False)
 
     def param_counts(self, params) -> dict[str, int]:
@@ -120,4 +124,5 @@ def spec_of(name: str, module: nnx.Module, init: Callable, prunable) -> ModelSpe
         return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
     groups = tuple(module.structure()) if hasattr(module, "structure") else ()
-    return ModelSpec(name, init, apply, tuple(prunable), groups, graphdef)
+    return ModelSpec(name, init, apply, tuple(prunable), groups,
+                     convolves=bool(getattr(module, "convolves", False)), graphdef=graphdef)

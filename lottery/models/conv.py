@@ -28,6 +28,7 @@ class ConvNet(nnx.Module):
     """`len(filters)` 3x3 convs, a max pool after every second one, then FC 256, 256, out."""
 
     filters: tuple[int, ...] = ()
+    convolves = True
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, dropout: float = 0.0):
         if len(input_shape) != 3:

@@ -1,4 +1,10 @@
-"""`Conv` and `Linear`: `nnx.Conv` and `nnx.Linear` with gradients laid out for the CPU.
+"""`Conv` and `Linear`: `nnx.Conv` and `nnx.Linear`, with gradients laid out for the CPU on
+the CPU path.
+
+On the CPU path (`lottery.platform`: switched on by the entry points when JAX's backend is a
+CPU, read here when a model is traced) the layers compute their gradients with the two CPU
+kernels below; off it they are the plain `nnx` layers (`lax.dot_general`,
+`lax.conv_general_dilated`) with all of JAX's autodiff, forward mode included.
 
 `Linear`: JAX's transpose rule computes the kernel gradient of `x @ W` as `(g^T x)^T`, a
 (out, in) product followed by a transpose that XLA's CPU backend does not fold away, so the
@@ -12,9 +18,10 @@ forward pass (Conv-2 at batch 60: forward 52 ms, gradient 1.9 s). Written as shi
 of the padded input, concatenated along channels, times the reshaped kernel, the same
 convolution is a plain matmul, and so is its gradient (one 3x3 64->64 layer at batch 60:
 gradient 0.33 s instead of 1.53 s); but that form's forward pass is slower than XLA's (it
-materialises the columns). So on CPU the forward pass stays `lax.conv_general_dilated` and only the backward
-pass goes through the im2col form (a `custom_vjp`). Other backends, and convolutions this
-does not cover (dilation, groups, other layouts), use `lax.conv_general_dilated` unchanged.
+materialises the columns). So the forward pass stays `lax.conv_general_dilated` and only
+the backward pass goes through the im2col form (a `custom_vjp`; forward mode is lost the
+same way). Convolutions this does not cover (dilation, groups, other layouts) use
+`lax.conv_general_dilated` unchanged on either path.
 """
 
 from functools import partial
@@ -23,14 +30,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lottery import platform
+
 CHANNELS_LAST = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC, HWIO, NHWC
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _covered(lhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
              feature_group_count) -> bool:
-    """Whether the im2col gradient applies: a 2-D, channels-last, undilated conv on CPU."""
-    if jax.default_backend() != "cpu" or lhs.ndim != 4 or feature_group_count != 1:
+    """Whether the im2col gradient applies: a 2-D, channels-last, undilated conv on the CPU
+    path."""
+    if not platform.on_cpu_path() or lhs.ndim != 4 or feature_group_count != 1:
         return False
     if not hasattr(dimension_numbers, "lhs_spec") or len(window_strides) != 2:
         return False
@@ -87,7 +97,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def Conv(*args, **kwargs) -> nnx.Conv:
-    """`nnx.Conv` with the CPU-friendly convolution gradient above."""
+    """`nnx.Conv`, with the CPU-friendly convolution gradient above on the CPU path."""
     return nnx.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
@@ -114,18 +124,20 @@ matmul.defvjp(_matmul_forward, _matmul_backward)
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                 **kwargs):
-    """Drop-in for `lax.dot_general` as `nnx.Linear` calls it: `matmul` for its plain
-    (..., in) x (in, out) product, `lax.dot_general` for anything else."""
+    """Drop-in for `lax.dot_general` as `nnx.Linear` calls it: on the CPU path, `matmul` for
+    its plain (..., in) x (in, out) product; `lax.dot_general` for anything else."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     plain = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
              and rhs.ndim == 2 and not lhs_batch and not rhs_batch)
-    if plain and precision is None and preferred_element_type is None \
-            and kwargs.get("out_sharding") is None:
+    default = precision is None and preferred_element_type is None \
+        and kwargs.get("out_sharding") is None
+    if plain and default and platform.on_cpu_path():
         return matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
 def Linear(*args, **kwargs) -> nnx.Linear:
-    """`nnx.Linear` with the kernel gradient in the kernel's layout (`matmul` above)."""
+    """`nnx.Linear`, with the kernel gradient in the kernel's layout (`matmul` above) on the
+    CPU path."""
     return nnx.Linear(*args, dot_general=dot_general, **kwargs)

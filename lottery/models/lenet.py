@@ -14,6 +14,7 @@ class LeNet300100(nnx.Module):
     """784-300-100-10 fully connected network with ReLU; its three kernels are prunable."""
 
     prunable = ("fc1", "fc2", "out")
+    convolves = False
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs,
                  hidden: tuple[int, ...] = (300, 100)):

@@ -49,6 +49,7 @@ class LeNet5(nnx.Module):
     """conv 6@5x5 SAME, pool, conv 16@5x5 VALID, pool, fc 120, fc 84, out (ReLU)."""
 
     prunable = ("conv1", "conv2", "fc1", "fc2", "out")
+    convolves = True
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs):
         height, width, channels = _image(input_shape)
@@ -77,6 +78,7 @@ class LeNet5Caffe(nnx.Module):
     """conv 20@5x5, pool, conv 50@5x5, pool, fc 500, out (all VALID, ReLU)."""
 
     prunable = ("conv1", "conv2", "fc1", "out")
+    convolves = True
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs):
         height, width, channels = _image(input_shape)

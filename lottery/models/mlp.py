@@ -35,6 +35,7 @@ class MNIST1DMLP(nnx.Module):
     """inputs -> hidden -> hidden (residual) -> num_classes, ReLU."""
 
     prunable = ("fc1", "fc2", "out")
+    convolves = False
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, hidden: int = 100,
                  residual: bool = True):

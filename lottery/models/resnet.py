@@ -62,6 +62,7 @@ class ResNet(nnx.Module):
     """CIFAR ResNet of `depth` = 6n + 2 layers; `width` multiplies the 16/32/64 filters."""
 
     depth: int = 0
+    convolves = True
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs, width: int = 1):
         if len(input_shape) != 3:

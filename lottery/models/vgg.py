@@ -41,6 +41,7 @@ class VGG(nnx.Module):
     """The convs of `plan` ("M" a 2x2 max pool), global average pool, linear."""
 
     plan: tuple = ()
+    convolves = True
 
     def __init__(self, input_shape, num_classes: int, *, rngs: nnx.Rngs):
         if len(input_shape) != 3:

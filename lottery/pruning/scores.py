@@ -108,8 +108,9 @@ def grasp(model, params, model_state, masks, layers, batch, key, *,
 
     Hg is a Hessian-vector product with the Hessian of the kernels only (biases and
     batch-norm parameters are held fixed), computed as the reference code does: the
-    gradient of `g · ∇L` with respect to the weights, g held constant (reverse over reverse;
-    the models' layers take no forward-mode autodiff, see `lottery.models.layers`).
+    gradient of `g · ∇L` with respect to the weights, g held constant (reverse over reverse:
+    on the CPU path the models' layers take no forward-mode autodiff, see
+    `lottery.models.layers`).
 
     The same `batch` is used for g and Hg. (The reference code accumulates g over two halves
     of its batch and then adds the two halves' H_half g: a positive multiple of Hg for the
