@@ -59,6 +59,7 @@ def training_rate(replicates: int, steps: int, repeats: int,
     from lottery.models import build_model
     from lottery.optim import build_optimizer
     from lottery.pruning.masks import full_masks
+    from lottery.state import Network
     from lottery.train import Trainer
 
     data = load_synthetic(train_size=55000, validation_size=100, test_size=100)
@@ -66,10 +67,10 @@ def training_rate(replicates: int, steps: int, repeats: int,
     trainer = Trainer(model, build_optimizer("adam", 1.2e-3, steps_per_epoch=1), data, BATCH,
                       steps, replicates, members=members)
     keys = jax.random.split(jax.random.key(0), trainer.padded_size)
-    params, model_state = jax.jit(jax.vmap(model.init), out_shardings=trainer.stacked)(keys)
-    masks = jax.jit(jax.vmap(full_masks), out_shardings=trainer.stacked)(params)
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
-    state = trainer.start(params, model_state, masks)
+    network = Network(*jax.jit(jax.vmap(model.init), out_shardings=trainer.stacked)(keys))
+    masks = jax.jit(jax.vmap(full_masks), out_shardings=trainer.stacked)(network.params)
+    weights = model.param_counts(Network(*jax.eval_shape(model.init, jax.random.key(0))).params)
+    state = trainer.start(network, masks)
     keys = jax.device_put(jax.random.key_data(keys), trainer.stacked)
     state, loss = trainer.train_chunk(state, keys, 0)
     loss.block_until_ready()

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import wandb
 
@@ -140,3 +141,17 @@ def test_wandb_summary_failure_is_one_warning_and_is_tried_again(finished_run, m
     assert init["name"].startswith("g-") and init["name"].endswith("-summary")
     assert logged == ["evaluations", "levels", "summaries"] and finish == "finish"
     assert (finished_run / record.SUMMARY_LOGGED).exists()
+
+
+def test_a_branch_missing_at_a_level_leaves_its_cells_empty():
+    """An LM run's `dense` branch exists at round 0 only, its variants from round 1: each
+    level's row has the branches it has, empty cells for the others (counted by hand)."""
+    rows = [{"level": 0, "branch": "dense", "replicate": 0, "density": 1.0,
+             "early_stop_test_accuracy": 0.5, "early_stop_step": 10},
+            {"level": 1, "branch": "prune", "replicate": 0, "density": 0.5,
+             "early_stop_test_accuracy": 0.25, "early_stop_step": 20}]
+    lines = record.markdown_table(pd.DataFrame(rows)).splitlines()
+    assert lines[0] == ("| level | % remaining | dense early-stop iter | dense early-stop test "
+                        "acc (%) | prune early-stop iter | prune early-stop test acc (%) |")
+    assert lines[2] == "| 0 | 100.0 | 10 ± 0 | 50.00 ± 0.00 |  |  |"
+    assert lines[3] == "| 1 | 50.0 |  |  | 20 ± 0 | 25.00 ± 0.00 |"

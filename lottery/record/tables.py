@@ -53,8 +53,9 @@ def summary_table(summaries: pd.DataFrame, accuracy: str = "early_stop") -> pd.D
 
 def markdown_table(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
     """`summary_table` as Markdown: per level, percent remaining, then each branch's
-    early-stop iteration and test accuracy (mean ± std over replicates). A cell whose means
-    leave diverged members out says how many, and a line under the table names them."""
+    early-stop iteration and test accuracy (mean ± std over replicates); empty where a
+    branch has no member at a level. A cell whose means leave diverged members out says how
+    many, and a line under the table names them."""
     table = summary_table(summaries, accuracy)
     branches = list(dict.fromkeys(table["branch"]))
     label = "early-stop" if accuracy == "early_stop" else accuracy
@@ -64,7 +65,11 @@ def markdown_table(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str
     for level, rows in table.groupby("level", sort=True):
         cells = [str(level), f"{100 * rows['density'].iloc[0]:.1f}"]
         for branch in branches:
-            row = rows[rows["branch"] == branch].iloc[0]
+            found = rows[rows["branch"] == branch]
+            if found.empty:  # a branch that has no member at this level (an LM run's dense)
+                cells += ["", ""]
+                continue
+            row = found.iloc[0]
             note = f" ({row.diverged} diverged)" if row.diverged else ""
             cells += (["—", "—" + note] if not row.replicates else
                       [f"{row.early_stop_step_mean:.0f} ± {row.early_stop_step_std:.0f}",
