@@ -8,7 +8,7 @@ import pytest
 from helpers import WEIGHTS, check_reachable, compose_config, expected_counts
 
 from lottery.cli import CONF_DIR
-from lottery.config import validate
+from lottery.config import NoLogger, validate
 from lottery.models import MODELS, build_model
 from lottery.optim import build_optimizer
 
@@ -36,7 +36,7 @@ def test_preset_composes_validates_and_is_reachable(name):
     model = build_model(cfg.model["name"], shape, classes,
                         **{k: v for k, v in cfg.model.items() if k != "name"})
     weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
-    check_reachable(cfg.prune_plan(model.prunable), weights, cfg.levels)  # raises if not
+    check_reachable(cfg.prune_plan(model.prunable), weights, cfg.prune.levels)  # raises if not
 
 
 def preset(name: str):
@@ -52,7 +52,7 @@ def test_conv_presets_prune_every_conv_at_the_papers_rate(name, conv_rate):
     prunable = MODELS[cfg.model["name"]].prunable
     convs = [layer for layer in prunable if layer.startswith("convs.")]
     assert len(convs) == int(cfg.model["name"][-1])
-    assert cfg.layer_rates == {**dict.fromkeys(convs, conv_rate), "out": 0.1}
+    assert cfg.prune.layer_rates == {**dict.fromkeys(convs, conv_rate), "out": 0.1}
     assert cfg.prune_plan(prunable).layer_rates == {
         **dict.fromkeys(convs, conv_rate), "fc1": 0.2, "fc2": 0.2, "out": 0.1}
     assert cfg.dataset["augment"] is False  # the paper trains without augmentation
@@ -83,8 +83,8 @@ def test_epoch_presets_at_cifar10s_steps_per_epoch(name, batch, epochs, warmup):
     cfg = preset(name)
     epoch = 45000 // batch
     steps = cfg.in_steps(epoch)
-    assert (steps.steps, steps.eval_every, steps.rewind_step) == (epochs * epoch, 4 * epoch, 0)
-    assert cfg.batch_size == batch and cfg.optimizer["warmup"] == warmup
+    assert (steps.train.steps, steps.train.eval_every, steps.rewind.step) == (epochs * epoch, 4 * epoch, 0)
+    assert cfg.train.batch_size == batch and cfg.optimizer["warmup"] == warmup
     schedule = build_optimizer(**cfg.optimizer, steps_per_epoch=epoch).schedule
     at = [80 * epoch - 1, 80 * epoch, 120 * epoch - 1, 120 * epoch, epochs * epoch - 1]
     assert [float(schedule(step)) for step in at] == pytest.approx(
@@ -100,10 +100,10 @@ def test_lenet_mnist_has_the_paper_values():
     assert cfg.model == {"name": "lenet_300_100", "hidden": [300, 100]}
     assert cfg.optimizer == {"name": "adam", "lr": 1.2e-3, "weight_decay": 0.0,
                              "milestones": [], "gamma": 0.1, "warmup": 0}  # no schedule
-    assert (cfg.steps, cfg.batch_size, cfg.eval_every) == (50000, 60, 100)
-    assert (cfg.levels, cfg.rate, cfg.scope) == (15, 0.2, "layerwise")
-    assert cfg.layer_rates == {"out": 0.1}
-    assert cfg.rewind_step == 0
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (50000, 60, 100)
+    assert (cfg.prune.levels, cfg.prune.rate, cfg.prune.scope) == (15, 0.2, "layerwise")
+    assert cfg.prune.layer_rates == {"out": 0.1}
+    assert cfg.rewind.step == 0
     assert cfg.branches == ("ticket", "reinit", "random_prune")
     plan = cfg.prune_plan(("fc1", "fc2", "out"))
     assert plan.layer_rates == {"fc1": 0.2, "fc2": 0.2, "out": 0.1}
@@ -118,14 +118,16 @@ def test_command_line_overrides_win_over_the_preset():
     cfg = validate(compose_config("experiment=lenet_mnist", "train.steps=6000",
                                   "train.eval_every=500", "prune.levels=8", "prune.rate=0.3",
                                   base=None))
-    assert (cfg.steps, cfg.eval_every, cfg.levels, cfg.rate) == (6000, 500, 8, 0.3)
-    assert cfg.layer_rates == {"out": 0.1}  # the preset's exception stays
+    assert (cfg.train.steps, cfg.train.eval_every) == (6000, 500)
+    assert (cfg.prune.levels, cfg.prune.rate) == (8, 0.3)
+    assert cfg.prune.layer_rates == {"out": 0.1}  # the preset's exception stays
     assert cfg.prune_plan(("fc1", "fc2", "out")).layer_rates == {"fc1": 0.3, "fc2": 0.3, "out": 0.1}
 
 
 def test_default_config_composes_and_validates():
     cfg = validate(compose_config(base=None))
     assert cfg.dataset["name"] == "mnist" and cfg.model["name"] == "lenet_300_100"
-    assert (cfg.steps, cfg.batch_size, cfg.eval_every, cfg.eval_batch_size) == (5000, 60, 500, 1000)
-    assert (cfg.levels, cfg.rate, cfg.replicates, cfg.seed) == (3, 0.2, 2, 0)
-    assert cfg.logger == {"name": "none"}
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (5000, 60, 500)
+    assert cfg.train.eval_batch_size == 1000
+    assert (cfg.prune.levels, cfg.prune.rate, cfg.replicates, cfg.seed) == (3, 0.2, 2, 0)
+    assert cfg.logger == NoLogger() and cfg.logger.name == "none"
