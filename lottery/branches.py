@@ -42,6 +42,7 @@ import numpy as np
 
 from lottery.history import recorded
 from lottery.instability import POINTS, barrier, interpolation_errors
+from lottery.options import ConfigError
 from lottery.pruning.masks import apply_masks
 from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
@@ -98,6 +99,9 @@ class Branch:
         """The branch's hooks for a run built as `setup` (`lottery.setup.Setup`), if any."""
         return None
 
+    def check(self, cfg) -> None:
+        """Raise `ConfigError` where the branch cannot run with `cfg` (a `RunConfig`)."""
+
 
 class Reinit(Branch):
     def start(self, model, units, level, key):
@@ -114,6 +118,15 @@ class Shuffle(Branch):
     def start(self, model, units, level, key):
         selection = shuffled(_purpose(key, "shuffle"), level.selection)
         return _with_masks(level.start, units.expand(level.masks, selection))
+
+    def check(self, cfg):
+        mode = cfg.rewind.mode
+        if cfg.prune.schedule == "iterative" and mode != "weights":
+            raise ConfigError(f"branches include shuffle, which permutes the ticket's mask over "
+                              f"the whole layer: with rewind.mode={mode} and iterative pruning "
+                              "it would start weights pruned at earlier levels again at exactly "
+                              "0; use random_prune (which then draws among the trained "
+                              "survivors), or rewind.mode=weights")
 
 
 class Inverted(Branch):

@@ -73,6 +73,10 @@ def check_overrides(args: list[str]) -> None:
             try:
                 composed = compose("config", overrides=trial, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException, ValueError) as error:
+                from lottery.config import unknown_in_file
+
+                if message := unknown_in_file(error):  # a key a config file sets
+                    fail(f"{message}{where}")
                 # an unknown group option or key, or a value that does not fit its node
                 text = str(error).split("Config search path:")[0]
                 lines = [line.strip() for line in text.splitlines()
@@ -117,7 +121,7 @@ def hydra_main(cfg: DictConfig) -> None:
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
         fail(str(error))
-    if run_cfg.logger["name"] == "wandb":  # the W&B summary run, with figures drawn here
+    if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
 
         wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))

@@ -1,113 +1,327 @@
-"""The validated run configuration: every bad input is one clear `ConfigError` line.
+"""The run's config: one schema, one validation, every bad input one clear `ConfigError` line.
 
-`validate(cfg)` turns the composed Hydra config into a frozen `RunConfig` before anything
-is loaded or trained; the CLI prints the error and exits with status 2.
+The schema is the frozen dataclasses below: each section's keys, defaults and what they
+mean live here and nowhere else. Hydra composes against them (`schema` makes each one a
+structured config, registered in Hydra's `ConfigStore` when this module is imported; the
+YAML files in conf/ and the presets in conf/experiment/ override them), and `validate`
+turns the composed config into a `RunConfig` of the same dataclasses, with the same names
+(`cfg.train.steps`, `cfg.prune.at`, `cfg.rewind.step`, `cfg.prune.gradual.start`), before
+anything is loaded or trained; the CLI prints the error and exits with status 2.
+
+Every method owns its options: a schedule (`lottery.pruning.schedules`), a rewind mode
+(`lottery.rewind`), the scoring method (`lottery.pruning.select.Method`) and a branch
+(`lottery.branches`) check them in their `check` classmethod, which `validate` calls
+through the registries. Dataset, model and optimizer options differ per name and are
+checked by their readers and builders: those sections are open mappings here.
 """
 
-from dataclasses import dataclass, replace
+import re
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass, replace
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
+from typing import Any, Dict
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING as REQUIRED
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lottery.branches import BRANCHES, members_of
 from lottery.data import DATASETS, DataError, describe
-from lottery.durations import DurationError, parse_duration, to_steps
+from lottery.durations import to_steps
 from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
+from lottery.options import ConfigError, boolean, choice, duration, fraction, integer
 from lottery.platform import MEMBER_MODES
 from lottery.pruning.prune import PrunePlan
 from lottery.pruning.schedules import SCHEDULES
 from lottery.pruning.scores import SCORES
+from lottery.pruning.select import Method
 from lottery.rewind import REWINDS
+
+__all__ = ["ConfigError", "RunConfig", "validate"]  # ConfigError lives in lottery.options
 
 SCOPES = ("layerwise", "global", "erk")
 PRUNE_AT = ("trained", "init")
 STRUCTURES = ("weights", "neurons", "channels")
-LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adam", "sgd")
-# The keys of the sections that `validate` reads whole (dataset, model and optimizer options
-# are checked by their readers and builders); any other key is a typo, not a silent no-op.
-KEYS = {
-    "": ("name", "seed", "replicates", "branches", "dataset", "model", "optimizer", "train",
-         "prune", "rewind", "logger"),
-    "train": ("steps", "batch_size", "eval_every", "eval_batch_size", "save_weights",
-              "checkpoint_every", "members"),
-    "prune": ("levels", "rate", "scope", "layer_rates", "layers", "score", "at", "schedule",
-              "structure", "score_batch", "score_rounds", "gradual"),
-    "prune.gradual": ("start", "end", "every"),
-    "rewind": ("step", "mode", "finetune_lr"),
-    "logger": ("name", "project", "init_timeout"),  # project, init_timeout: wandb only
-}
 MAX_STEPS = 2**31 - 1  # the device counts steps in int32
 MAX_LEVELS = 1000  # each level trains the network again: more is a typo (and would spin the
 #                   level counts for ever at a rate too small to empty a layer)
-MAX_SCORE_ROUNDS = 10_000  # SynFlow's paper uses 100
+OPEN = {"open": True}  # field metadata: typed `Any` in the schema (its group's options
+#                        carry their own schema, as the loggers do)
+NOT_CONFIG = {"config": False}  # field metadata: not a config key (RunConfig.resolved)
+
+# ------------------------------------------------------------------------------ the schema
+# Each field's comment is its documentation (formerly in the YAML files). Durations are
+# steps or "<n>ep" epochs (OpenLTH's notation); `RunConfig.in_steps` makes them steps.
 
 
-class ConfigError(Exception):
-    """A config value that cannot run; the message names the key and how to fix it."""
+@dataclass(frozen=True)
+class TrainConfig:
+    """How every level trains (`train.*`)."""
+
+    steps: int | str = 5000  # iterations per level (rewound levels train from rewind.step
+    #                          to here)
+    batch_size: int = 60
+    eval_every: int | str = 500  # iterations between evaluations on validation and test
+    eval_batch_size: int = 1000
+    save_weights: bool = False  # also save each level's trained ticket weights
+    #                             (levels/trained_NN.npz)
+    checkpoint_every: int | str = "5ep"  # within a level, checkpoint at the first evaluation
+    #   this long after the last checkpoint (0: only between levels); a rerun resumes there
+    members: str = "auto"  # how each device runs its members: vmap (batched) | map (one by
+    #   one); auto: map on CPU when a device holds several members or the model has
+    #   convolutions (faster there), vmap elsewhere
 
 
-def _int(value, key: str, low: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}={value!r} must be an integer{why}")
-    if value < low:
-        raise ConfigError(f"{key}={value} must be at least {low}{why}")
-    return value
+@dataclass(frozen=True)
+class GradualConfig:
+    """The cubic schedule s_t = s_f (1 - (1 - (t - start) / (end - start))^3) of
+    prune.schedule=gradual (Zhu & Gupta 2017); checked by `schedules.Gradual`."""
+
+    start: int | str = 0  # first pruning step (at or after rewind.step)
+    end: int | str | None = None  # last pruning step, where the level's density is reached
+    #                               (null: half-way)
+    every: int | str = 100  # steps between pruning events
 
 
-def _seed(value) -> int:
-    seed = _int(value, "seed", 0)
-    if seed >= 2**32:
-        raise ConfigError(f"seed={seed} must be below 2**32")
-    return seed
+@dataclass(frozen=True)
+class PruneConfig:
+    """Pruning (`prune.*`): which units (structure), scored how (score, at), how many per
+    layer (scope, rate, layer_rates), and when (schedule). Defaults: iterative magnitude
+    pruning (conf/prune/imp.yaml)."""
+
+    levels: int = 3
+    rate: float = 0.2  # fraction of the remaining weights (or units) removed per level
+    scope: str = "layerwise"  # layerwise | global (one threshold over the pooled layers) |
+    #   erk (the pool's total split by Erdős–Rényi-Kernel, Evci et al. 2020)
+    layer_rates: dict | None = None  # per-layer exceptions by layer name or pattern, e.g.
+    #   {out: 0.1, "convs.*": 0.1}; 0 keeps a layer dense. Validated: every matched layer's
+    #   rate (weights), by name or pattern (structures)
+    layers: tuple[str, ...] | None = None  # layers (names or patterns like "stage*") to
+    #   prune (null: all the model's prunable layers); biases never
+    score: str = "magnitude"  # magnitude | random | snip (Lee et al. 2019) | grasp (Wang et
+    #   al. 2020) | synflow (Tanaka et al. 2020; data-free, score_rounds rounds)
+    at: str = "trained"  # trained: score the previous level's trained ticket (IMP);
+    #   init: score the rewind weights (pruning at initialisation)
+    schedule: str = "iterative"  # iterative: level l prunes level l-1's ticket by `rate`;
+    #   oneshot: level l prunes the dense network straight to level l's density;
+    #   gradual: level l trains once, pruning as it trains (Zhu & Gupta 2017)
+    structure: str = "weights"  # weights | neurons (of dense layers) | channels (of
+    #   convolutions): whole units scored by the norm of their weights; `layers` then names
+    #   structure groups (a producing layer, or stageS.stream in a ResNet)
+    score_batch: int = 100  # training examples seen by snip and grasp
+    score_rounds: int | None = None  # scoring rounds per pruning, density falling
+    #   geometrically (null: the score's own, 100 for synflow as in its paper, 1 otherwise)
+    gradual: GradualConfig = field(default_factory=GradualConfig)
 
 
-def _bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    return value
+@dataclass(frozen=True)
+class RewindConfig:
+    """How each pruned level retrains (`rewind.*`; modes in `lottery.rewind`).
+      weights:  rewind the surviving weights to step `step` of the dense run: 0 is the
+                initialisation (Frankle & Carbin 2019); k > 0 late rewinding (Frankle et al.
+                2020).
+      lr:       keep the trained weights, replay the learning-rate schedule from step `step`
+                (learning-rate rewinding, Renda et al. 2020).
+      finetune: keep the trained weights, train train.steps - step steps at a constant rate
+                `finetune_lr` (null: the schedule's last rate, as Renda et al. 2020
+                fine-tune)."""
+
+    step: int | str = 0
+    mode: str = "weights"
+    finetune_lr: float | None = None
 
 
-def _fraction(value, key: str, why: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}={value!r} must be a number in [0, 1){why}")
-    if not 0 <= value < 1:
-        raise ConfigError(f"{key}={value} must be in [0, 1){why}")
-    return float(value)
+@dataclass(frozen=True)
+class NoLogger:
+    """logger=none: only the local record (record.jsonl in the run's output directory)."""
+
+    name: str = "none"
 
 
-def _choice(value, key: str, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
-    return value
+@dataclass(frozen=True)
+class WandbLogger:
+    """logger=wandb: the local record plus Weights & Biases, offline unless $WANDB_MODE says
+    otherwise (`wandb sync <run dir>/wandb/offline-run-*` uploads later). group = name,
+    job_type = branch."""
+
+    name: str = "wandb"
+    project: str = "lottery"
+    init_timeout: float = 60  # seconds to wait for W&B to start
 
 
-def _section(cfg: dict, key: str) -> dict:
-    value = cfg.get(key)
+LOGGERS = {"none": NoLogger, "wandb": WandbLogger}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run (conf/config.yaml), its fields in the order Hydra composes them."""
+
+    dataset: dict = field(default_factory=dict)  # name + the reader's options (conf/dataset/)
+    model: dict = field(default_factory=dict)  # name + the builder's options (conf/model/)
+    optimizer: dict = field(default_factory=dict)  # name + its options (conf/optimizer/)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    rewind: RewindConfig = field(default_factory=RewindConfig)
+    logger: NoLogger | WandbLogger = field(default_factory=NoLogger, metadata=OPEN)
+    name: str = "default"  # experiment name: W&B group and output folder
+    seed: int = 0
+    replicates: int = 2  # independent networks per branch (different seeds)
+    branches: tuple[str, ...] = ("ticket", "reinit", "random_prune")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resolved: dict = field(default_factory=dict, metadata=NOT_CONFIG)  # the whole resolved
+    #   config as composed, for the record, W&B and the run's identity (lottery.identity)
+
+    @property
+    def stack_size(self) -> int:
+        return self.replicates * len(members_of(self.branches))
+
+    def in_steps(self, steps_per_epoch: int) -> "RunConfig":
+        """This config with every duration in steps (epochs are `steps_per_epoch` steps),
+        checked again now that epochs are known."""
+        def steps(value):
+            return None if value is None else to_steps(value, steps_per_epoch)
+
+        train, gradual = self.train, self.prune.gradual
+        run = replace(
+            self,
+            train=replace(train, steps=steps(train.steps), eval_every=steps(train.eval_every),
+                          checkpoint_every=steps(train.checkpoint_every)),
+            rewind=replace(self.rewind, step=steps(self.rewind.step)),
+            prune=replace(self.prune, gradual=replace(
+                gradual, start=steps(gradual.start), end=steps(gradual.end),
+                every=steps(gradual.every))))
+        _check_durations(run.train.steps, run.train.eval_every, run.rewind.step,
+                         steps_per_epoch)
+        _check_methods(run)
+        return run
+
+    def prune_plan(self, names: tuple[str, ...]) -> PrunePlan:
+        """The plan over `names` (the model's prunable layers, or its structure groups).
+        Layerwise: every chosen name at `rate` unless `layer_rates` names it. Global and ERK:
+        the chosen names not in `layer_rates` form one pool at `rate`."""
+        prune = self.prune
+        rates, layers = _resolve(prune.layer_rates, prune.layers, names, self.model["name"],
+                                 prune.structure)
+        layers = layers or names
+        if prune.scope == "layerwise":
+            return PrunePlan({layer: rates.get(layer, prune.rate) for layer in layers})
+        own = {layer: rate for layer, rate in rates.items() if layer in layers}
+        return PrunePlan(own, tuple(layer for layer in layers if layer not in own), prune.rate,
+                         erk=prune.scope == "erk")
+
+
+def keys(cls) -> tuple[str, ...]:
+    """The config keys of a schema dataclass."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("config", True))
+
+
+_SCHEMAS = {}
+
+
+def schema(cls):
+    """`cls` as a Hydra structured config: the same keys, order and defaults, not frozen (so
+    that overrides merge into it), each value typed `Any`. OmegaConf's typed nodes would
+    convert silently (`true` or `1` to a float, "2" to a bool, 5 to "5"), changing what a
+    user wrote (and the run's identity) and answering a bad value with a multi-line
+    message: `validate` checks every value instead (`train=5` too). Nested sections default
+    to their schemas; mappings stay open (`Dict[str, Any]`)."""
+    if cls not in _SCHEMAS:
+        specs = []
+        for f in fields(cls):
+            if not f.metadata.get("config", True):
+                continue
+            factory = f.default_factory
+            if f.metadata.get("open"):
+                specs.append((f.name, Any, field(default=REQUIRED)))  # its group sets it
+            elif factory is dict:
+                specs.append((f.name, Dict[str, Any], field(default_factory=dict)))
+            elif factory is not MISSING:
+                specs.append((f.name, Any, field(default_factory=schema(factory))))
+            elif isinstance(f.default, tuple):
+                specs.append((f.name, Any, field(default_factory=lambda d=f.default: list(d))))
+            else:
+                specs.append((f.name, Any, field(default=f.default)))
+        _SCHEMAS[cls] = make_dataclass(cls.__name__, specs)
+    return _SCHEMAS[cls]
+
+
+def register() -> None:
+    """The schema in Hydra's ConfigStore: `run_schema`, the base of conf/config.yaml's
+    defaults list, and `schema/logger/<name>`, the base of each conf/logger/<name>.yaml."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=schema(RunConfig))
+    for name, cls in LOGGERS.items():
+        store.store(group="schema/logger", name=name, node=schema(cls))
+
+
+register()
+
+# -------------------------------------------------------------------------------- validate
+
+
+def _section(cfg: dict, key: str, default=None) -> dict:
+    value = cfg.get(key, default)
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a config group or mapping, got {value!r}")
     return value
 
 
-def _known_keys(section: dict, where: str, known=None) -> None:
-    """Refuse a key that nothing reads (`+train.stepz=5`): it would be silently ignored."""
-    known = KEYS[where] if known is None else known
+def unknown_key(path: str, cls) -> str:
+    """The message for `path` (dotted), which is not a key of the schema `cls`."""
+    where, _, key = path.rpartition(".")
+    known = keys(cls)
+    close = get_close_matches(key, known, n=1)
+    hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+    return (f"{path} is not a config key{hint}; the keys of {where or 'the config'} are "
+            f"{', '.join(known)}")
+
+
+def _schema_at(path: str):
+    """The schema dataclass of the section at dotted `path` ("" the root), or None."""
+    cls = RunConfig
+    for name in filter(None, path.split(".")):
+        factory = {f.name: f.default_factory for f in fields(cls)}.get(name)
+        if factory is None or factory is MISSING or factory is dict:
+            return None
+        cls = factory
+    return cls
+
+
+def unknown_in_file(error: Exception) -> str | None:
+    """One line for a config file (a preset, a group option) that sets a key the schema does
+    not have, which Hydra refuses while composing; None for any other error."""
+    key_error = error.__context__
+    path = getattr(key_error, "full_key", None)
+    if not isinstance(key_error, ConfigKeyError) or not path:
+        return None
+    source = re.match(r"In '([^']+)'", str(error))
+    option = source.group(1) if source else None
+    if path == "task":  # an LM preset given to the IMP command
+        command = f"lottery lm {option.replace('/', '=', 1)}" if option else "lottery lm ..."
+        return (f"{option or 'the config'} sets task, so it is a config of another command "
+                f"(task: lm: `lottery lm`), not of the IMP command: run `{command}` instead")
+    cls = _schema_at(path.rpartition(".")[0])
+    if cls is None:
+        return None
+    return (f"{option}.yaml: " if option else "") + unknown_key(path, cls)
+
+
+def _filled(cls, section: dict, where: str) -> dict:
+    """`section` on the defaults of `cls`, refusing a key that nothing reads
+    (`+train.stepz=5`): it would be silently ignored."""
     for key in section:
-        if key not in known:
-            path = f"{where}.{key}" if where else str(key)
-            close = get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"{path} is not a config key{hint}; the keys of "
-                              f"{where or 'the config'} are {', '.join(known)}")
+        if key not in keys(cls):
+            raise ConfigError(unknown_key(f"{where}.{key}" if where else str(key), cls))
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    return {**defaults, **section}
 
 
 _FITTING = set()  # (model, input shape, classes, options) that build: a command validates twice
 
 
-def _check_inputs(cfg: "RunConfig") -> None:
+def _check_inputs(cfg: RunConfig) -> None:
     """The dataset's options and sizes, and the model against the dataset's input shape,
     without loading any data (the model is built abstractly: no weights are made)."""
     name = cfg.dataset["name"]
@@ -115,11 +329,11 @@ def _check_inputs(cfg: "RunConfig") -> None:
         data = describe(name, **{k: v for k, v in cfg.dataset.items() if k != "name"})
     except DataError as error:
         raise ConfigError(str(error)) from None
-    if data is None:  # a dataset known only once it loads: imp.build checks it then
+    if data is None:  # a dataset known only once it loads: setup.build checks it then
         return
-    if cfg.batch_size > data.train_size:
-        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {data.train_size} "
-                          f"training examples of {name}: use a smaller batch")
+    if cfg.train.batch_size > data.train_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
+                          f"{data.train_size} training examples of {name}: use a smaller batch")
     options = {k: v for k, v in cfg.model.items() if k != "name"}
     key = (cfg.model["name"], data.input_shape, data.num_classes, repr(sorted(options.items())))
     if key not in _FITTING:
@@ -128,81 +342,6 @@ def _check_inputs(cfg: "RunConfig") -> None:
         except ModelError as error:
             raise ConfigError(str(error)) from None
         _FITTING.add(key)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    name: str
-    seed: int
-    replicates: int
-    branches: tuple[str, ...]
-    dataset: dict
-    model: dict
-    optimizer: dict
-    steps: int | str  # a duration: steps, or "<n>ep" until `in_steps` resolves it
-    batch_size: int
-    eval_every: int | str
-    eval_batch_size: int
-    members: str  # how a device runs its members: auto | vmap | map
-    save_weights: bool  # save each level's trained ticket weights (levels/trained_NN.npz)
-    checkpoint_every: int | str  # steps between checkpoints within a level (0: levels only)
-    levels: int
-    rate: float
-    scope: str  # layerwise | global | erk
-    layer_rates: dict  # layer -> rate (weights: patterns matched against the model's layers)
-    prune_layers: tuple[str, ...] | None  # the chosen layers (or patterns), or all
-    score: str  # magnitude | random | snip | grasp | synflow
-    schedule: str  # iterative | oneshot | gradual
-    prune_at: str  # trained | init: the weights that are scored
-    structure: str  # weights | neurons | channels
-    score_batch: int  # training examples that data-dependent scores see
-    score_rounds: int  # scoring rounds per pruning (SynFlow: 100)
-    gradual: dict  # start, end, every: durations of the gradual schedule
-    rewind_step: int | str
-    rewind_mode: str  # weights | lr | finetune
-    finetune_lr: float | None  # fine-tuning's constant rate (None: the schedule's last)
-    logger: dict
-    resolved: dict  # the whole resolved config, for the record and W&B
-
-    @property
-    def stack_size(self) -> int:
-        return self.replicates * len(members_of(self.branches))
-
-    def in_steps(self, steps_per_epoch: int) -> "RunConfig":
-        """This config with every duration in steps (epochs are `steps_per_epoch` steps)."""
-        steps, eval_every, rewind_step = (
-            to_steps(value, steps_per_epoch) for value in
-            (self.steps, self.eval_every, self.rewind_step))
-        _check_durations(steps, eval_every, rewind_step, steps_per_epoch)
-        gradual = dict(self.gradual)
-        if self.schedule == "gradual":
-            gradual = _gradual_steps(gradual, steps, rewind_step, steps_per_epoch)
-        return replace(self, steps=steps, eval_every=eval_every, rewind_step=rewind_step,
-                       gradual=gradual,
-                       checkpoint_every=to_steps(self.checkpoint_every, steps_per_epoch))
-
-    def prune_plan(self, names: tuple[str, ...]) -> PrunePlan:
-        """The plan over `names` (the model's prunable layers, or its structure groups).
-        Layerwise: every chosen name at `rate` unless `layer_rates` names it. Global and ERK:
-        the chosen names not in `layer_rates` form one pool at `rate`."""
-        rates, layers = _resolve(self.layer_rates, self.prune_layers, names,
-                                 self.model["name"], self.structure)
-        layers = layers or names
-        if self.scope == "layerwise":
-            return PrunePlan({layer: rates.get(layer, self.rate) for layer in layers})
-        own = {layer: rate for layer, rate in rates.items() if layer in layers}
-        return PrunePlan(own, tuple(layer for layer in layers if layer not in own), self.rate,
-                         erk=self.scope == "erk")
-
-
-def _duration(value, key: str, low: int):
-    try:
-        count, _ = parse_duration(value, key)
-    except DurationError as error:
-        raise ConfigError(str(error)) from None
-    if count < low:
-        raise ConfigError(f"{key}={value!r} must be at least {low}")
-    return value
 
 
 def _flatten(mapping: dict, prefix: str = "") -> dict:
@@ -249,28 +388,6 @@ def _resolve(layer_rates: dict, layers, prunable, model: str, structure: str = "
     return rates, layers
 
 
-def _gradual_steps(gradual: dict, steps: int, rewind_step: int, steps_per_epoch=None) -> dict:
-    """The gradual schedule in steps: `end` defaults to half of training; pruning happens at
-    start, start + every, ..., end, inside [rewind.step, train.steps]."""
-    start, every = (to_steps(gradual[key], steps_per_epoch or 1) for key in ("start", "every"))
-    end = gradual.get("end")
-    end = max(start, rewind_step) + (steps - max(start, rewind_step)) // 2 if end is None \
-        else to_steps(end, steps_per_epoch or 1)
-    if not rewind_step <= start < end <= steps:
-        raise ConfigError(f"prune.gradual: start={start} and end={end} (steps) must satisfy "
-                          f"rewind.step={rewind_step} <= start < end <= train.steps={steps}")
-    if every < 1:
-        raise ConfigError(f"prune.gradual.every={every} steps must be at least 1")
-    last = start + (end - start) // every * every  # the last pruning event
-    if last >= steps:
-        raise ConfigError(f"prune.gradual: the last pruning step, {last} (start={start}, "
-                          f"end={end}, every={every}), is never trained: a level trains steps "
-                          f"{rewind_step} to {steps - 1}, so it would end above its target "
-                          f"density; use prune.gradual.end={steps - 1} or less (or a longer "
-                          "train.steps)")
-    return {"start": start, "end": last, "every": every}
-
-
 def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_epoch=None):
     epoch = f" ({steps_per_epoch} steps per epoch)" if steps_per_epoch else ""
     for key, value in (("train.steps", steps), ("train.eval_every", eval_every)):
@@ -287,27 +404,33 @@ def _check_durations(steps: int, eval_every: int, rewind_step: int, steps_per_ep
                           "the rewind point is a step of the dense training run")
 
 
-def _check_method(score, schedule, prune_at, structure, scope, branches) -> None:
-    """Refuse combinations of pruning choices that have no meaning."""
-    if schedule == "gradual":
-        if list(branches) != ["ticket"]:
-            raise ConfigError(f"prune.schedule=gradual prunes while one network trains, so "
-                              f"branches={list(branches)} cannot be built: use branches=[ticket]")
-        if score != "magnitude" or prune_at != "trained":
-            raise ConfigError("prune.schedule=gradual prunes by the magnitude of the weights as "
-                              "they train (Zhu & Gupta 2017): use prune.score=magnitude and "
-                              "prune.at=trained")
-    if structure != "weights":
-        if score not in ("magnitude", "random"):
-            raise ConfigError(f"prune.structure={structure} scores whole units by the norm of "
-                              f"their weights: use prune.score=magnitude (or random), not {score}")
-        if scope == "erk":
-            raise ConfigError(f"prune.scope=erk allocates weights per layer; with "
-                              f"prune.structure={structure} use layerwise or global")
+def _check_methods(cfg: RunConfig) -> None:
+    """Every method's own checks, through the registries. Each registered schedule and rewind
+    mode checks its options even when another is chosen (a bad value fails today, not the
+    day it is used); the chosen one also checks them against the rest of the config."""
+    for name, schedule in SCHEDULES.items():
+        schedule.check(cfg, chosen=name == cfg.prune.schedule)
+    for name, mode in REWINDS.items():
+        mode.check(cfg, chosen=name == cfg.rewind.mode)
+    Method.check(cfg)
+    for branch in cfg.branches:
+        BRANCHES[branch].check(cfg)
 
 
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Check types, ranges, names and cross-field constraints; raise one `ConfigError`."""
+def _check_structure(prune: PruneConfig) -> None:
+    """Refuse pruning whole units by a score or allocation that has no meaning for them."""
+    if prune.structure == "weights":
+        return
+    if prune.score not in ("magnitude", "random"):
+        raise ConfigError(f"prune.structure={prune.structure} scores whole units by the norm "
+                          f"of their weights: use prune.score=magnitude (or random), not "
+                          f"{prune.score}")
+    if prune.scope == "erk":
+        raise ConfigError(f"prune.scope=erk allocates weights per layer; with "
+                          f"prune.structure={prune.structure} use layerwise or global")
+
+
+def _resolved(cfg) -> dict:
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     except OmegaConfBaseException as error:  # an interpolation that does not resolve
@@ -318,134 +441,124 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     if raw.get("task") not in (None, "imp"):  # another app's config, e.g. experiment=lm_tiny
         raise ConfigError(f"task={raw['task']!r}: this is a config of `lottery {raw['task']}`, "
                           f"not of the IMP command: run `lottery {raw['task']} ...` instead")
-    _known_keys({k: v for k, v in raw.items() if k != "task"}, "")
-    dataset, model = _section(raw, "dataset"), _section(raw, "model")
-    optimizer, train = _section(raw, "optimizer"), _section(raw, "train")
-    prune, rewind, logger = _section(raw, "prune"), _section(raw, "rewind"), _section(raw, "logger")
+    return raw
 
-    _choice(dataset.get("name"), "dataset", DATASETS)
-    _choice(model.get("name"), "model", MODELS)
-    _choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
-    _choice(logger.get("name"), "logger", LOGGERS)
-    for where, section in (("train", train), ("prune", prune), ("rewind", rewind)):
-        _known_keys(section, where)
-    _known_keys(logger, "logger", KEYS["logger"] if logger["name"] == "wandb" else ("name",))
-    if logger["name"] == "wandb":
-        project, timeout = logger.get("project", "lottery"), logger.get("init_timeout", 60)
-        if not isinstance(project, str) or not project:
-            raise ConfigError(f"logger.project={project!r} must be a W&B project name")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ConfigError(f"logger.init_timeout={timeout!r} must be a positive number of "
-                              "seconds")
-    name = raw.get("name", "default")
-    if isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
-        raise ConfigError(f"name={name!r} must be a non-empty string: it names the output "
-                          "folder and the W&B group")
 
-    branches = raw.get("branches")
-    if isinstance(branches, str) or not isinstance(branches, (list, tuple)) or not branches:
-        raise ConfigError(f"branches={branches!r} must be a non-empty list, e.g. "
-                          "'branches=[ticket,reinit,random_prune]'")
-    for branch in branches:
-        _choice(branch, "branches", BRANCHES)
-    if len(set(branches)) != len(branches):
-        raise ConfigError(f"branches={list(branches)} names a branch twice")
-    if "ticket" not in branches:
-        raise ConfigError("branches must include ticket: its trained weights choose each level's masks")
+def _train(section: dict) -> TrainConfig:
+    train = _filled(TrainConfig, section, "train")
+    return TrainConfig(
+        steps=duration(train["steps"], "train.steps", 1),
+        batch_size=integer(train["batch_size"], "train.batch_size", 1),
+        eval_every=duration(train["eval_every"], "train.eval_every", 1),
+        eval_batch_size=integer(train["eval_batch_size"], "train.eval_batch_size", 1),
+        save_weights=boolean(train["save_weights"], "train.save_weights"),
+        checkpoint_every=duration(train["checkpoint_every"], "train.checkpoint_every", 0),
+        members=choice(train["members"], "train.members", MEMBER_MODES))
 
-    steps = _duration(train.get("steps"), "train.steps", 1)
-    eval_every = _duration(train.get("eval_every"), "train.eval_every", 1)
-    rewind_step = _duration(rewind.get("step"), "rewind.step", 0)
-    if all(isinstance(v, int) for v in (steps, eval_every, rewind_step)):
-        _check_durations(steps, eval_every, rewind_step)  # epochs are checked once data loads
-    try:
-        build_optimizer(**optimizer, steps_per_epoch=1)
-    except OptimizerError as error:
-        raise ConfigError(str(error)) from None
-    structure = _choice(prune.get("structure", "weights"), "prune.structure", STRUCTURES)
-    prunable = MODELS[model["name"]].prunable
-    layer_rates = prune.get("layer_rates") or {}
+
+RATE = ": the fraction of the remaining weights removed per level"
+
+
+def _prune(section: dict, model: str) -> PruneConfig:
+    prune = _filled(PruneConfig, section, "prune")
+    gradual = {} if prune.get("gradual") is None else prune["gradual"]
+    if not isinstance(gradual, dict):
+        raise ConfigError(f"prune.gradual={gradual!r} must map start, end and every to durations")
+    structure = choice(prune["structure"], "prune.structure", STRUCTURES)
+    layer_rates, layers = prune["layer_rates"] or {}, prune["layers"]
     if not isinstance(layer_rates, dict):
         raise ConfigError(f"prune.layer_rates={layer_rates!r} must map layer names to rates")
-    layers = prune.get("layers")
     if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))):
         raise ConfigError(f"prune.layers={layers!r} must be a list of layer names or null")
     if layers is not None and not layers:
         raise ConfigError("prune.layers=[] names no layer: give layer names, or null for all")
-    why = ": the fraction of the remaining weights removed per level"
-    rates = {pattern: _fraction(rate, f"prune.layer_rates.{pattern}", why)
+    rates = {pattern: fraction(rate, f"prune.layer_rates.{pattern}", RATE)
              for pattern, rate in _flatten(layer_rates).items()}  # nested keys: dotted names
     if structure == "weights":  # structure groups are known once the model is built
-        rates, layers = _resolve(rates, layers, prunable, model["name"])
-    score = _choice(prune.get("score", "magnitude"), "prune.score", SCORES)
-    schedule = _choice(prune.get("schedule", "iterative"), "prune.schedule", SCHEDULES)
-    prune_at = _choice(prune.get("at", "trained"), "prune.at", PRUNE_AT)
-    scope = _choice(prune.get("scope"), "prune.scope", SCOPES)
-    rewind_mode = _choice(rewind.get("mode", "weights"), "rewind.mode", REWINDS)
-    finetune_lr = rewind.get("finetune_lr")
-    if finetune_lr is not None and (isinstance(finetune_lr, bool) or not isinstance(
-            finetune_lr, (int, float)) or finetune_lr <= 0):
-        raise ConfigError(f"rewind.finetune_lr={finetune_lr!r} must be a positive number, or "
-                          "null for the schedule's last learning rate")
-    gradual = prune.get("gradual") or {}
-    if not isinstance(gradual, dict):
-        raise ConfigError(f"prune.gradual={gradual!r} must map start, end and every to durations")
-    _known_keys(gradual, "prune.gradual")
-    gradual = {"start": gradual.get("start", 0), "end": gradual.get("end"),
-               "every": gradual.get("every", 100)}
-    for key in ("start", "every"):
-        _duration(gradual[key], f"prune.gradual.{key}", 0 if key == "start" else 1)
-    if gradual["end"] is not None:
-        _duration(gradual["end"], "prune.gradual.end", 1)
-    _check_method(score, schedule, prune_at, structure, scope, branches)
-    if "shuffle" in branches and schedule == "iterative" and rewind_mode != "weights":
-        raise ConfigError(f"branches include shuffle, which permutes the ticket's mask over the "
-                          f"whole layer: with rewind.mode={rewind_mode} and iterative pruning it "
-                          "would start weights pruned at earlier levels again at exactly 0; use "
-                          "random_prune (which then draws among the trained survivors), or "
-                          "rewind.mode=weights")
-    if schedule == "gradual" and all(
-            isinstance(v, int) for v in (steps, rewind_step, *gradual.values()) if v is not None):
-        _gradual_steps(gradual, steps, rewind_step)  # epochs are checked once data loads
-    score_rounds = prune.get("score_rounds")
-    if score_rounds is not None and _int(score_rounds, "prune.score_rounds", 1) > MAX_SCORE_ROUNDS:
-        raise ConfigError(f"prune.score_rounds={score_rounds} must be at most "
-                          f"{MAX_SCORE_ROUNDS}: every round scores the whole network")
-    levels = _int(prune.get("levels"), "prune.levels", 0, " (the number of pruning levels)")
+        rates, layers = _resolve(rates, layers, MODELS[model].prunable, model)
+    levels = integer(prune["levels"], "prune.levels", 0, " (the number of pruning levels)")
     if levels > MAX_LEVELS:
         raise ConfigError(f"prune.levels={levels} must be at most {MAX_LEVELS}: each level "
                           "trains the network again")
-    run = RunConfig(
-        name=str(name),
-        seed=_seed(raw.get("seed")),
-        replicates=_int(raw.get("replicates"), "replicates", 1),
-        branches=tuple(branches),
-        dataset=dataset, model=model, optimizer=optimizer,
-        steps=steps,
-        batch_size=_int(train.get("batch_size"), "train.batch_size", 1),
-        eval_every=eval_every,
-        eval_batch_size=_int(train.get("eval_batch_size", 1000), "train.eval_batch_size", 1),
-        members=_choice(train.get("members", "auto"), "train.members", MEMBER_MODES),
-        save_weights=_bool(train.get("save_weights", False), "train.save_weights"),
-        checkpoint_every=_duration(train.get("checkpoint_every", "5ep"), "train.checkpoint_every", 0),
-        levels=levels,
-        rate=_fraction(prune.get("rate"), "prune.rate", why),
-        scope=scope,
-        layer_rates=rates,
-        prune_layers=tuple(layers) if layers else None,
-        score=score,
-        schedule=schedule,
-        prune_at=prune_at,
-        structure=structure,
-        score_batch=_int(prune.get("score_batch", 100), "prune.score_batch", 1),
-        score_rounds=(100 if score == "synflow" else 1) if score_rounds is None else
-        _int(score_rounds, "prune.score_rounds", 1),
-        gradual=gradual,
-        rewind_step=rewind_step,
-        rewind_mode=rewind_mode,
-        finetune_lr=None if finetune_lr is None else float(finetune_lr),
-        logger=logger,
-        resolved=raw,
-    )
+    return PruneConfig(
+        levels=levels, rate=fraction(prune["rate"], "prune.rate", RATE),
+        scope=choice(prune["scope"], "prune.scope", SCOPES), layer_rates=rates,
+        layers=tuple(layers) if layers else None,
+        score=choice(prune["score"], "prune.score", SCORES),
+        at=choice(prune["at"], "prune.at", PRUNE_AT),
+        schedule=choice(prune["schedule"], "prune.schedule", SCHEDULES), structure=structure,
+        score_batch=prune["score_batch"], score_rounds=prune["score_rounds"],
+        gradual=GradualConfig(**_filled(GradualConfig, gradual, "prune.gradual")))
+
+
+def _rewind(section: dict) -> RewindConfig:
+    rewind = _filled(RewindConfig, section, "rewind")
+    return RewindConfig(step=duration(rewind["step"], "rewind.step", 0),
+                        mode=choice(rewind["mode"], "rewind.mode", REWINDS),
+                        finetune_lr=rewind["finetune_lr"])
+
+
+def _logger(section: dict) -> NoLogger | WandbLogger:
+    cls = LOGGERS[choice(section.get("name"), "logger", LOGGERS)]
+    logger = cls(**_filled(cls, section, "logger"))
+    if isinstance(logger, WandbLogger):
+        if not isinstance(logger.project, str) or not logger.project:
+            raise ConfigError(f"logger.project={logger.project!r} must be a W&B project name")
+        if isinstance(logger.init_timeout, bool) or not isinstance(
+                logger.init_timeout, (int, float)) or logger.init_timeout <= 0:
+            raise ConfigError(f"logger.init_timeout={logger.init_timeout!r} must be a positive "
+                              "number of seconds")
+    return logger
+
+
+def _top(raw: dict) -> dict:
+    """The top-level values, checked."""
+    top = _filled(RunConfig, {k: v for k, v in raw.items() if k != "task"}, "")
+    name = top["name"]
+    if isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
+        raise ConfigError(f"name={name!r} must be a non-empty string: it names the output "
+                          "folder and the W&B group")
+    branches = top["branches"]
+    if isinstance(branches, str) or not isinstance(branches, (list, tuple)) or not branches:
+        raise ConfigError(f"branches={branches!r} must be a non-empty list, e.g. "
+                          "'branches=[ticket,reinit,random_prune]'")
+    for branch in branches:
+        choice(branch, "branches", BRANCHES)
+    if len(set(branches)) != len(branches):
+        raise ConfigError(f"branches={list(branches)} names a branch twice")
+    if "ticket" not in branches:
+        raise ConfigError("branches must include ticket: its trained weights choose each "
+                          "level's masks")
+    seed = integer(top["seed"], "seed", 0)
+    if seed >= 2**32:
+        raise ConfigError(f"seed={seed} must be below 2**32")
+    return {"name": str(name), "seed": seed, "branches": tuple(branches),
+            "replicates": integer(top["replicates"], "replicates", 1)}
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Check types, ranges, names and cross-field constraints; raise one `ConfigError`. `cfg`
+    is a composed config, or a plain dict (missing keys take the schema's defaults)."""
+    raw = _resolved(cfg)
+    top = _top(raw)
+    dataset, model = _section(raw, "dataset"), _section(raw, "model")
+    optimizer = _section(raw, "optimizer")
+    choice(dataset.get("name"), "dataset", DATASETS)
+    choice(model.get("name"), "model", MODELS)
+    choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
+    logger = _logger(_section(raw, "logger", {"name": "none"}))
+    train = _train(_section(raw, "train", {}))
+    rewind = _rewind(_section(raw, "rewind", {}))
+    if all(isinstance(v, int) for v in (train.steps, train.eval_every, rewind.step)):
+        _check_durations(train.steps, train.eval_every, rewind.step)  # epochs: once data loads
+    try:
+        build_optimizer(**optimizer, steps_per_epoch=1)
+    except OptimizerError as error:
+        raise ConfigError(str(error)) from None
+    prune = _prune(_section(raw, "prune", {}), model["name"])
+    _check_structure(prune)
+    run = RunConfig(dataset=dataset, model=model, optimizer=optimizer, prune=prune,
+                    rewind=rewind, logger=logger, train=train, resolved=raw, **top)
+    _check_methods(run)
     _check_inputs(run)
     return run

@@ -86,14 +86,14 @@ class Experiment:
             self.entry = checkpoint.tree("entry", like=self.entry)
             self.first_level, self.lost = checkpoint.meta["level"], set(checkpoint.meta["lost"])
         cfg = setup.cfg
-        per_level = cfg.steps - cfg.rewind_step
-        self.progress = tqdm(total=cfg.steps + cfg.levels * per_level, unit="step",
+        per_level = cfg.train.steps - cfg.rewind.step
+        self.progress = tqdm(total=cfg.train.steps + cfg.prune.levels * per_level, unit="step",
                              disable=not sys.stderr.isatty(), dynamic_ncols=True)
         self.progress.update(0 if self.first_level == 0 else
-                             cfg.steps + (self.first_level - 1) * per_level)
+                             cfg.train.steps + (self.first_level - 1) * per_level)
 
     def run(self) -> None:
-        for number in range(self.first_level, self.setup.cfg.levels + 1):
+        for number in range(self.first_level, self.setup.cfg.prune.levels + 1):
             level = self.start_level(number)
             self.train_level(level)
             self.finish_level(level)
@@ -103,7 +103,7 @@ class Experiment:
         """The run is finished: close the record, replace the checkpoints by the marker."""
         self.progress.close()
         self.record.close()
-        self.store.finish({"levels": self.setup.cfg.levels})
+        self.store.finish({"levels": self.setup.cfg.prune.levels})
 
     def start_level(self, number: int) -> Level:
         """Choose the level's ticket and start every branch (or resume the level from its
@@ -112,9 +112,9 @@ class Experiment:
         begun = self.programs.begin(self.seed, number, *self.level_inputs(number))
         check_finite(setup.cfg, number, np.asarray(begun.finite), self.lost)
         controls = {"lr": setup.rewind.learning_rate(number, setup.trainer.optimizer,
-                                                     setup.cfg.steps),
+                                                     setup.cfg.train.steps),
                     **setup.schedule.controls(setup.counts, number)}
-        step = setup.cfg.rewind_step if number else 0
+        step = setup.cfg.rewind.step if number else 0
         level = Level(number, setup.trainer.start(begun.network, begun.masks), begun.keys,
                       controls, step, entry.rewind,
                       LevelHistory.start(number, setup.layout.members, self.lost, step),
@@ -126,7 +126,8 @@ class Experiment:
         else:
             self.evaluate(level)
         density = self.measure(level).density[setup.layout.ticket.start]
-        self.progress.set_description(f"level {number}/{setup.cfg.levels} ({100 * density:.1f}%)")
+        self.progress.set_description(
+            f"level {number}/{setup.cfg.prune.levels} ({100 * density:.1f}%)")
         return level
 
     def level_inputs(self, number: int) -> LevelInputs:
@@ -147,12 +148,12 @@ class Experiment:
         level.step, level.saved_at, level.seconds = meta["step"], meta["step"], meta["seconds"]
         level.history = LevelHistory.from_meta(level.number, self.setup.layout.members, meta,
                                                self.measure(level).density)
-        self.progress.update(level.step - (self.setup.cfg.rewind_step if level.number else 0))
+        self.progress.update(level.step - (self.setup.cfg.rewind.step if level.number else 0))
 
     def train_level(self, level: Level) -> None:
         """Train the stack to the last step: evaluations, the rewind point (at step k of
         level 0, where the branches' hooks run) and in-level checkpoints on the way."""
-        while level.step < self.setup.cfg.steps:
+        while level.step < self.setup.cfg.train.steps:
             self.train_chunk(level)
 
     def train_chunk(self, level: Level) -> None:
@@ -164,14 +165,14 @@ class Experiment:
         level.losses.append(loss)
         level.step += setup.chunk
         self.progress.update(setup.chunk)
-        if level.number == 0 and level.step == cfg.rewind_step:
+        if level.number == 0 and level.step == cfg.rewind.step:
             level.rewind = self.programs.ticket_of(level.state.network)  # survives donation
             for hook in self.hooks:
                 level.state = hook.at_rewind_point(level.state)
-        if level.step % cfg.eval_every == 0 or level.step == cfg.steps:
+        if level.step % cfg.train.eval_every == 0 or level.step == cfg.train.steps:
             self.evaluate(level)
-            if (level.step < cfg.steps and cfg.checkpoint_every
-                    and level.step - level.saved_at >= cfg.checkpoint_every):
+            if (level.step < cfg.train.steps and cfg.train.checkpoint_every
+                    and level.step - level.saved_at >= cfg.train.checkpoint_every):
                 self.save_within(level)
 
     def measure(self, level: Level) -> "Measured":
@@ -220,7 +221,7 @@ class Experiment:
         self.log_level(level, seconds, density, [a.log for a in additions if a.log])
         self.entry = LevelEntry(level.rewind, masks, trained,
                                 trained if number == 0 else self.entry.dense)
-        if number < self.setup.cfg.levels:
+        if number < self.setup.cfg.prune.levels:
             self.store.save({"level": number + 1, "step": None, "lost": sorted(self.lost),
                              "record_offset": self.jsonl.offset}, {"entry": self.entry})
             faults.reached("level")
@@ -232,7 +233,7 @@ class Experiment:
         if number == 0:
             save_arrays(rewind_file(out), {"params": level.rewind.params,
                                            "state": level.rewind.model_state})
-        if setup.cfg.save_weights:
+        if setup.cfg.train.save_weights:
             save_arrays(trained_file(out, number), {"params": trained.params,
                                                     "state": trained.model_state})
         for branch in setup.layout.branches:
@@ -287,8 +288,8 @@ def check_finite(cfg: RunConfig, level: int, finite: np.ndarray, lost: set) -> N
     bad = [r for r in range(len(finite)) if not finite[r] and r not in lost]
     if bad:
         raise ConfigError(
-            f"prune.score={cfg.score}: scores of surviving weights are not finite at level "
-            f"{level} (replicate(s) {bad}), so the mask would be chosen by tie-breaking: the "
+            f"prune.score={cfg.prune.score}: scores of surviving weights are not finite at "
+            f"level {level} (replicate(s) {bad}), so the mask would be chosen by tie-breaking: the "
             f"score overflows for {cfg.model['name']}; use another prune.score")
 
 
@@ -373,9 +374,9 @@ def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint,
     jsonl = JsonlSink(out_dir / RECORD_NAME, keep=checkpoint.meta["record_offset"]
                       if checkpoint else 0)
     sinks = [jsonl]
-    if cfg.logger["name"] == "wandb":
-        sinks.append(WandbSink(cfg.logger.get("project", "lottery"), cfg.name, cfg.resolved,
-                               out_dir, cfg.logger.get("init_timeout", 60), run_id=store.run_id))
+    if cfg.logger.name == "wandb":
+        sinks.append(WandbSink(cfg.logger.project, cfg.name, cfg.resolved, out_dir,
+                               cfg.logger.init_timeout, run_id=store.run_id))
     record = Record(sinks)
     if checkpoint is None:
         store.clear()

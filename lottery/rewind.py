@@ -6,14 +6,15 @@
   replayed from step k.
 - finetune (Renda et al. 2020's baseline): the trained weights are kept and trained steps
   k..T at a constant rate (`lr`, or the schedule's last rate).
-Level 0 always starts from the initial network. To add one: a class with these three
-methods, and a `REWINDS` entry.
+Level 0 always starts from the initial network. To add one: a class with these methods
+(`check` and `from_config` for its options in `rewind.*`), and a `REWINDS` entry.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from lottery.options import positive
 from lottery.state import LevelEntry
 
 
@@ -22,9 +23,15 @@ class WeightRewinding:
     step: int
 
     @classmethod
+    def check(cls, cfg, chosen: bool) -> None:
+        """Raise `ConfigError` for this mode's options in `cfg.rewind` that cannot run. Every
+        mode is asked (`chosen`: it is the run's), so a bad option fails even while another
+        mode is chosen. `rewind.step` itself is checked by the config."""
+
+    @classmethod
     def from_config(cls, cfg):
         """The mode with its options from `cfg` (a `RunConfig` in steps)."""
-        return cls(cfg.rewind_step)
+        return cls(cfg.rewind.step)
 
     #: random_prune draws among the units the ticket was chosen from (no weight pruned at
     #: an earlier level comes back at 0) when a level starts from trained weights
@@ -58,8 +65,15 @@ class FineTuning(LearningRateRewinding):
     lr: float | None = None
 
     @classmethod
+    def check(cls, cfg, chosen):
+        if cfg.rewind.finetune_lr is not None:
+            positive(cfg.rewind.finetune_lr, "rewind.finetune_lr",
+                     ", or null for the schedule's last learning rate")
+
+    @classmethod
     def from_config(cls, cfg):
-        return cls(cfg.rewind_step, cfg.finetune_lr)
+        lr = cfg.rewind.finetune_lr
+        return cls(cfg.rewind.step, None if lr is None else float(lr))
 
     def learning_rate(self, level, optimizer, steps):
         return np.float32(self.lr or optimizer.schedule(steps - 1)) if level else np.float32(0)

@@ -63,13 +63,13 @@ def _options(section: dict) -> dict:
 
 
 def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Structures]:
-    if cfg.structure == "weights":
+    if cfg.prune.structure == "weights":
         plan = cfg.prune_plan(model.prunable)
         return plan, Weights(plan.layers)
     try:
-        groups = model_groups(model, cfg.structure)
+        groups = model_groups(model, cfg.prune.structure)
     except StructureError as error:
-        raise ConfigError(f"prune.structure={cfg.structure}: {error}") from None
+        raise ConfigError(f"prune.structure={cfg.prune.structure}: {error}") from None
     plan = cfg.prune_plan(tuple(group.name for group in groups))
     return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 
@@ -77,37 +77,40 @@ def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Struc
 def build(cfg: RunConfig) -> Setup:
     """Load the data and build everything a run needs; refuses impossible schedules."""
     data = load_dataset(cfg.dataset["name"], **_options(cfg.dataset))
-    if cfg.batch_size > len(data.x_train):
-        raise ConfigError(f"train.batch_size={cfg.batch_size} exceeds the {len(data.x_train)} "
-                          f"training examples of {data.name}")
+    if cfg.train.batch_size > len(data.x_train):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
+                          f"{len(data.x_train)} training examples of {data.name}")
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
     params = Network(*jax.eval_shape(model.init, jax.random.key(0))).params
     plan, units = _units(cfg, model)
     try:
-        counts = plan.counts(units.shapes(params), cfg.levels)
+        counts = plan.counts(units.shapes(params), cfg.prune.levels)
     except PlanError as error:
         raise ConfigError(str(error)) from None
-    steps_per_epoch = len(data.x_train) // cfg.batch_size
+    steps_per_epoch = len(data.x_train) // cfg.train.batch_size
     cfg = cfg.in_steps(steps_per_epoch)
-    chunk = math.gcd(cfg.eval_every, cfg.steps, cfg.rewind_step)
+    chunk = math.gcd(cfg.train.eval_every, cfg.train.steps, cfg.rewind.step)
     try:
         optimizer = build_optimizer(**cfg.optimizer, steps_per_epoch=steps_per_epoch)
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
-    schedule = SCHEDULES[cfg.schedule].from_config(cfg)
-    trainer = Trainer(model, optimizer, data, cfg.batch_size, chunk, cfg.stack_size,
-                      cfg.eval_batch_size, cfg.members, schedule.prune_step(units, plan, counts))
-    rewind = REWINDS[cfg.rewind_mode].from_config(cfg)
+    schedule = SCHEDULES[cfg.prune.schedule].from_config(cfg)
+    train = cfg.train
+    trainer = Trainer(model, optimizer, data, train.batch_size, chunk, cfg.stack_size,
+                      train.eval_batch_size, train.members,
+                      schedule.prune_step(units, plan, counts))
+    rewind = REWINDS[cfg.rewind.mode].from_config(cfg)
     return Setup(cfg, data, model, plan, units, counts, model.param_counts(params),
-                 plan.layers if cfg.structure == "weights" else model.prunable, chunk, trainer,
+                 plan.layers if cfg.prune.structure == "weights" else model.prunable, chunk,
+                 trainer,
                  Layout(members_of(cfg.branches), cfg.replicates), schedule,
-                 Method(cfg.score, cfg.score_batch, cfg.score_rounds, cfg.prune_at), rewind)
+                 Method.from_config(cfg), rewind)
 
 
 def describe(setup: Setup) -> str:
     """The pruning method in words, for the log."""
-    cfg = setup.cfg
-    return (f"{cfg.schedule} {cfg.scope} pruning of {cfg.structure} by {cfg.score} scores of "
-            f"the {'initial' if cfg.prune_at == 'init' else 'trained'} network; "
+    prune = setup.cfg.prune
+    return (f"{prune.schedule} {prune.scope} pruning of {prune.structure} by {prune.score} "
+            f"scores of the {'initial' if prune.at == 'init' else 'trained'} network; "
             f"{setup.rewind.describe()}")

@@ -128,13 +128,13 @@ def driven_run(cfg: RunConfig, out_dir: Path) -> SimpleNamespace:
     with count_compilations() as compilations:
         parts = build(cfg)
         experiment = imp.Experiment(parts, out_dir, log=logs.append)
-        for number in range(cfg.levels + 1):
+        for number in range(cfg.prune.levels + 1):
             inputs = host(experiment.level_inputs(number))
             level = experiment.start_level(number)
             state = host(level.state)
             begun.append(SimpleNamespace(inputs=inputs, state=state, ticket_masks=jax.tree.map(
                 lambda x: x[parts.layout.ticket], state.masks)))
-            while level.step < parts.cfg.steps:
+            while level.step < parts.cfg.train.steps:
                 start = level.step
                 experiment.train_chunk(level)
                 lr = np.asarray(level.state.opt_state.hyperparams["learning_rate"])

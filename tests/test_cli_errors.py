@@ -164,9 +164,10 @@ def test_unknown_keys_fail_to_compose():
         compose_config("train.stepz=5")
     # layer_rates is null by default, so a whole mapping can be given; a preset's mapping
     # is closed: its entries change as they are, new layers need a leading +
-    assert validate(compose_config("prune.layer_rates={out: 0.1}")).layer_rates == {"out": 0.1}
+    assert validate(compose_config("prune.layer_rates={out: 0.1}")).prune.layer_rates == {
+        "out": 0.1}
     preset = validate(compose_config("experiment=lenet_mnist", "+prune.layer_rates.fc2=0.3"))
-    assert preset.layer_rates == {"out": 0.1, "fc2": 0.3}
+    assert preset.prune.layer_rates == {"out": 0.1, "fc2": 0.3}
     with pytest.raises(ConfigCompositionException, match=r"prune\.layer_rates"):
         compose_config("experiment=lenet_mnist", "prune.layer_rates={fc2: 0.3}")
 

@@ -27,7 +27,7 @@ def poisoned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("poisoned") / "run"
     setup = helpers.setup(helpers.run_config())
     experiment = imp.Experiment(setup, out, log=lambda line: None)
-    for number in range(setup.cfg.levels + 1):
+    for number in range(setup.cfg.prune.levels + 1):
         level = experiment.start_level(number)
         if number == POISONED_LEVEL:
             params = jax.tree.map(lambda x: x.at[index].set(jnp.nan), level.state.params)

@@ -280,7 +280,7 @@ def test_rewind_weights_are_a_plain_loops_weights_after_k_steps(rewind_runs):
         start = initial_weights(lenet(), cfg.seed, R, r)
         key = data_key(cfg.seed, R, 0, "ticket", r)
         params, _ = plain_training(lenet(), data, start, ones_like(start[0]), key, range(K),
-                                   cfg.batch_size, hand_schedule(cfg.optimizer["lr"]))
+                                   cfg.train.batch_size, hand_schedule(cfg.optimizer["lr"]))
         expected = flat(params, "params")
         assert saved.keys() == expected.keys()
         for name, value in expected.items():

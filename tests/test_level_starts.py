@@ -3,6 +3,7 @@ event and early stop, the instability pair's start at every level, and the contr
 level starts from trained weights. Expectations come from plain loops and hand counts."""
 
 import itertools
+from dataclasses import asdict
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,11 @@ import pytest
 
 import helpers
 from helpers import LAYERS
-from lottery.config import ConfigError, _gradual_steps
+from lottery.config import (ConfigError, GradualConfig, PruneConfig, RewindConfig, RunConfig,
+                            TrainConfig)
 from lottery.history import early_stop_summary
 from lottery.pruning.masks import full_masks
-from lottery.pruning.schedules import gradual_pruning
+from lottery.pruning.schedules import Gradual, gradual_pruning
 from lottery.state import Network
 
 R = 2
@@ -31,6 +33,13 @@ def kernel_counts(masks) -> dict:
 # ---------------------------------------------------------------- gradual pruning
 
 
+def gradual_schedule(gradual: dict, steps: int, rewind_step: int) -> Gradual:
+    """The gradual schedule of a level of `steps` steps rewound to `rewind_step`."""
+    return Gradual.from_config(RunConfig(
+        train=TrainConfig(steps=steps), rewind=RewindConfig(step=rewind_step),
+        prune=PruneConfig(schedule="gradual", gradual=GradualConfig(**gradual))))
+
+
 @pytest.mark.parametrize("steps, gradual", [
     (200, {"start": 0, "end": 200, "every": 50}),  # the audit's run: ended at 26.17%, not 25%
     (40, {"start": 0, "end": 40, "every": 10}),
@@ -38,7 +47,7 @@ def kernel_counts(masks) -> dict:
 ])
 def test_a_last_pruning_event_that_is_never_trained_is_refused(steps, gradual):
     with pytest.raises(ConfigError, match=r"the last pruning step, \d+ .* is never trained"):
-        _gradual_steps(gradual, steps, 0)
+        gradual_schedule(gradual, steps, 0)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +69,14 @@ def test_every_accepted_gradual_schedule_ends_at_the_one_shot_density(gradual_pa
     for k, start, end, every in itertools.product((0, 10), (0, 10, 25), (30, 39, 40),
                                                   (7, 10, 15)):
         try:
-            schedule = _gradual_steps({"start": start, "end": end, "every": every}, 40, k)
+            schedule = gradual_schedule({"start": start, "end": end, "every": every}, 40, k)
         except ConfigError:
             refused += 1
             assert start < k or start + (end - start) // every * every >= 40
             continue
         accepted += 1
         step_fn = jax.jit(gradual_pruning(parts.units, parts.plan, parts.counts[0],
-                                          **schedule))
+                                          **asdict(schedule)))
         masks = full_masks(params)
         for step in range(k, 40):
             masks = step_fn(params, masks, np.int32(step), controls, jax.random.key(step))
@@ -120,7 +129,7 @@ def test_the_instability_pair_starts_bit_identical_at_a_later_level(pair_parts):
 
     def train(keys):
         state = parts.trainer.start(*jax.tree.map(jnp.copy, (begun.network, masks)))
-        return helpers.host(parts.trainer.train_chunk(state, keys, cfg.rewind_step)[0].params)
+        return helpers.host(parts.trainer.train_chunk(state, keys, cfg.rewind.step)[0].params)
 
     swapped = np.asarray(keys).copy()
     swapped[second:second + R] = swapped[first:first + R]

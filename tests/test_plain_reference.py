@@ -45,8 +45,8 @@ RTOL, ATOL, OUTLIERS, MAX_ABS = 1e-5, 1e-7, 1e-4, 1e-4
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cfg = helpers.run_config(*OVERRIDES)
-    assert (cfg.replicates, cfg.rewind_step, cfg.steps, cfg.levels, cfg.seed) == (R, K, T,
-                                                                                 LEVELS, SEED)
+    assert (cfg.replicates, cfg.rewind.step, cfg.train.steps, cfg.prune.levels, cfg.seed) == (
+        R, K, T, LEVELS, SEED)
     out = tmp_path_factory.mktemp("plain_reference") / "run"
     imp.run(cfg, out, log=lambda line: None)
     return cfg, out
@@ -63,7 +63,7 @@ def reference(run):
     assert (opt["name"], opt["warmup"], list(opt["milestones"]), opt["weight_decay"]) == (
         "adam", WARMUP, [MILESTONE], DECAY)
     schedule = hand_schedule(opt["lr"], WARMUP, (MILESTONE,), opt["gamma"])
-    return data, model, schedule, cfg.batch_size
+    return data, model, schedule, cfg.train.batch_size
 
 
 def train_plain(reference, start, masks, level, replicate, steps, schedule=None, key_level=None):

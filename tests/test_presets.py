@@ -8,7 +8,8 @@ import pytest
 from helpers import WEIGHTS, check_reachable, compose_config, expected_counts
 
 from lottery.cli import CONF_DIR
-from lottery.config import validate
+from lottery.config import NoLogger, validate
+from lottery.identity import run_id
 from lottery.models import MODELS, build_model
 from lottery.optim import build_optimizer
 
@@ -36,7 +37,7 @@ def test_preset_composes_validates_and_is_reachable(name):
     model = build_model(cfg.model["name"], shape, classes,
                         **{k: v for k, v in cfg.model.items() if k != "name"})
     weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
-    check_reachable(cfg.prune_plan(model.prunable), weights, cfg.levels)  # raises if not
+    check_reachable(cfg.prune_plan(model.prunable), weights, cfg.prune.levels)  # raises if not
 
 
 def preset(name: str):
@@ -52,7 +53,7 @@ def test_conv_presets_prune_every_conv_at_the_papers_rate(name, conv_rate):
     prunable = MODELS[cfg.model["name"]].prunable
     convs = [layer for layer in prunable if layer.startswith("convs.")]
     assert len(convs) == int(cfg.model["name"][-1])
-    assert cfg.layer_rates == {**dict.fromkeys(convs, conv_rate), "out": 0.1}
+    assert cfg.prune.layer_rates == {**dict.fromkeys(convs, conv_rate), "out": 0.1}
     assert cfg.prune_plan(prunable).layer_rates == {
         **dict.fromkeys(convs, conv_rate), "fc1": 0.2, "fc2": 0.2, "out": 0.1}
     assert cfg.dataset["augment"] is False  # the paper trains without augmentation
@@ -83,8 +84,9 @@ def test_epoch_presets_at_cifar10s_steps_per_epoch(name, batch, epochs, warmup):
     cfg = preset(name)
     epoch = 45000 // batch
     steps = cfg.in_steps(epoch)
-    assert (steps.steps, steps.eval_every, steps.rewind_step) == (epochs * epoch, 4 * epoch, 0)
-    assert cfg.batch_size == batch and cfg.optimizer["warmup"] == warmup
+    assert (steps.train.steps, steps.train.eval_every, steps.rewind.step) == (
+        epochs * epoch, 4 * epoch, 0)
+    assert cfg.train.batch_size == batch and cfg.optimizer["warmup"] == warmup
     schedule = build_optimizer(**cfg.optimizer, steps_per_epoch=epoch).schedule
     at = [80 * epoch - 1, 80 * epoch, 120 * epoch - 1, 120 * epoch, epochs * epoch - 1]
     assert [float(schedule(step)) for step in at] == pytest.approx(
@@ -100,10 +102,10 @@ def test_lenet_mnist_has_the_paper_values():
     assert cfg.model == {"name": "lenet_300_100", "hidden": [300, 100]}
     assert cfg.optimizer == {"name": "adam", "lr": 1.2e-3, "weight_decay": 0.0,
                              "milestones": [], "gamma": 0.1, "warmup": 0}  # no schedule
-    assert (cfg.steps, cfg.batch_size, cfg.eval_every) == (50000, 60, 100)
-    assert (cfg.levels, cfg.rate, cfg.scope) == (15, 0.2, "layerwise")
-    assert cfg.layer_rates == {"out": 0.1}
-    assert cfg.rewind_step == 0
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (50000, 60, 100)
+    assert (cfg.prune.levels, cfg.prune.rate, cfg.prune.scope) == (15, 0.2, "layerwise")
+    assert cfg.prune.layer_rates == {"out": 0.1}
+    assert cfg.rewind.step == 0
     assert cfg.branches == ("ticket", "reinit", "random_prune")
     plan = cfg.prune_plan(("fc1", "fc2", "out"))
     assert plan.layer_rates == {"fc1": 0.2, "fc2": 0.2, "out": 0.1}
@@ -118,14 +120,74 @@ def test_command_line_overrides_win_over_the_preset():
     cfg = validate(compose_config("experiment=lenet_mnist", "train.steps=6000",
                                   "train.eval_every=500", "prune.levels=8", "prune.rate=0.3",
                                   base=None))
-    assert (cfg.steps, cfg.eval_every, cfg.levels, cfg.rate) == (6000, 500, 8, 0.3)
-    assert cfg.layer_rates == {"out": 0.1}  # the preset's exception stays
+    assert (cfg.train.steps, cfg.train.eval_every) == (6000, 500)
+    assert (cfg.prune.levels, cfg.prune.rate) == (8, 0.3)
+    assert cfg.prune.layer_rates == {"out": 0.1}  # the preset's exception stays
     assert cfg.prune_plan(("fc1", "fc2", "out")).layer_rates == {"fc1": 0.3, "fc2": 0.3, "out": 0.1}
 
 
 def test_default_config_composes_and_validates():
     cfg = validate(compose_config(base=None))
     assert cfg.dataset["name"] == "mnist" and cfg.model["name"] == "lenet_300_100"
-    assert (cfg.steps, cfg.batch_size, cfg.eval_every, cfg.eval_batch_size) == (5000, 60, 500, 1000)
-    assert (cfg.levels, cfg.rate, cfg.replicates, cfg.seed) == (3, 0.2, 2, 0)
-    assert cfg.logger == {"name": "none"}
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (5000, 60, 500)
+    assert cfg.train.eval_batch_size == 1000
+    assert (cfg.prune.levels, cfg.prune.rate, cfg.replicates, cfg.seed) == (3, 0.2, 2, 0)
+    assert cfg.logger == NoLogger() and cfg.logger.name == "none"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "83e0f69544"),
+    (["experiment=lenet_mnist"], "c610ec4acf"),
+    (["experiment=pai_mnist1d"], "9cad7aecb5"),
+    (["experiment=resnet20_cifar10"], "f359fea158"),
+    (["prune.schedule=gradual", "branches=[ticket]"], "c3b7eda125"),
+    (["rewind.mode=finetune", "rewind.finetune_lr=0.01"], "e69042e54c"),
+])
+def test_run_ids_are_those_from_before_the_schema(overrides, expected):
+    """The ids these configs had at e0dbcb8, when the defaults were YAML (computed then with
+    that commit's code): run folders made before the structured schema still resume."""
+    composed = compose_config(*overrides, base=None)
+    assert run_id(composed) == run_id(validate(composed).resolved) == expected
+
+
+def test_a_plain_dict_takes_the_schema_defaults():
+    """What a partial dict leaves out is the documented default (the values conf/ held)."""
+    cfg = validate({"dataset": {"name": "synthetic"}, "model": {"name": "lenet_300_100"},
+                    "optimizer": {"name": "adam", "lr": 1e-3}})
+    assert (cfg.name, cfg.seed, cfg.replicates) == ("default", 0, 2)
+    assert cfg.branches == ("ticket", "reinit", "random_prune")
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (5000, 60, 500)
+    assert (cfg.train.eval_batch_size, cfg.train.checkpoint_every) == (1000, "5ep")
+    assert (cfg.train.save_weights, cfg.train.members) == (False, "auto")
+    assert (cfg.prune.levels, cfg.prune.rate, cfg.prune.scope) == (3, 0.2, "layerwise")
+    assert (cfg.prune.score, cfg.prune.at, cfg.prune.schedule) == ("magnitude", "trained",
+                                                                   "iterative")
+    assert (cfg.prune.structure, cfg.prune.score_batch, cfg.prune.score_rounds) == (
+        "weights", 100, None)
+    assert (cfg.prune.gradual.start, cfg.prune.gradual.end, cfg.prune.gradual.every) == (
+        0, None, 100)
+    assert (cfg.rewind.step, cfg.rewind.mode, cfg.rewind.finetune_lr) == (0, "weights", None)
+    assert cfg.logger.name == "none"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  stepz: 5\n", "experiment/typo.yaml: train.stepz is not a config key (did you "
+     "mean train.steps?); the keys of train are steps, batch_size, eval_every, "
+     "eval_batch_size, save_weights, checkpoint_every, members"),
+    ("task: lm\n", "experiment/typo sets task, so it is a config of another command (task: lm: "
+     "`lottery lm`), not of the IMP command: run `lottery lm experiment=typo` instead"),
+])
+def test_a_preset_with_a_key_outside_the_schema_fails_in_one_line(text, message, tmp_path,
+                                                                    monkeypatch, capsys):
+    import shutil
+
+    import lottery.cli
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\n" + text)
+    monkeypatch.setattr(lottery.cli, "CONF_DIR", str(conf))
+    with pytest.raises(SystemExit) as exit_:
+        lottery.cli.check_overrides(["experiment=typo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"lottery: error: {message}\n"

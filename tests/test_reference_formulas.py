@@ -26,7 +26,7 @@ from lottery.models import ModelSpec, build_model, spec_of
 from lottery.models.layers import Conv, Linear
 from lottery.pruning.masks import MASK_DTYPE, full_masks, kernels, with_kernels
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_counts
-from lottery.pruning.schedules import gradual_pruning
+from lottery.pruning.schedules import Gradual, gradual_pruning
 from lottery.pruning.scores import SCORES
 from lottery.pruning.select import Method
 from lottery.pruning.units import Weights
@@ -509,7 +509,7 @@ def test_the_config_ends_the_schedule_on_its_last_event():
     cfg = helpers.run_config("prune.schedule=gradual", "branches=[ticket]",
                              "prune.gradual.start=0", "prune.gradual.end=35",
                              "prune.gradual.every=10").in_steps(30)
-    assert cfg.gradual == {"start": 0, "end": 30, "every": 10}
+    assert Gradual.from_config(cfg) == Gradual(start=0, end=30, every=10)
     tf_events = [s for s in range(40) if should_prune(s, 0, 35, 10)]
     engine_events = [s for s in range(40) if should_prune(s, 0, 30, 10)]
     assert tf_events == engine_events == [0, 10, 20, 30]

@@ -188,8 +188,8 @@ def check_train_step(cfg, compiled: bool):
     others move, batch-norm statistics move), or only traced (the state keeps its shapes)."""
     parts = build(cfg)
     assert sum(parts.weights.values()) == expected_prunable(cfg.model)
-    assert parts.cfg.steps == 2 and parts.chunk == 2
-    check_reachable(parts.plan, parts.weights, cfg.levels)
+    assert parts.cfg.train.steps == 2 and parts.chunk == 2
+    check_reachable(parts.plan, parts.weights, cfg.prune.levels)
     abstract = jax.eval_shape(parts.model.init, jax.random.key(0))
     n = parts.trainer.padded_size
     if not compiled:
@@ -260,7 +260,7 @@ def test_epoch_milestones_and_warmup_convert_with_steps_per_epoch():
     parts = build(validate(compose_list(replaced(
         smoke_overrides("resnet20_cifar10"), "dataset.train_size=40", "train.batch_size=4",
         "train.steps=160ep", "train.eval_every=4ep"))))
-    assert (parts.cfg.steps, parts.cfg.eval_every) == (1600, 40)
+    assert (parts.cfg.train.steps, parts.cfg.train.eval_every) == (1600, 40)
     np.testing.assert_allclose(values(parts.trainer.optimizer.schedule, [799, 800, 1199, 1200]),
                                [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
@@ -407,7 +407,7 @@ def dense_after_k(bn_run):
         inits.append(initial_weights(model, cfg.seed, R, r))
         after_k.append(plain_training(model, data, inits[-1], ones_like(inits[-1][0]),
                                       data_key(cfg.seed, R, 0, "ticket", r), range(K),
-                                      cfg.batch_size, hand_schedule(cfg.optimizer["lr"])))
+                                      cfg.train.batch_size, hand_schedule(cfg.optimizer["lr"])))
     fresh = host(jax.jit(model.init)(jax.random.key(123))[1])
     stack = partial(jax.tree.map, lambda *xs: np.stack(xs))
     return stack(*inits), stack(*after_k), fresh
@@ -532,15 +532,15 @@ def test_augmentation_is_deterministic_and_for_training_only(tiny_bn):
 
 def test_durations_in_epochs_resolve_in_steps():
     cfg = run_config("train.steps=3ep", "train.eval_every=1ep", "rewind.step=1ep")
-    assert (cfg.steps, cfg.eval_every, cfg.rewind_step) == ("3ep", "1ep", "1ep")
+    assert (cfg.train.steps, cfg.train.eval_every, cfg.rewind.step) == ("3ep", "1ep", "1ep")
     resolved = cfg.in_steps(30)
-    assert (resolved.steps, resolved.eval_every, resolved.rewind_step) == (90, 30, 30)
+    assert (resolved.train.steps, resolved.train.eval_every, resolved.rewind.step) == (90, 30, 30)
     parts = setup(cfg)  # TINY: 600 training examples, batch 20: 30 steps per epoch
-    assert (parts.cfg.steps, parts.cfg.eval_every, parts.cfg.rewind_step, parts.chunk) == (
-        90, 30, 30, 30)
+    assert (parts.cfg.train.steps, parts.cfg.train.eval_every, parts.cfg.rewind.step,
+            parts.chunk) == (90, 30, 30, 30)
     mixed = run_config("train.steps=2ep", "train.eval_every=20", "rewind.step=10it").in_steps(30)
-    assert (mixed.steps, mixed.eval_every, mixed.rewind_step) == (60, 20, 10)
-    assert run_config("train.steps=45it").in_steps(30).steps == 45
+    assert (mixed.train.steps, mixed.train.eval_every, mixed.rewind.step) == (60, 20, 10)
+    assert run_config("train.steps=45it").in_steps(30).train.steps == 45
 
 
 def test_rewinding_past_the_end_in_epochs_names_the_steps_per_epoch(tmp_path):
@@ -582,13 +582,13 @@ CONV2 = MODELS["conv2"].prunable
 
 
 def conv2_rates(*overrides: str) -> dict:
-    return validate(compose_list(["model=conv2", *overrides])).layer_rates
+    return validate(compose_list(["model=conv2", *overrides])).prune.layer_rates
 
 
 def test_a_pattern_sets_the_rate_of_every_layer_it_matches():
     assert CONV2 == ("convs.0", "convs.1", "fc1", "fc2", "out")
     cfg = validate(compose_list(["model=conv2", "prune.layer_rates={convs.*: 0.1}"]))
-    assert cfg.layer_rates == {"convs.0": 0.1, "convs.1": 0.1}
+    assert cfg.prune.layer_rates == {"convs.0": 0.1, "convs.1": 0.1}
     assert cfg.prune_plan(CONV2).layer_rates == {
         "convs.0": 0.1, "convs.1": 0.1, "fc1": 0.2, "fc2": 0.2, "out": 0.2}
     assert conv2_rates("prune.layer_rates={fc?: 0.3, convs.*: 0.1}") == {
@@ -612,15 +612,15 @@ def test_an_exact_name_beats_a_pattern_wherever_it_is_listed(overrides):
 def test_a_nested_override_is_one_dotted_layer_name():
     composed = compose_list(["model=conv2", "+prune.layer_rates.convs.0=0.3"])
     assert OmegaConf.to_container(composed.prune.layer_rates) == {"convs": {"0": 0.3}}
-    assert validate(composed).layer_rates == {"convs.0": 0.3}
+    assert validate(composed).prune.layer_rates == {"convs.0": 0.3}
     # a pattern is a mapping key (`*` does not lex in an override's key path)
     resnet = validate(compose_list(["model=resnet20", "prune.layer_rates={stage3.*.conv1: 0.1}",
                                     "+prune.layer_rates.stage2.0.shortcut=0.05"]))
-    assert resnet.layer_rates == {"stage2.0.shortcut": 0.05, "stage3.0.conv1": 0.1,
-                                  "stage3.1.conv1": 0.1, "stage3.2.conv1": 0.1}
+    assert resnet.prune.layer_rates == {"stage2.0.shortcut": 0.05, "stage3.0.conv1": 0.1,
+                                        "stage3.1.conv1": 0.1, "stage3.2.conv1": 0.1}
     # over a preset's pattern: the named conv changes, the other keeps the pattern's rate
     preset = validate(compose_list(["experiment=conv2_cifar10", "+prune.layer_rates.convs.0=0.3"]))
-    assert preset.layer_rates == {"convs.0": 0.3, "convs.1": 0.1, "out": 0.1}
+    assert preset.prune.layer_rates == {"convs.0": 0.3, "convs.1": 0.1, "out": 0.1}
     # without the leading + Hydra refuses a key that is not in the config yet
     with pytest.raises(ConfigCompositionException, match=r"prune\.layer_rates\.convs\.0"):
         compose_list(["model=conv2", "prune.layer_rates.convs.0=0.3"])
@@ -636,7 +636,7 @@ def test_a_name_or_pattern_matching_no_layer_is_refused(override):
 
 def test_patterns_choose_the_pruned_layers():
     cfg = validate(compose_list(["model=conv2", "prune.layers=[convs.*, out]"]))
-    assert cfg.prune_layers == ("convs.0", "convs.1", "out")
+    assert cfg.prune.layers == ("convs.0", "convs.1", "out")
     assert cfg.prune_plan(CONV2).layers == ("convs.0", "convs.1", "out")
     with pytest.raises(ConfigError, match=r"prune\.layer_rates names fc\*, which prune\.layers="):
         validate(compose_list(["model=conv2", "prune.layers=[convs.*]",

@@ -18,6 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lottery.config  # noqa: F401  (registers conf/logger's schema before Hydra composes)
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
 from lottery.lm.config import LMConfigError, validate
 

@@ -10,7 +10,8 @@ equal densities.
 - gradual (Zhu & Gupta 2017): each level trains from the dense network and prunes while it
   trains, by magnitude, on a cubic schedule between `start` and `end` every `every` steps.
 
-To add one: subclass `Schedule`, override the hooks that differ, add it to `SCHEDULES`.
+To add one: subclass `Schedule`, override the hooks that differ (and `check` and
+`from_config` where it has options, `prune.<its name>.*`), add it to `SCHEDULES`.
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from lottery.options import ConfigError, duration
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_counts
 from lottery.state import LevelEntry
 
@@ -25,6 +27,14 @@ from lottery.state import LevelEntry
 @dataclass(frozen=True)
 class Schedule:
     """The hooks, with the one-shot behaviour as the default."""
+
+    @classmethod
+    def check(cls, cfg, chosen: bool) -> None:
+        """Raise `ConfigError` (one line, naming the key) for this schedule's options that
+        cannot run. Every schedule is asked, so a bad option fails even while another is
+        chosen; `chosen`: it is the run's, so its options are checked against the rest of
+        `cfg` too. Asked by `lottery.config.validate` (durations may still be epochs: check
+        what is known) and again once every duration is in steps (`RunConfig.in_steps`)."""
 
     @classmethod
     def from_config(cls, cfg) -> "Schedule":
@@ -76,8 +86,46 @@ class Gradual(Schedule):
     every: int
 
     @classmethod
+    def check(cls, cfg, chosen):
+        gradual = cfg.prune.gradual
+        duration(gradual.start, "prune.gradual.start", 0)
+        duration(gradual.every, "prune.gradual.every", 1)
+        if gradual.end is not None:
+            duration(gradual.end, "prune.gradual.end", 1)
+        if not chosen:
+            return
+        if list(cfg.branches) != ["ticket"]:
+            raise ConfigError(f"prune.schedule=gradual prunes while one network trains, so "
+                              f"branches={list(cfg.branches)} cannot be built: use "
+                              "branches=[ticket]")
+        if cfg.prune.score != "magnitude" or cfg.prune.at != "trained":
+            raise ConfigError("prune.schedule=gradual prunes by the magnitude of the weights as "
+                              "they train (Zhu & Gupta 2017): use prune.score=magnitude and "
+                              "prune.at=trained")
+        known = (cfg.train.steps, cfg.rewind.step, gradual.start, gradual.every, gradual.end)
+        if all(isinstance(v, int) for v in known if v is not None):  # else: once data loads
+            cls.from_config(cfg)
+
+    @classmethod
     def from_config(cls, cfg):
-        return cls(**cfg.gradual)
+        """Pruning events at start, start + every, ..., end inside [rewind.step,
+        train.steps); `end` defaults to half-way from the later of start and rewind.step."""
+        gradual, steps, rewind = cfg.prune.gradual, cfg.train.steps, cfg.rewind.step
+        start, end, every = gradual.start, gradual.end, gradual.every
+        if end is None:
+            end = max(start, rewind) + (steps - max(start, rewind)) // 2
+        if not rewind <= start < end <= steps:
+            raise ConfigError(f"prune.gradual: start={start} and end={end} (steps) must "
+                              f"satisfy rewind.step={rewind} <= start < end <= "
+                              f"train.steps={steps}")
+        last = start + (end - start) // every * every  # the last pruning event
+        if last >= steps:
+            raise ConfigError(f"prune.gradual: the last pruning step, {last} (start={start}, "
+                              f"end={end}, every={every}), is never trained: a level trains "
+                              f"steps {rewind} to {steps - 1}, so it would end above its "
+                              f"target density; use prune.gradual.end={steps - 1} or less (or "
+                              "a longer train.steps)")
+        return cls(start, last, every)
 
     def start_counts(self, counts, level):
         return counts[0]  # a level starts dense

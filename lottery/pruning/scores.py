@@ -177,3 +177,6 @@ SCORES = {
     "grasp": grasp,
     "synflow": synflow,
 }
+# The rounds a score prunes in when prune.score_rounds is null (1 for any score not named):
+# SynFlow is iterative by design, 100 rounds in its paper (Tanaka et al. 2020).
+DEFAULT_ROUNDS = {"synflow": 100}

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from lottery.options import ConfigError, integer
 from lottery.pruning.prune import PrunePlan, interpolate, keep_counts, survivors
+from lottery.pruning.scores import DEFAULT_ROUNDS
 from lottery.seeds import name_id
+
+MAX_ROUNDS = 10_000  # SynFlow's paper uses 100
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,24 @@ class Method:
     score_batch: int = 100
     rounds: int = 1
     at: str = "trained"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse a `prune.score_batch` or `prune.score_rounds` that cannot run (`cfg`: a
+        `RunConfig`; the score's name is checked against `SCORES` by the config)."""
+        integer(cfg.prune.score_batch, "prune.score_batch", 1)
+        rounds = cfg.prune.score_rounds
+        if rounds is not None and integer(rounds, "prune.score_rounds", 1) > MAX_ROUNDS:
+            raise ConfigError(f"prune.score_rounds={rounds} must be at most {MAX_ROUNDS}: "
+                              "every round scores the whole network")
+
+    @classmethod
+    def from_config(cls, cfg) -> "Method":
+        """The method of `cfg.prune`; null rounds: the score's own (`DEFAULT_ROUNDS`)."""
+        prune = cfg.prune
+        rounds = DEFAULT_ROUNDS.get(prune.score, 1) if prune.score_rounds is None \
+            else prune.score_rounds
+        return cls(prune.score, prune.score_batch, rounds, prune.at)
 
     @property
     def precision(self):

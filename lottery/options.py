@@ -1,0 +1,57 @@
+"""Checking a config value: `ConfigError`, one line that names the key and how to fix it.
+
+A leaf that the config (`lottery.config`) and every method that owns options (schedules,
+rewind modes, scores: their `check` classmethods) use, so that a bad value reads the same
+wherever it is checked.
+"""
+
+from lottery.durations import DurationError, parse_duration
+
+
+class ConfigError(Exception):
+    """A config value that cannot run; the message names the key and how to fix it."""
+
+
+def integer(value, key: str, low: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer{why}")
+    if value < low:
+        raise ConfigError(f"{key}={value} must be at least {low}{why}")
+    return value
+
+
+def boolean(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def fraction(value, key: str, why: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number in [0, 1){why}")
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key}={value} must be in [0, 1){why}")
+    return float(value)
+
+
+def positive(value, key: str, why: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number{why}")
+    return value
+
+
+def choice(value, key: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
+    return value
+
+
+def duration(value, key: str, low: int):
+    """A duration (steps, or "<n>ep" / "<n>it") of at least `low`, returned as given."""
+    try:
+        count, _ = parse_duration(value, key)
+    except DurationError as error:
+        raise ConfigError(str(error)) from None
+    if count < low:
+        raise ConfigError(f"{key}={value!r} must be at least {low}")
+    return value
