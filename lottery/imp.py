@@ -125,7 +125,7 @@ class Experiment:
             self.resume(level, within)
         else:
             self.evaluate(level)
-        density = self.measure(level).density[setup.layout.ticket.start]
+        density = level.history.densities[-1][setup.layout.ticket.start]  # its last evaluation
         self.progress.set_description(
             f"level {number}/{setup.cfg.prune.levels} ({100 * density:.1f}%)")
         return level
@@ -215,10 +215,11 @@ class Experiment:
             for row in addition.rows:
                 self.record.write(row)
         extras = {key: value for addition in additions for key, value in addition.summary.items()}
-        for row in self.summary_rows(level, seconds, alive, kept, density, extras):
+        summary = level.history.summary()
+        for row in self.summary_rows(level, summary, seconds, alive, kept, density, extras):
             self.record.write(row)
         self.lost |= level.history.lost(self.setup.layout.ticket)
-        self.log_level(level, seconds, density, [a.log for a in additions if a.log])
+        self.log_level(level, summary, seconds, density, [a.log for a in additions if a.log])
         self.entry = LevelEntry(level.rewind, masks, trained,
                                 trained if number == 0 else self.entry.dense)
         if number < self.setup.cfg.prune.levels:
@@ -241,12 +242,11 @@ class Experiment:
             save_arrays(level_file(out, number, branch),
                         jax.tree.map(lambda x, rows=rows: x[rows], level.state.masks), bool)
 
-    def summary_rows(self, level: Level, seconds: float, alive, kept, density,
+    def summary_rows(self, level: Level, summary: dict, seconds: float, alive, kept, density,
                      extras: dict) -> list[dict]:
         """One summary row per member: its density (overall and per layer), status, the
         branches' additions, and its final and early-stop values (none once diverged)."""
         setup, history = self.setup, level.history
-        summary = history.summary()
         finals = [name for name in summary if name.startswith("final_") and name != "final_step"]
         rows = []
         for m, (branch, replicate) in enumerate(setup.layout.members):
@@ -267,12 +267,12 @@ class Experiment:
             rows.append(row)
         return rows
 
-    def log_level(self, level: Level, seconds: float, density, additions: list[str]) -> None:
+    def log_level(self, level: Level, summary: dict, seconds: float, density,
+                  additions: list[str]) -> None:
         """One line: density, time, each branch's mean early-stop test accuracy over the
         members that did not diverge, the branches' additions, how many diverged."""
         layout, diverged = self.setup.layout, level.history.diverged
-        accuracy = np.where(diverged < 0, level.history.summary()["early_stop_test_accuracy"],
-                            np.nan)
+        accuracy = np.where(diverged < 0, summary["early_stop_test_accuracy"], np.nan)
         self.log(f"level {level.number}: {100 * density[layout.ticket.start]:.2f}% remaining, "
                  f"{seconds:.0f}s; early-stop test accuracy " + ", ".join(
                      f"{b} {100 * np.nanmean(accuracy[layout.rows(b)]):.2f}%"

@@ -60,17 +60,19 @@ def level_programs(setup, from_trained: bool | None = None) -> LevelPrograms:
     model, units, plan, trainer = setup.model, setup.units, setup.plan, setup.trainer
     layout, method, R = setup.layout, setup.method, setup.layout.replicates
     from_trained = setup.rewind.from_trained if from_trained is None else from_trained
-    select = jax.vmap(partial(method.select, model, units, plan), in_axes=(0, 0, 0, None, None))
+
+    def select(invert: bool):
+        """`method.select` over the ticket's replicates (counts and data shared)."""
+        return jax.vmap(partial(method.select, model, units, plan, invert=invert),
+                        in_axes=(0, 0, 0, None, None))
 
     def begin(seed, level, counts, scored, base_masks, start):
         score_keys = member_keys(seed, R, level, "ticket", "score")
         data = trainer.train_data
-        selection, finite = select(score_keys, scored, base_masks, counts, data)
+        selection, finite = select(False)(score_keys, scored, base_masks, counts, data)
         inverted = None
         if setup.uses_inverted:  # the method run again with its scores inverted
-            inverted, _ = jax.vmap(partial(method.select, model, units, plan, invert=True),
-                                   in_axes=(0, 0, 0, None, None))(
-                score_keys, scored, base_masks, counts, data)
+            inverted, _ = select(True)(score_keys, scored, base_masks, counts, data)
         ticket_masks = jax.vmap(units.expand)(base_masks, selection)
         base = jax.vmap(units.select)(base_masks)
         candidates = base if from_trained else jax.tree.map(jnp.ones_like, base)
