@@ -37,8 +37,15 @@ class Optimizer:
         return self.transform.update(grads, state._replace(hyperparams=hyperparams), params)
 
 
-def learning_rate_schedule(lr: float, milestones=(), gamma: float = 0.1, warmup: int = 0):
-    """Linear warmup from 0 over `warmup` steps, then `lr` times `gamma` at each milestone."""
+def learning_rate_schedule(lr: float, milestones=(), gamma: float = 0.1, warmup: int = 0,
+                           cosine_steps: int | None = None):
+    """Linear warmup from 0 over `warmup` steps, then `lr` times `gamma` at each milestone;
+    or, with `cosine_steps`, a cosine decay from `lr` to `gamma * lr` at step `cosine_steps`
+    (warmup included, as optax counts it; held there after), the transformer recipe."""
+    if cosine_steps is not None:
+        warmup = min(warmup, max(cosine_steps - 1, 0))  # at least one step of decay
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                                  cosine_steps, gamma * lr)
     decayed = optax.piecewise_constant_schedule(lr, {int(m): gamma for m in milestones})
     if not warmup:
         return decayed
@@ -55,10 +62,11 @@ def _number(key, value, positive=False):
 
 def build_optimizer(name: str, lr: float, *, steps_per_epoch: int, milestones=(),
                     gamma: float = 0.1, warmup=0, weight_decay: float = 0.0,
-                    **options) -> Optimizer:
+                    cosine_steps=None, clip: float | None = None, **options) -> Optimizer:
     """`adam` (b1, b2, eps) or `sgd` (momentum, nesterov), with optional `weight_decay` (L2,
     added to the gradient as in PyTorch and OpenLTH), step decay at `milestones` (steps or
-    "<n>ep") by `gamma`, and linear `warmup`."""
+    "<n>ep") by `gamma` or cosine decay to `gamma * lr` over `cosine_steps`, linear
+    `warmup`, and gradients first clipped to global norm `clip`."""
     if name not in ("adam", "sgd"):
         raise OptimizerError(f"unknown optimizer {name!r}; choose adam or sgd")
     base = optax.adam if name == "adam" else optax.sgd
@@ -66,12 +74,15 @@ def build_optimizer(name: str, lr: float, *, steps_per_epoch: int, milestones=()
     _number("gamma", gamma, positive=True)
     if _number("weight_decay", weight_decay) < 0:
         raise OptimizerError(f"optimizer.weight_decay={weight_decay} must be at least 0")
+    if clip is not None:
+        _number("clip", clip, positive=True)
     accepted = [key for key in inspect.signature(base).parameters
                 if key != "learning_rate" and not key.endswith("dtype")]
     for key, value in options.items():
         if key not in accepted:
             raise OptimizerError(f"optimizer.{key} is not an option of optimizer {name}; its "
                                  f"options are lr, milestones, gamma, warmup, weight_decay, "
+                                 "cosine_steps, clip, "
                                  f"{', '.join(accepted)}")
         if key == "nesterov":
             if not isinstance(value, bool):
@@ -90,16 +101,25 @@ def build_optimizer(name: str, lr: float, *, steps_per_epoch: int, milestones=()
         milestones = sorted(to_steps(m, steps_per_epoch, "optimizer.milestones")
                             for m in milestones)
         warmup = to_steps(warmup, steps_per_epoch, "optimizer.warmup")
+        if cosine_steps is not None:
+            cosine_steps = to_steps(cosine_steps, steps_per_epoch, "optimizer.cosine_steps")
     except DurationError as error:
         raise OptimizerError(str(error)) from None
+    if cosine_steps is not None and (milestones or cosine_steps < 1):
+        raise OptimizerError(f"optimizer.cosine_steps={cosine_steps} must be at least 1 step, "
+                             "and milestones empty (one decay: step or cosine)")
 
     def transform(learning_rate):
-        step = base(learning_rate, **options)
-        return optax.chain(optax.add_decayed_weights(weight_decay), step) if weight_decay else step
+        parts = [base(learning_rate, **options)]
+        if weight_decay:
+            parts.insert(0, optax.add_decayed_weights(weight_decay))
+        if clip is not None:
+            parts.insert(0, optax.clip_by_global_norm(clip))
+        return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
     try:
         transform(lr)
     except TypeError as error:
         raise OptimizerError(f"optimizer {name}: {error}") from None
     return Optimizer(optax.inject_hyperparams(transform)(learning_rate=lr),
-                     learning_rate_schedule(lr, milestones, gamma, warmup))
+                     learning_rate_schedule(lr, milestones, gamma, warmup, cosine_steps))

@@ -31,14 +31,19 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def split_metrics(model: ModelSpec, network: Network, split):
-    """Mean loss and accuracy of `network` on a split of padded batches `(x, y, weight)`
-    (`_padded_batches`): batch by batch, the padding weighted 0."""
+def batched_metrics(logits_of, split):
+    """Mean loss and accuracy of `logits_of(x)` on a split of padded batches `(x, y, weight)`
+    (`padded_batches`): batch by batch, the padding weighted 0. A target with a sequence
+    axis (a language model's next bytes) counts each example as the mean over its tokens."""
+    def per_example(values):
+        return values.reshape(values.shape[0], -1).mean(axis=1)
+
     def batch(args):
         x, y, w = args
-        logits = model.logits(*network, x)
+        logits = logits_of(x)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return jnp.sum(cross_entropy(logits, y) * w), jnp.sum(correct * w)
+        return (jnp.sum(per_example(cross_entropy(logits, y)) * w),
+                jnp.sum(per_example(correct) * w))
 
     losses, corrects = jax.lax.map(batch, split)
     _, _, weights = split
@@ -46,15 +51,22 @@ def split_metrics(model: ModelSpec, network: Network, split):
     return jnp.sum(losses) / total, jnp.sum(corrects) / total
 
 
-def _padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
+def split_metrics(model: ModelSpec, network: Network, split):
+    """Mean loss and accuracy of `network` on a split of padded batches (`batched_metrics`)."""
+    return batched_metrics(lambda x: model.logits(*network, x), split)
+
+
+def padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
     """(x, y, weight) reshaped to (num_batches, batch, ...), padding the last batch with weight 0."""
+    x, y = np.asarray(x), np.asarray(y)
     batch = min(batch, len(x))
     pad = -len(x) % batch
     weight = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
     shape = (len(x) // batch, batch)
-    return x.reshape(*shape, *x.shape[1:]), y.reshape(shape), weight.reshape(shape)
+    return (x.reshape(*shape, *x.shape[1:]), y.reshape(*shape, *y.shape[1:]),
+            weight.reshape(shape))
 
 
 def over_members(fn, batched: tuple[bool, ...], mode: str):
@@ -103,8 +115,8 @@ class Trainer:
                              "training examples")
         self.train_data = jax.device_put((data.x_train, data.y_train), replicated)
         self.eval_data = jax.device_put(
-            (_padded_batches(data.x_val, data.y_val, eval_batch_size),
-             _padded_batches(data.x_test, data.y_test, eval_batch_size)), replicated)
+            (padded_batches(data.x_val, data.y_val, eval_batch_size),
+             padded_batches(data.x_test, data.y_test, eval_batch_size)), replicated)
         augment = data.augment
 
         def loss_fn(params, model_state, x, y, key):

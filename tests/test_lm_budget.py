@@ -272,19 +272,18 @@ def tiny(tmp_path_factory):
                                    "budget.params_fraction=[0.8,0.7]",
                                    "variants=[prune_kd,prune]"]))
     data = budget.load_data(cfg)
-    fits, fit = {}, budget.BudgetRun.fit
+    fits = {}
 
-    def spy(self, trainer, params, masks, key, steps, every, row, desc):
-        result = fit(self, trainer, params, masks, key, steps, every, row, desc)
-        if row["branch"] in cfg.variants:
-            fits[row["branch"], row["level"]] = SimpleNamespace(
-                params=params, masks=jax.tree.map(np.array, masks), key=key, steps=steps,
-                every=every, trained=result[0], history=result[1])
-        return result
+    class Observed(budget.BudgetRun):  # a run that keeps what each fine-tuning got
+        def fit(self, trainer, params, masks, key, steps, every, row, desc):
+            result = super().fit(trainer, params, masks, key, steps, every, row, desc)
+            if row["branch"] in cfg.variants:
+                fits[row["branch"], row["level"]] = SimpleNamespace(
+                    params=params, masks=jax.tree.map(np.array, masks), key=key, steps=steps,
+                    every=every, trained=result[0], history=result[1])
+            return result
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(budget.BudgetRun, "fit", spy)
-        summaries = budget.run(cfg, out, data)
+    summaries = Observed(cfg, out, data).run()
     return SimpleNamespace(cfg=cfg, out=out, summaries=summaries, data=data, fits=fits)
 
 
@@ -369,9 +368,12 @@ def _hand_count(cfg, heads, ffn) -> int:
 _forward = jax.jit(gpt.apply, static_argnums=0)  # one program per config
 
 
-def _bits_per_byte(config, params, windows, masks=None) -> float:
-    """Mean next-byte cross entropy over all the windows at once, in bits (float64)."""
-    x, y = (np.asarray(a) for a in windows)
+def _bits_per_byte(config, params, split, masks=None) -> float:
+    """Mean next-byte cross entropy over all the windows of a split (padded batches, the
+    padding dropped) at once, in bits (float64)."""
+    x, y, weight = (np.asarray(a) for a in split)
+    real = weight.reshape(-1) > 0
+    x, y = (a.reshape(-1, a.shape[-1])[real] for a in (x, y))
     logits = np.asarray(_forward(config, params, jnp.asarray(x), masks), np.float64)
     top = logits.max(-1, keepdims=True)
     log_p = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
@@ -497,12 +499,14 @@ def latency_run(tmp_path_factory):
                                    "prune.structures=[layers,heads,ffn]", "variants=[prune]",
                                    "baselines=[scratch]", "quantize=false", "logger=wandb",
                                    "pretrain.eval_every=20", "measure.repeats=1"]))
-    stand_in = lambda config, params, batch, repeats=1: 1e9 / gpt.param_count(config)  # noqa: E731
+    class StandIn(budget.BudgetRun):
+        def speed(self, config, params):
+            return 1e9 / gpt.param_count(config)
+
     stderr = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
         patch.setenv("WANDB_MODE", "offline")
-        patch.setattr(budget.measure, "tokens_per_second", stand_in)
-        summaries = budget.run(cfg, out)
+        summaries = StandIn(cfg, out).run()
         # the group's summary run, as `lottery lm` logs it after the run
         wandb_summary(out, summary_figures(summaries, out, cfg.name))
     return cfg, out, summaries, stderr.getvalue()

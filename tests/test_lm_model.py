@@ -13,7 +13,8 @@ import pytest
 
 import helpers
 
-from lottery.lm import compact, corpus, gpt, measure, quantize
+from lottery.lm import compact, corpus, gpt, measure, quantize, train
+from lottery.train import padded_batches
 from lottery.lm.compact import PruneRequestError
 
 CONFIG = gpt.GPTConfig(vocab=256, context=16, d_model=32, head_dim=8, heads=(4, 4, 4),
@@ -232,9 +233,12 @@ def test_corpus(tmp_path):
 def test_evaluate_and_measure(params, tokens):
     data = np.random.default_rng(0).integers(0, 256, 16 * 3 + 1).astype(np.uint8)
     x, y = corpus.windows(data, 16)
-    mean = gpt.evaluate(CONFIG, params, x, y, batch_size=2)  # 3 windows: a padded batch
+    split = padded_batches(x, y, 2)  # 3 windows: the second batch padded
+    mean, accuracy = train.evaluate(CONFIG, params, split)
     logits = forward(CONFIG, params, jnp.asarray(x), gpt.full_masks(CONFIG))
     assert float(mean) == pytest.approx(cross_entropy(logits, y), rel=1e-5)
+    assert float(accuracy) == pytest.approx(float(np.mean(np.argmax(np.asarray(logits), -1) == y)),
+                                            abs=1e-6)
     # through apply_quantized (dequantize, then the float forward, in one program)
     assert measure.tokens_per_second(CONFIG, quantize.quantize(params), batch=3, repeats=2) > 0
 

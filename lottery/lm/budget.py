@@ -22,7 +22,6 @@ initialisation) and one summary row per round and branch; density = parameters /
 model's parameters; accuracy = next-byte accuracy; losses in nats; bits_per_byte = test.
 """
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -34,25 +33,31 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from lottery.history import early_stop_summary, recorded
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
 from lottery.lm.compact import check_masks, compact, compacted_config
 from lottery.lm.config import LMConfig, LMConfigError
 from lottery.lm.scores import scores
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
+from lottery.seeds import member_keys
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy", "val_bits_per_byte",
            "bits_per_byte", "perplexity")
-PURPOSES = {"dense": 0, "prune": 1, "prune_kd": 2, "scratch": 3, "ticket": 4, "data": 5}
 
 
 def log(message: str) -> None:
     print(f"lottery lm: {message}", file=sys.stderr, flush=True)
 
 
+def bits(value) -> str:
+    """Bits per byte for a log line (None: diverged)."""
+    return "diverged" if value is None else f"{value:.3f}"
+
+
 @dataclass(frozen=True)
 class Data:
     train: jax.Array  # the training bytes, on the device
-    val: tuple  # (inputs, targets) fixed windows
+    val: tuple  # fixed windows as padded batches (`train.eval_split`), on the device
     test: tuple
     description: str
 
@@ -69,8 +74,8 @@ def load_data(cfg: LMConfig) -> Data:
                                      f"of context {cfg.model.context}")
     except corpus.CorpusError as error:
         raise LMConfigError(str(error)) from None
-    return Data(jnp.asarray(text.train), tuple(map(jnp.asarray, val)),
-                tuple(map(jnp.asarray, test)), text.description)
+    val, test = (jax.device_put(train.eval_split(*split)) for split in (val, test))
+    return Data(jnp.asarray(text.train), val, test, text.description)
 
 
 def _device_masks(masks):
@@ -83,7 +88,6 @@ class BudgetRun:
     def __init__(self, cfg: LMConfig, out_dir: Path, data: Data | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
-        self.key = jax.random.key(cfg.seed)
         self.dense_params = gpt.param_count(cfg.model)
         sinks = [JsonlSink(self.out_dir / RECORD_NAME)]
         if cfg.logger.get("name") == "wandb":
@@ -94,24 +98,31 @@ class BudgetRun:
         self.summaries: list[dict] = []
 
     # -- pieces ------------------------------------------------------------------------
-    def keys(self, purpose: str, level: int = 0):
-        return jax.random.fold_in(jax.random.fold_in(self.key, PURPOSES[purpose]), level)
+    def key(self, branch: str, purpose: str, level: int = 0):
+        """The key of one (level, branch, purpose): the engine's derived keys
+        (`lottery.seeds`), the run being replicate 0."""
+        return member_keys(self.cfg.seed, 1, level, branch, purpose)[0]
+
+    def speed(self, config, params) -> float:
+        """Measured forward tokens/s of a model (`measure.tokens_per_second`)."""
+        return measure.tokens_per_second(config, params, self.cfg.measure_batch,
+                                         repeats=self.cfg.measure_repeats)
 
     def evaluate(self, config, params, masks=None) -> dict:
         masks = None if masks is None else _device_masks(masks)
-        val_loss, val_acc = (float(v) for v in train.evaluate(config, params, *self.data.val,
+        val_loss, val_acc = (float(v) for v in train.evaluate(config, params, self.data.val,
                                                               masks))
         test_loss, test_acc = (float(v) for v in train.evaluate(config, params,
-                                                                *self.data.test, masks))
-        return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss,
-                "test_accuracy": test_acc, "val_bits_per_byte": corpus.bits_per_byte(val_loss),
-                "bits_per_byte": corpus.bits_per_byte(test_loss),
-                "perplexity": math.exp(test_loss)}
+                                                                self.data.test, masks))
+        values = {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss,
+                  "test_accuracy": test_acc, "val_bits_per_byte": corpus.bits_per_byte(val_loss),
+                  "bits_per_byte": corpus.bits_per_byte(test_loss),
+                  "perplexity": float(np.exp(test_loss))}
+        return {name: recorded(value) for name, value in values.items()}  # None: diverged
 
     def size(self, config, params) -> dict:
         """Parameters, bytes and measured tokens/s of a compacted (or quantized) model."""
-        tps = measure.tokens_per_second(config, params, self.cfg.measure_batch,
-                                        repeats=self.cfg.measure_repeats)
+        tps = self.speed(config, params)
         count = gpt.param_count(config)
         nbytes = (quantize.quantized_bytes(params) if isinstance(params, quantize.QuantizedParams)
                   else gpt.param_bytes(params))
@@ -123,7 +134,9 @@ class BudgetRun:
         q = quantize.quantize(params)
         values = {**self.evaluate(config, quantize.dequantize(q)), **self.size(config, q)}
         out = {f"quantized_{k}": v for k, v in values.items() if k not in ("params", "density")}
-        out["quantized_perplexity_change"] = out["quantized_perplexity"] - metrics["perplexity"]
+        if None not in (out["quantized_perplexity"], metrics["perplexity"]):  # both finite
+            out["quantized_perplexity_change"] = (out["quantized_perplexity"]
+                                                  - metrics["perplexity"])
         return out
 
     def fit(self, trainer, params, masks, key, steps: int, every: int, row: dict,
@@ -141,29 +154,31 @@ class BudgetRun:
                 bar.update(count)
                 metrics = self.evaluate(trainer.config, params, masks)
                 eval_row = {"kind": "eval", **row, "step": row["step"] + done,
-                            "train_loss": float(loss), **metrics}
+                            "train_loss": recorded(loss), **metrics}
                 self.record.write(eval_row)
                 history.append(eval_row)
         return params, history
 
     def summarise(self, history: list[dict], row: dict) -> dict:
-        """A summary row: final values and those at the minimum validation loss."""
-        best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
-        summary = {"kind": "summary", **row, "final_step": history[-1]["step"],
-                   "early_stop_step": history[best]["step"]}
-        for metric in METRICS:
-            summary[f"final_{metric}"] = history[-1][metric]
-            summary[f"early_stop_{metric}"] = history[best][metric]
+        """A summary row: final values and those at the first minimum of the validation
+        loss (`lottery.history.early_stop_summary`, the IMP levels' rule; a diverged
+        evaluation, recorded as None, is never the minimum)."""
+        values = {metric: np.array([[np.nan if h[metric] is None else h[metric]]
+                                    for h in history], np.float64) for metric in METRICS}
+        ends = early_stop_summary([h["step"] for h in history], values)
+        summary = {"kind": "summary", **row}
+        for name, value in ends.items():
+            summary[name] = int(value[0]) if name.endswith("_step") else recorded(value[0])
         for metric in ("test_loss", "bits_per_byte", "test_accuracy", "perplexity"):
-            summary[metric] = history[-1][metric]
+            summary[metric] = summary[f"final_{metric}"]
         return summary
 
     def write_summary(self, summary: dict) -> None:
         self.record.write(summary)
         self.summaries.append(summary)
 
-    def trainer(self, config, phase, teacher=None, alpha: float = 0.0, decay: bool = True):
-        tx = train.optimizer(phase.lr, phase.steps, phase.warmup, decay)
+    def trainer(self, config, phase, teacher=None, alpha: float = 0.0):
+        tx = train.optimizer(phase.lr, phase.steps, phase.warmup)
         return train.Trainer(config, tx, self.data.train, phase.batch_size, teacher, alpha,
                              self.cfg.kd_temperature)
 
@@ -176,8 +191,7 @@ class BudgetRun:
     def check_latency(self, init_params) -> None:
         if self.cfg.budget_kind != "tokens_per_second":
             return
-        dense = measure.tokens_per_second(self.cfg.model, init_params, self.cfg.measure_batch,
-                                          repeats=self.cfg.measure_repeats)
+        dense = self.speed(self.cfg.model, init_params)
         if dense >= self.cfg.targets[0]:
             raise LMConfigError(f"budget.min_tokens_per_second={self.cfg.targets[0]:,.0f} is "
                                 f"already met by the dense model (measured {dense:,.0f} "
@@ -188,14 +202,14 @@ class BudgetRun:
         log(f"dense model: {self.dense_params:,} parameters, {cfg.model}")
         trainer = self.trainer(cfg.model, cfg.pretrain)
         row = {"level": 0, "branch": "dense", "replicate": 0, "step": 0, "density": 1.0}
-        params, history = self.fit(trainer, init_params, None, self.keys("dense"),
+        params, history = self.fit(trainer, init_params, None, self.key("dense", "data"),
                                    cfg.pretrain.steps, cfg.pretrain.eval_every, row, "dense")
         size = self.size(cfg.model, params)
         summary = self.summarise(history, {**row, **size})
         if cfg.quantize:
             summary.update(self.quantized(cfg.model, params, summary))
         self.write_summary(summary)
-        log(f"dense: test {summary['bits_per_byte']:.3f} bits/byte, "
+        log(f"dense: test {bits(summary['bits_per_byte'])} bits/byte, "
             f"{size['tokens_per_second']:,.0f} tokens/s")
         return params, size
 
@@ -210,7 +224,7 @@ class BudgetRun:
                  else jax.tree.map(np.asarray, gpt.full_masks(config)))
         params, reached, pending = dense_params, {}, list(range(len(cfg.targets)))
         for level in range(1, cfg.max_rounds + 1):
-            key = self.keys(variant, level)
+            key = self.key(variant, "score", level)
             batches = [corpus.sample_batch(self.data.train, jax.random.fold_in(key, i),
                                            cfg.finetune.batch_size, config.context)
                        for i in range(cfg.score_batches)]
@@ -235,7 +249,8 @@ class BudgetRun:
             row = {"level": level, "branch": variant, "replicate": 0, "step": step,
                    "density": size["density"], "params": size["params"],
                    "bytes": size["bytes"], "tokens_per_second": size["tokens_per_second"]}
-            params, history = self.fit(trainer, params, masks, key, cfg.finetune.steps,
+            params, history = self.fit(trainer, params, masks, self.key(variant, "data", level),
+                                       cfg.finetune.steps,
                                        cfg.finetune.eval_every, row, f"{variant} r{level}")
             small = compact(config, params, masks)
             summary = self.summarise(history, {
@@ -250,8 +265,8 @@ class BudgetRun:
             self.write_summary(summary)
             log(f"{variant} round {level}: {size['params']:,} parameters "
                 f"({100 * size['density']:.1f}%), {size['tokens_per_second']:,.0f} tokens/s, "
-                f"test {summary['bits_per_byte']:.3f} bits/byte (after removal, before "
-                f"fine-tuning: {pruned['bits_per_byte']:.3f})"
+                f"test {bits(summary['bits_per_byte'])} bits/byte (after removal, before "
+                f"fine-tuning: {bits(pruned['bits_per_byte'])})"
                 + (f"; budget {', '.join(f'{cfg.targets[i]:,.0f}' for i in newly)} met"
                    if newly else ""))
             for i in newly:
@@ -275,7 +290,7 @@ class BudgetRun:
         row = {"level": level, "branch": branch, "replicate": 0, "step": 0,
                "density": size["density"], "params": size["params"], "bytes": size["bytes"],
                "tokens_per_second": size["tokens_per_second"]}
-        params, history = self.fit(trainer, params, None, self.keys(branch, level), steps,
+        params, history = self.fit(trainer, params, None, self.key(branch, "data", level), steps,
                                    cfg.pretrain.eval_every, row, f"{branch} r{level}")
         summary = self.summarise(history, {**row, "heads": list(config.heads),
                                            "ffn": list(config.ffn), "layers": config.layers})
@@ -283,12 +298,12 @@ class BudgetRun:
             summary.update(self.quantized(config, params, summary))
         self.write_summary(summary)
         log(f"{branch} at round {level}: {size['params']:,} parameters, test "
-            f"{summary['bits_per_byte']:.3f} bits/byte")
+            f"{bits(summary['bits_per_byte'])} bits/byte")
 
     def run(self) -> pd.DataFrame:
         cfg = self.cfg
         started = time.perf_counter()
-        init_params = gpt.init(cfg.model, self.keys("dense"))
+        init_params = gpt.init(cfg.model, self.key("dense", "init"))
         self.check_latency(init_params)
         self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                            "dense_params": self.dense_params, "corpus": self.data.description,
@@ -302,7 +317,7 @@ class BudgetRun:
                     pruned = compact(cfg.model, init_params, masks)[0]
                     config = baselines.matching_config(pruned, gpt.param_count(pruned))
                     self.control("scratch", level, config,
-                                 gpt.init(config, self.keys("scratch", level)))
+                                 gpt.init(config, self.key("scratch", "init", level)))
                 if "ticket" in cfg.baselines:
                     self.control("ticket", level, *baselines.ticket(cfg.model, init_params,
                                                                     masks))

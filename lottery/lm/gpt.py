@@ -305,36 +305,6 @@ def loss(config: GPTConfig, params: dict, tokens_in, targets, masks=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch_size"))
-def metrics(config: GPTConfig, params: dict, inputs, targets, masks=None,
-            batch_size: int = 64):
-    """(mean cross entropy in nats, next-byte accuracy) over all N fixed windows
-    (`lottery.lm.corpus.windows`), `batch_size` windows at a time under `lax.map` (the last
-    batch padded, then weighted out)."""
-    n = inputs.shape[0]
-    batches = -(-n // batch_size)
-    pad = batches * batch_size - n
-    weight = jnp.pad(jnp.ones((n,), jnp.float32), (0, pad)).reshape(batches, batch_size)
-    inputs, targets = (jnp.pad(a, ((0, pad), (0, 0))).reshape(batches, batch_size, -1)
-                       for a in (inputs, targets))
-
-    def one(batch):
-        x, y, w = batch
-        logits = apply(config, params, x, masks)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
-        hits = (logits.argmax(-1) == y).mean(axis=1)
-        return (nll * w).sum(), (hits * w).sum()
-
-    nll, hits = jax.lax.map(one, (inputs, targets, weight))
-    return nll.sum() / n, hits.sum() / n
-
-
-def evaluate(config: GPTConfig, params: dict, inputs, targets, masks=None,
-             batch_size: int = 64):
-    """Mean cross entropy (nats) over all N fixed windows (`metrics`' first value)."""
-    return metrics(config, params, inputs, targets, masks, batch_size)[0]
-
-
 def param_count(config: GPTConfig) -> int:
     """Exactly the number of parameters `init(config, key)` makes."""
     d, hd = config.d_model, config.head_dim

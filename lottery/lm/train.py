@@ -1,6 +1,10 @@
 """Training and evaluation of the transformer: the LM loss, knowledge distillation, Adam
 steps compiled as `lax.scan` chunks, and next-byte loss / accuracy on fixed windows.
 
+The pieces are the IMP engine's: the optimizer and its schedule (`lottery.optim`, driven
+by the step of the phase), the evaluation loop over padded batches
+(`lottery.train.batched_metrics`).
+
 Distillation (Hinton et al. 2015): `kd_loss` = T^2 * KL(teacher || student) of the
 temperature-T softmaxes, mean over tokens; the training objective is
 `alpha * kd_loss + (1 - alpha) * LM loss` (alpha = 0: plain fine-tuning). The T^2 keeps the
@@ -8,11 +12,17 @@ soft term's gradient scale independent of T. The teacher is the dense trained mo
 forward inside the same compiled step (its params are an argument, not a constant).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from lottery.lm import corpus, gpt
+from lottery.optim import Optimizer, build_optimizer
+from lottery.train import batched_metrics, padded_batches
+
+EVAL_BATCH = 64  # windows per evaluation batch
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float = 1.0):
@@ -34,20 +44,28 @@ def objective(config, params, x, y, masks=None, teacher_logits=None, alpha: floa
     return alpha * kd_loss(logits, teacher_logits, temperature) + (1 - alpha) * lm
 
 
-def optimizer(lr: float, steps: int, warmup: int = 0, decay: bool = True,
-              clip: float = 1.0) -> optax.GradientTransformation:
+def optimizer(lr: float, steps: int, warmup: int = 0, clip: float = 1.0) -> Optimizer:
     """Adam with gradient-norm clipping; linear warmup over `warmup` steps, then cosine decay
-    to 10% of `lr` over the rest (`decay`), or constant."""
-    warmup = min(warmup, max(steps - 1, 0))
-    if decay and steps > warmup:
-        schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
-                                                      steps, lr * 0.1)
-    elif warmup:
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                         optax.constant_schedule(lr)], [warmup])
-    else:
-        schedule = lr
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
+    to 10% of `lr` at step `steps` (`lottery.optim`)."""
+    return build_optimizer("adam", lr, steps_per_epoch=1, warmup=warmup, cosine_steps=steps,
+                           gamma=0.1, clip=clip)
+
+
+def eval_split(inputs, targets):
+    """Fixed windows (`corpus.windows`) as the padded batches `evaluate` reads."""
+    return padded_batches(inputs, targets, EVAL_BATCH)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _metrics(params, masks, split, *, config):
+    return batched_metrics(lambda x: gpt.apply(config, params, x, masks), split)
+
+
+def evaluate(config: gpt.GPTConfig, params, split, masks=None):
+    """(mean nats, next-byte accuracy) over a split of fixed windows (`eval_split`), the
+    model gated by `masks` (None: all units)."""
+    masks = gpt.full_masks(config) if masks is None else masks
+    return _metrics(params, masks, split, config=config)
 
 
 class Trainer:
@@ -56,8 +74,8 @@ class Trainer:
     compiled once per chunk length (masks are traced: new masks never recompile). Gated-off
     units get zero gradients, so from a fresh Adam state they do not move."""
 
-    def __init__(self, config: gpt.GPTConfig, tx: optax.GradientTransformation, data,
-                 batch: int, teacher=None, alpha: float = 0.0, temperature: float = 1.0):
+    def __init__(self, config: gpt.GPTConfig, tx: Optimizer, data, batch: int, teacher=None,
+                 alpha: float = 0.0, temperature: float = 1.0):
         self.config, self.tx, self.data, self.batch = config, tx, data, batch
         self.teacher = teacher  # (teacher config, teacher params) or None
         self.alpha, self.temperature = float(alpha), float(temperature)
@@ -69,10 +87,10 @@ class Trainer:
     def _steps(self, params, opt_state, masks, teacher_params, key, start, count):
         config, context = self.config, self.config.context
 
-        def step(carry, i):
+        def step(carry, at):
             params, opt_state = carry
-            x, y = corpus.sample_batch(self.data, jax.random.fold_in(key, start + i),
-                                       self.batch, context)
+            x, y = corpus.sample_batch(self.data, jax.random.fold_in(key, at), self.batch,
+                                       context)
             teacher_logits = None
             if self.teacher is not None:
                 teacher_logits = jax.lax.stop_gradient(
@@ -80,19 +98,18 @@ class Trainer:
             value, grads = jax.value_and_grad(
                 lambda p: objective(config, p, x, y, masks, teacher_logits, self.alpha,
                                     self.temperature))(params)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
+            updates, opt_state = self.tx.update(grads, opt_state, params, at)
             return (optax.apply_updates(params, updates), opt_state), value
 
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                                   jnp.arange(count))
+                                                   start + jnp.arange(count))
         return params, opt_state, losses.mean()
 
     def run(self, params, opt_state, masks, key, start: int, count: int):
         """(params, opt_state, mean training loss) after `count` more steps from step
-        `start` (the step index feeds the data key, so a chunking never changes the data)."""
+        `start` (the step index feeds the data key and the learning rate, so a chunking
+        never changes the run)."""
         teacher_params = self.teacher[1] if self.teacher is not None else None
         masks = gpt.full_masks(self.config) if masks is None else masks
-        return self._chunk(params, opt_state, masks, teacher_params, key, start, count)
-
-
-evaluate = gpt.metrics  # (mean nats, next-byte accuracy) over fixed windows
+        return self._chunk(params, opt_state, masks, teacher_params, key, jnp.int32(start),
+                           count)
