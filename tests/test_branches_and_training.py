@@ -1,7 +1,10 @@
 """How each branch starts a level (`lottery.level_start`), the compiled training step under
 masks (`Trainer`), one compilation per run, and determinism."""
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
@@ -275,6 +278,38 @@ def test_build_optimizer_rejects_bad_names_and_options():
         build_optimizer("sgd", 0, steps_per_epoch=1)
     assert isinstance(build_optimizer("sgd", 0.1, momentum=0.9, weight_decay=1e-4,
                                       steps_per_epoch=1), Optimizer)
+
+
+def test_cosine_schedule_and_clipping_follow_their_formulas():
+    """cosine_steps: linear warmup from 0 over w steps, then lr (g + (1 - g)(1 + cos(pi (t - w)
+    / (T - w))) / 2), held at g lr from T (Loshchilov & Hutter 2017's half cosine, to a floor);
+    clip: the gradient scaled to global norm c when it is longer (Pascanu et al. 2013)."""
+    lr, g, w, T = 0.5, 0.1, 4, 20
+    opt = build_optimizer("sgd", lr, steps_per_epoch=1, warmup=w, cosine_steps=T, gamma=g,
+                          clip=2.0)
+
+    def rate(t):
+        if t < w:
+            return lr * t / w
+        t = min(t, T)
+        return lr * (g + (1 - g) * (1 + math.cos(math.pi * (t - w) / (T - w))) / 2)
+
+    for t in (0, 1, 3, 4, 5, 12, 19, 20, 25):
+        assert float(opt.schedule(t)) == pytest.approx(rate(t), rel=1e-6, abs=1e-8), t
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(1)}
+    state = opt.init(params)
+    for grads, norm in (({"a": jnp.array([3.0, 0.0, 4.0]), "b": jnp.array([12.0])}, 13.0),
+                        ({"a": jnp.array([0.6, 0.0, 0.8]), "b": jnp.array([0.0])}, 1.0)):
+        updates, _ = opt.update(grads, state, params, 12)
+        scale = min(1.0, 2.0 / norm)  # plain SGD: the update is -rate * the clipped gradient
+        for name in grads:
+            np.testing.assert_allclose(updates[name], -rate(12) * scale * grads[name],
+                                       rtol=1e-6)
+    with pytest.raises(OptimizerError, match="cosine_steps=10 must be at least 1 step, and "
+                                             "milestones empty"):
+        build_optimizer("sgd", 0.1, steps_per_epoch=1, milestones=[5], cosine_steps=10)
+    with pytest.raises(OptimizerError, match="optimizer.clip=0 must be a positive number"):
+        build_optimizer("sgd", 0.1, steps_per_epoch=1, clip=0)
 
 
 # ---------------------------------------------------------------- whole runs

@@ -10,6 +10,7 @@ import contextlib
 import io
 import subprocess
 import sys
+import zlib
 from types import SimpleNamespace
 
 import jax
@@ -265,7 +266,7 @@ def tiny(tmp_path_factory):
     """The lm_tiny preset, shortened: both variants (distilled first, so the controls are
     its targets'; the plain `prune` one shares the dense model, the scores and the
     evaluation programs), one chunk per phase, one timing repeat; compilation is most of
-    its time. Every fine-tuning of a variant is spied on: `fits[(branch, level)]` holds
+    its time. Every training (dense, rounds, controls) is observed: `fits[(branch, level)]` holds
     what `BudgetRun.fit` got (params, masks, key, steps) and returned (params, eval rows)."""
     out = tmp_path_factory.mktemp("lm_tiny")
     cfg = validate(lm_cli.compose([*TINY, "pretrain.eval_every=20", "measure.repeats=1",
@@ -277,10 +278,10 @@ def tiny(tmp_path_factory):
     class Observed(budget.BudgetRun):  # a run that keeps what each fine-tuning got
         def fit(self, trainer, params, masks, key, steps, every, row, desc):
             result = super().fit(trainer, params, masks, key, steps, every, row, desc)
-            if row["branch"] in cfg.variants:
-                fits[row["branch"], row["level"]] = SimpleNamespace(
-                    params=params, masks=jax.tree.map(np.array, masks), key=key, steps=steps,
-                    every=every, trained=result[0], history=result[1])
+            masks = None if masks is None else jax.tree.map(np.array, masks)
+            fits[row["branch"], row["level"]] = SimpleNamespace(
+                params=params, masks=masks, key=key, steps=steps, every=every,
+                trained=result[0], history=result[1])
             return result
 
     summaries = Observed(cfg, out, data).run()
@@ -462,6 +463,46 @@ def _fine_tune(cfg, data, fit, teacher, alpha: float):
                                         fit.key, i, alpha)
         values.append(float(value))
     return params, float(np.mean(values))
+
+
+def _key(seed: int, level: int, branch: str, purpose: str):
+    """The engine's derivation (lottery/seeds.py's docstring), written out: fold_in(seed,
+    replicate 0, level, crc32(branch), crc32(purpose)), names as 31-bit CRC-32s."""
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    for part in (level, zlib.crc32(branch.encode()) & 0x7FFFFFFF,
+                 zlib.crc32(purpose.encode()) & 0x7FFFFFFF):
+        key = jax.random.fold_in(key, part)
+    return jax.random.key_data(key)
+
+
+def test_every_lm_key_is_the_engines_derived_key(tiny):
+    """The dense model's initialisation and every training's data order come from the
+    engine's derived keys (one replicate), each (level, branch, purpose) its own: the
+    scoring batches are not the fine-tuning's first batches."""
+    seed, fits = tiny.cfg.seed, tiny.fits
+    init = gpt.init(tiny.cfg.model, jax.random.wrap_key_data(_key(seed, 0, "dense", "init")))
+    for got, want in zip(jax.tree.leaves(fits["dense", 0].params), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(got, want)
+    for (branch, level), fit in fits.items():
+        np.testing.assert_array_equal(jax.random.key_data(fit.key),
+                                      _key(seed, level, branch, "data"))
+    assert {branch for branch, _ in fits} == {"dense", "prune", "prune_kd", "scratch", "ticket"}
+
+
+def test_a_diverged_evaluation_is_recorded_as_none_and_never_the_early_stop(tiny, tmp_path):
+    run = budget.BudgetRun(tiny.cfg, tmp_path, tiny.data)
+    finite = {metric: 1.0 + i for i, metric in enumerate(budget.METRICS)}
+    history = [{"step": 10, **finite, "val_loss": 3.0},
+               {"step": 20, **finite, "val_loss": 2.0},
+               {"step": 30, **dict.fromkeys(budget.METRICS)}]  # what evaluate gives for NaN
+    summary = run.summarise(history, {"level": 1, "branch": "prune"})
+    assert summary["early_stop_step"] == 20 and summary["final_step"] == 30
+    assert summary["early_stop_val_loss"] == 2.0 and summary["final_val_loss"] is None
+    assert summary["bits_per_byte"] is None and summary["early_stop_bits_per_byte"] == 6.0
+    nan = run.evaluate(tiny.cfg.model, jax.tree.map(lambda p: p * np.nan,
+                                                    tiny.fits["dense", 0].params))
+    assert set(nan) == set(budget.METRICS) and set(nan.values()) == {None}
+    run.record.close()
 
 
 def test_prune_fine_tunes_on_the_lm_loss_without_the_teacher(tiny):

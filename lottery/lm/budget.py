@@ -118,7 +118,10 @@ class BudgetRun:
                   "test_accuracy": test_acc, "val_bits_per_byte": corpus.bits_per_byte(val_loss),
                   "bits_per_byte": corpus.bits_per_byte(test_loss),
                   "perplexity": float(np.exp(test_loss))}
-        return {name: recorded(value) for name, value in values.items()}  # None: diverged
+        values = {name: recorded(value) for name, value in values.items()}
+        if None in values.values():  # diverged: its accuracies are meaningless too (argmax
+            return dict.fromkeys(values)  # of NaN), as in the IMP levels' history
+        return values
 
     def size(self, config, params) -> dict:
         """Parameters, bytes and measured tokens/s of a compacted (or quantized) model."""
