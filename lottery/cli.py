@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
-from lottery import platform
-from lottery.config import ConfigError, validate
+from lottery import overrides, platform
+from lottery.config import ConfigError, RunConfig, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table, wandb_summary
@@ -27,79 +27,15 @@ from lottery.optim import OptimizerError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
+PROGRAM = "lottery"  # the messages' prefix: `lottery: error: ...`
 CHECK_ONLY = False  # `lottery check ...`: stop once the run is built, before training
 
 
-def fail(message: str) -> None:
-    print(f"lottery: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_overrides(args: list[str]) -> None:
-    """Compose and validate the config for each value of the command line's overrides (each
-    value of a sweep on its own), so that an unknown group option or key, or a bad value,
-    fails in one line, exit 2, before Hydra starts any job."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return  # Hydra's own flags (--help, --cfg, ...): let Hydra handle the command line
-    overrides = [a for a in args if not a.startswith("-")]
-    parser = OverridesParser.create()
-    for override in overrides:  # one at a time, so that the message names the bad one
-        try:
-            parser.parse_overrides([override])
-        except HydraException as error:
-            reason = "; ".join(line for line in str(error).splitlines() if line.strip()
-                               and not line.startswith(("See https", "Error parsing override")))
-            fail(f"cannot parse the overrides: {override} ({reason}); write key=value, see "
-                 "https://hydra.cc/docs/advanced/override_grammar/basic")
-    parsed = parser.parse_overrides(overrides)
-    first = [o.input_line if not o.is_sweep_override()
-             else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
-    trials = [first]
-    for i, override in enumerate(parsed):
-        if override.is_sweep_override():
-            trials += [first[:i] + [f"{override.get_key_element()}={value}"] + first[i + 1:]
-                       for value in list(override.sweep_string_iterator())[1:]]
-    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for trial in trials:
-            job = " ".join(t for t in trial if t.split("=", 1)[0] in swept)
-            where = f" (overrides: {job})" if job else ""  # which job of a sweep
-            try:
-                composed = compose("config", overrides=trial, return_hydra_config=True)
-            except (HydraException, OmegaConfBaseException, ValueError) as error:
-                from lottery.config import unknown_in_file
-
-                if message := unknown_in_file(error):  # a key a config file sets
-                    fail(f"{message}{where}")
-                # an unknown group option or key, or a value that does not fit its node
-                text = str(error).split("Config search path:")[0]
-                lines = [line.strip() for line in text.splitlines()
-                         if line.strip() and not line.startswith("See https")]
-                lines = lines or [type(error).__name__]
-                if len(lines) > 1 and lines[1].startswith("Available options"):
-                    lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
-                cause = str(error.__cause__ or "").splitlines()
-                if lines[0].startswith("Error merging override") and cause:
-                    lines[0] += f": {cause[0]}"  # e.g. a mapping given for a list
-                fail("; ".join([lines[0].rstrip(".") + where,
-                                *(line[0].lower() + line[1:] for line in lines[1:])]))
-            # Validate each composed config too, so that a bad value fails here, before Hydra
-            # starts a job (in a sweep: before the first job trains). A config that uses
-            # `${hydra:...}` resolves only inside a job: hydra_main validates it there.
-            task = OmegaConf.to_container(composed, resolve=False)
-            task.pop("hydra", None)
-            if "${hydra:" in str(task):
-                continue
-            try:
-                validate(OmegaConf.create(task))
-            except ConfigError as error:
-                fail(f"{error}{where}")
+    """The shared pre-check (`lottery.overrides`) on the IMP config: each override parsed, and
+    the config composed and validated for each value of a sweep, so that a bad one fails in
+    one line, exit 2, before Hydra starts any job."""
+    overrides.check_overrides(args, CONF_DIR, "config", validate, RunConfig, PROGRAM)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -120,7 +56,7 @@ def hydra_main(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
-        fail(str(error))
+        overrides.fail(str(error), PROGRAM)
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
 

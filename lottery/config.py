@@ -24,7 +24,7 @@ from typing import Any, Dict
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING as REQUIRED
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lottery.branches import BRANCHES, members_of
 from lottery.data import DATASETS, DataError, describe
@@ -261,7 +261,9 @@ register()
 # -------------------------------------------------------------------------------- validate
 
 
-def _section(cfg: dict, key: str, default=None) -> dict:
+def section_of(cfg: dict, key: str, default=None) -> dict:
+    """The mapping at `key` of `cfg` (`default` when absent); a value that is not one is a
+    `ConfigError`."""
     value = cfg.get(key, default)
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a config group or mapping, got {value!r}")
@@ -278,9 +280,10 @@ def unknown_key(path: str, cls) -> str:
             f"{', '.join(known)}")
 
 
-def _schema_at(path: str):
-    """The schema dataclass of the section at dotted `path` ("" the root), or None."""
-    cls = RunConfig
+def _schema_at(path: str, root=None):
+    """The schema dataclass of the section at dotted `path` ("" the root) of `root` (a
+    root schema, RunConfig unless given), or None."""
+    cls = root or RunConfig
     for name in filter(None, path.split(".")):
         factory = {f.name: f.default_factory for f in fields(cls)}.get(name)
         if factory is None or factory is MISSING or factory is dict:
@@ -289,26 +292,43 @@ def _schema_at(path: str):
     return cls
 
 
-def unknown_in_file(error: Exception) -> str | None:
-    """One line for a config file (a preset, a group option) that sets a key the schema does
-    not have, which Hydra refuses while composing; None for any other error."""
+def unknown_in_file(error: Exception, root=None) -> str | None:
+    """One line for a config file (a preset, a group option) that sets a key the schema
+    `root` (RunConfig unless given) does not have, which Hydra refuses while composing; None
+    for any other error."""
+    root = root or RunConfig
     key_error = error.__context__
     path = getattr(key_error, "full_key", None)
     if not isinstance(key_error, ConfigKeyError) or not path:
         return None
     source = re.match(r"In '([^']+)'", str(error))
     option = source.group(1) if source else None
-    if path == "task":  # an LM preset given to the IMP command
+    if path == "task" and "task" not in keys(root):  # an LM preset given to the IMP command
         command = f"lottery lm {option.replace('/', '=', 1)}" if option else "lottery lm ..."
         return (f"{option or 'the config'} sets task, so it is a config of another command "
                 f"(task: lm: `lottery lm`), not of the IMP command: run `{command}` instead")
-    cls = _schema_at(path.rpartition(".")[0])
+    cls = _schema_at(path.rpartition(".")[0], root)
     if cls is None:
         return None
     return (f"{option}.yaml: " if option else "") + unknown_key(path, cls)
 
 
-def _filled(cls, section: dict, where: str) -> dict:
+def unknown_override(error: Exception, root=None) -> str | None:
+    """One line for a command-line override of a key the schema `root` (RunConfig unless
+    given) does not have (`prune.scor=x`), which Hydra refuses while composing: the key and
+    the nearest one; None for any other error."""
+    cause = error.__cause__
+    path = getattr(cause, "full_key", None)
+    if not str(error).startswith("Could not override") or not path or not isinstance(
+            cause, (ConfigAttributeError, ConfigKeyError)):
+        return None
+    cls = _schema_at(path.rpartition(".")[0], root)
+    if cls is None or path.rpartition(".")[2] in keys(cls):
+        return None
+    return unknown_key(path, cls)
+
+
+def filled(cls, section: dict, where: str) -> dict:
     """`section` on the defaults of `cls`, refusing a key that nothing reads
     (`+train.stepz=5`): it would be silently ignored."""
     for key in section:
@@ -430,14 +450,20 @@ def _check_structure(prune: PruneConfig) -> None:
                           f"prune.structure={prune.structure} use layerwise or global")
 
 
-def _resolved(cfg) -> dict:
+def resolved(cfg) -> dict:
+    """A composed config (or a plain dict) as a plain dict, resolved, without `hydra`; an
+    interpolation that does not resolve is one `ConfigError` line."""
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     except OmegaConfBaseException as error:  # an interpolation that does not resolve
         where = getattr(error, "full_key", None) or "the config"
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"{where} does not resolve: {reason}") from None
-    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    return {k: v for k, v in raw.items() if k != "hydra"}
+
+
+def _resolved(cfg) -> dict:
+    raw = resolved(cfg)
     if raw.get("task") not in (None, "imp"):  # another app's config, e.g. experiment=lm_tiny
         raise ConfigError(f"task={raw['task']!r}: this is a config of `lottery {raw['task']}`, "
                           f"not of the IMP command: run `lottery {raw['task']} ...` instead")
@@ -445,7 +471,7 @@ def _resolved(cfg) -> dict:
 
 
 def _train(section: dict) -> TrainConfig:
-    train = _filled(TrainConfig, section, "train")
+    train = filled(TrainConfig, section, "train")
     return TrainConfig(
         steps=duration(train["steps"], "train.steps", 1),
         batch_size=integer(train["batch_size"], "train.batch_size", 1),
@@ -460,7 +486,7 @@ RATE = ": the fraction of the remaining weights removed per level"
 
 
 def _prune(section: dict, model: str) -> PruneConfig:
-    prune = _filled(PruneConfig, section, "prune")
+    prune = filled(PruneConfig, section, "prune")
     gradual = {} if prune.get("gradual") is None else prune["gradual"]
     if not isinstance(gradual, dict):
         raise ConfigError(f"prune.gradual={gradual!r} must map start, end and every to durations")
@@ -488,19 +514,20 @@ def _prune(section: dict, model: str) -> PruneConfig:
         at=choice(prune["at"], "prune.at", PRUNE_AT),
         schedule=choice(prune["schedule"], "prune.schedule", SCHEDULES), structure=structure,
         score_batch=prune["score_batch"], score_rounds=prune["score_rounds"],
-        gradual=GradualConfig(**_filled(GradualConfig, gradual, "prune.gradual")))
+        gradual=GradualConfig(**filled(GradualConfig, gradual, "prune.gradual")))
 
 
 def _rewind(section: dict) -> RewindConfig:
-    rewind = _filled(RewindConfig, section, "rewind")
+    rewind = filled(RewindConfig, section, "rewind")
     return RewindConfig(step=duration(rewind["step"], "rewind.step", 0),
                         mode=choice(rewind["mode"], "rewind.mode", REWINDS),
                         finetune_lr=rewind["finetune_lr"])
 
 
-def _logger(section: dict) -> NoLogger | WandbLogger:
+def logger_config(section: dict) -> NoLogger | WandbLogger:
+    """The checked `logger` section (also `lottery lm`'s)."""
     cls = LOGGERS[choice(section.get("name"), "logger", LOGGERS)]
-    logger = cls(**_filled(cls, section, "logger"))
+    logger = cls(**filled(cls, section, "logger"))
     if isinstance(logger, WandbLogger):
         if not isinstance(logger.project, str) or not logger.project:
             raise ConfigError(f"logger.project={logger.project!r} must be a W&B project name")
@@ -513,7 +540,7 @@ def _logger(section: dict) -> NoLogger | WandbLogger:
 
 def _top(raw: dict) -> dict:
     """The top-level values, checked."""
-    top = _filled(RunConfig, {k: v for k, v in raw.items() if k != "task"}, "")
+    top = filled(RunConfig, {k: v for k, v in raw.items() if k != "task"}, "")
     name = top["name"]
     if isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
         raise ConfigError(f"name={name!r} must be a non-empty string: it names the output "
@@ -541,21 +568,21 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     is a composed config, or a plain dict (missing keys take the schema's defaults)."""
     raw = _resolved(cfg)
     top = _top(raw)
-    dataset, model = _section(raw, "dataset"), _section(raw, "model")
-    optimizer = _section(raw, "optimizer")
+    dataset, model = section_of(raw, "dataset"), section_of(raw, "model")
+    optimizer = section_of(raw, "optimizer")
     choice(dataset.get("name"), "dataset", DATASETS)
     choice(model.get("name"), "model", MODELS)
     choice(optimizer.get("name"), "optimizer", OPTIMIZERS)
-    logger = _logger(_section(raw, "logger", {"name": "none"}))
-    train = _train(_section(raw, "train", {}))
-    rewind = _rewind(_section(raw, "rewind", {}))
+    logger = logger_config(section_of(raw, "logger", {"name": "none"}))
+    train = _train(section_of(raw, "train", {}))
+    rewind = _rewind(section_of(raw, "rewind", {}))
     if all(isinstance(v, int) for v in (train.steps, train.eval_every, rewind.step)):
         _check_durations(train.steps, train.eval_every, rewind.step)  # epochs: once data loads
     try:
         build_optimizer(**optimizer, steps_per_epoch=1)
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
-    prune = _prune(_section(raw, "prune", {}), model["name"])
+    prune = _prune(section_of(raw, "prune", {}), model["name"])
     _check_structure(prune)
     run = RunConfig(dataset=dataset, model=model, optimizer=optimizer, prune=prune,
                     rewind=rewind, logger=logger, train=train, resolved=raw, **top)

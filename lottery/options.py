@@ -34,6 +34,19 @@ def fraction(value, key: str, why: str = "") -> float:
     return float(value)
 
 
+def number(value, key: str, low: float, high: float, ends: str = "()", why: str = "") -> float:
+    """A number between `low` and `high`; `ends` says which ends are allowed: "[" or "]"
+    (closed), "(" or ")" (open)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = ((value >= low if ends[0] == "[" else value > low)
+              and (value <= high if ends[1] == "]" else value < high))
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be a number in {ends[0]}{low}, {high}{ends[1]}"
+                          f"{why}")
+    return float(value)
+
+
 def positive(value, key: str, why: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{key}={value!r} must be a positive number{why}")
@@ -44,6 +57,21 @@ def choice(value, key: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
     return value
+
+
+def names(value, key: str, choices, empty: bool = False) -> tuple[str, ...]:
+    """A list of names from `choices` (a registry or a tuple), each kept once in the order
+    given; one name alone stands for a list of it; `empty`: no name at all is allowed."""
+    values = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"{key}={value!r} must be a list of names from {', '.join(choices)}")
+    bad = [v for v in values if not isinstance(v, str) or v not in choices]
+    if bad:
+        raise ConfigError(f"{key}: unknown name(s) {', '.join(map(repr, bad))}; choose from "
+                          f"{', '.join(choices)}")
+    if not values and not empty:
+        raise ConfigError(f"{key} is empty; choose from {', '.join(choices)}")
+    return tuple(dict.fromkeys(values))
 
 
 def duration(value, key: str, low: int):

@@ -11,6 +11,7 @@ import io
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import jax
@@ -24,7 +25,8 @@ import helpers
 from lottery.analysis.plots import summary_figures
 from lottery.lm import baselines, budget, compact, corpus, gpt, prune, scores, train
 from lottery.lm import cli as lm_cli
-from lottery.lm.config import LMConfigError, validate
+from lottery.lm.config import LMConfig, validate
+from lottery.options import ConfigError
 from lottery.record import load, summary_table, wandb_summary
 
 CONFIG = gpt.GPTConfig(vocab=256, context=8, d_model=8, head_dim=4, heads=(2, 3), ffn=(6, 5))
@@ -209,8 +211,42 @@ def test_lm_presets_compose_and_validate():
         cfg = validate(lm_cli.compose([f"experiment={name}"]))
         assert cfg.name == name and cfg.budget_kind == "params"
     big = validate(lm_cli.compose(["experiment=transformer_budget"]))
-    assert big.targets == (0.5 * gpt.param_count(big.model), 0.25 * gpt.param_count(big.model))
+    dense = gpt.param_count(big.dense_model)
+    assert big.targets == (0.5 * dense, 0.25 * dense)
     assert big.variants == ("prune", "prune_kd") and big.baselines == ("scratch", "ticket")
+
+
+def test_the_schema_holds_the_defaults_and_the_config_keeps_hydras_names():
+    """conf/lm.yaml no longer lists the defaults: the schema (lottery/lm/config.py) gives
+    the values the YAML file gave, and the validated config keeps the sections' names."""
+    cfg = validate(lm_cli.compose([]))
+    assert cfg.resolved == {
+        "logger": {"name": "none"}, "task": "lm", "name": "lm", "seed": 0,
+        "data": {"source": "stdlib", "max_bytes": 4000000, "validation_fraction": 0.05,
+                 "eval_windows": 128},
+        "model": {"layers": 4, "d_model": 128, "heads": 4, "head_dim": None, "ffn": 512,
+                  "context": 64},
+        "pretrain": {"steps": 1000, "batch_size": 16, "lr": 0.003, "warmup": 100,
+                     "eval_every": 250},
+        "prune": {"score": "taylor", "structures": ["heads", "ffn"], "fraction": 0.2,
+                  "score_batches": 4, "max_rounds": 20, "remove": None},
+        "finetune": {"steps": 100, "batch_size": 16, "lr": 0.001, "warmup": 10,
+                     "eval_every": 50, "kd_alpha": 0.5, "kd_temperature": 2.0},
+        "budget": {"params_fraction": [0.5, 0.25], "max_params": None,
+                   "min_tokens_per_second": None, "exact": True},
+        "variants": ["prune", "prune_kd"], "baselines": ["scratch", "ticket"],
+        "quantize": True, "measure": {"batch": 32, "repeats": 5}}
+    plain = validate({"task": "lm"})  # a plain dict takes the same defaults
+    assert plain.resolved == {"task": "lm"} and replace(plain, resolved=cfg.resolved) == cfg
+    tiny = validate(lm_cli.compose(TINY))
+    assert (tiny.prune.score, tiny.prune.structures, tiny.prune.fraction) == (
+        "taylor", ("heads", "ffn"), 0.3)
+    assert (tiny.budget.exact, tiny.budget.params_fraction) == (True, (0.8, 0.65))
+    assert (tiny.finetune.kd_alpha, tiny.finetune.steps, tiny.pretrain.steps) == (0.5, 10, 20)
+    assert (tiny.measure.batch, tiny.measure.repeats, tiny.data.source) == (8, 2, "stdlib")
+    assert tiny.model.head_dim is None and tiny.logger.name == "none"
+    assert tiny.dense_model == gpt.GPTConfig(256, 32, 32, 16, (2, 2), (64, 64))
+    assert tiny.budget_kind == "params"
 
 
 BAD = {
@@ -219,14 +255,20 @@ BAD = {
     "budget.params_fraction=null budget.max_params=10000000": "larger than the model",
     "budget.params_fraction=0.01": "cannot be reached",
     "budget.max_params=1000": "set exactly one of",
-    "prune.score=magnitude": "unknown method 'magnitude'",
+    "prune.score=magnitude": "prune.score='magnitude' is unknown; choose one of taylor, wanda, "
+                             "weight",
     "prune.structures=[heads,neurons]": "unknown name(s) 'neurons'",
     "prune.fraction=1.0": "prune.fraction=1.0 must be a number in (0, 1)",
     "variants=[prune,distil]": "unknown name(s) 'distil'",
-    "finetune.steps=0": "finetune.steps=0 must be a positive integer",
+    "finetune.steps=0": "finetune.steps=0 must be at least 1",
     "prune.remove={layers:[7]}": "7 is not a layer of the model",
     "no_such_key=1": "no_such_key",
     "budget.exact=maybe": "budget.exact='maybe' must be true or false",
+    "quantize=maybe": "quantize='maybe' must be true or false",
+    "prune.scor=x": "prune.scor is not a config key (did you mean prune.score?)",
+    "+prune.scor=x": "prune.scor is not a config key (did you mean prune.score?)",
+    "+budget.params_fractoin=0.5": "budget.params_fractoin is not a config key (did you mean "
+                                   "budget.params_fraction?)",
 }
 
 
@@ -240,13 +282,69 @@ def test_bad_requests_stop_with_one_line(override, capsys):
     assert BAD[override] in err
 
 
+def test_a_typo_names_the_nearest_key(capsys):
+    with pytest.raises(SystemExit) as stop:
+        lm_cli.main([*TINY, "prune.scor=x"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "lottery lm: error: prune.scor is not a config key (did you mean prune.score?); the "
+        "keys of prune are score, structures, fraction, score_batches, max_rounds, remove\n")
+
+
+def test_a_bad_sweep_value_stops_before_any_job(monkeypatch, capsys):
+    """Each value of a `-m` sweep is composed and validated on its own before Hydra starts
+    the first job (which would train the good value first)."""
+    monkeypatch.setattr(lm_cli, "hydra_main", lambda: pytest.fail("a job was started"))
+    with pytest.raises(SystemExit) as stop:
+        lm_cli.main(["-m", *TINY, "prune.fraction=0.2,1.5"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "lottery lm: error: prune.fraction=1.5 must be a number in (0, 1) (overrides: "
+        "prune.fraction=1.5)\n")
+    from lottery import overrides
+
+    assert overrides.check_overrides(["-m", *TINY, "prune.fraction=0.2,0.3", "seed=0,1"],
+                                     lm_cli.CONF_DIR, "lm", validate, LMConfig,
+                                     "lottery lm") is None
+
+
+def test_lm_and_imp_go_through_the_same_pre_check(monkeypatch):
+    """One pre-check (lottery.overrides) for both commands: `lottery lm` has no copy."""
+    from pathlib import Path
+
+    import lottery.cli
+    from lottery import overrides
+    from lottery.config import RunConfig
+    from lottery.config import validate as imp_validate
+
+    calls = []
+
+    class Checked(Exception):
+        pass
+
+    def spy(args, conf_dir, config_name, validate_, root, program):
+        calls.append((args, config_name, validate_, root, program))
+        raise Checked
+
+    monkeypatch.setattr(overrides, "check_overrides", spy)
+    with pytest.raises(Checked):
+        lm_cli.main([*TINY, "seed=1"])
+    with pytest.raises(Checked):
+        lottery.cli.check_overrides(["dataset=synthetic"])
+    assert calls == [([*TINY, "seed=1"], "lm", validate, LMConfig, "lottery lm"),
+                     (["dataset=synthetic"], "config", imp_validate, RunConfig, "lottery")]
+    lm_sources = Path(lm_cli.__file__).parent.glob("*.py")
+    assert not [path.name for path in lm_sources
+                if "def check_overrides" in path.read_text() or "def fail" in path.read_text()]
+
+
 def test_a_latency_budget_the_dense_model_meets_is_refused(tmp_path):
     cfg = validate(lm_cli.compose([*TINY, "budget.params_fraction=null",
                                    "budget.min_tokens_per_second=1", "measure.repeats=1"]))
     assert cfg.budget_kind == "tokens_per_second" and cfg.targets == (1.0,)
     run = budget.BudgetRun(cfg, tmp_path)
-    with pytest.raises(LMConfigError, match="already met by the dense model"):
-        run.check_latency(gpt.init(cfg.model, jax.random.key(0)))
+    with pytest.raises(ConfigError, match="already met by the dense model"):
+        run.check_latency(gpt.init(cfg.dense_model, jax.random.key(0)))
     run.record.close()
 
 
@@ -303,7 +401,7 @@ def test_the_loop_stops_at_the_first_round_under_budget(tiny_run):
         assert all(a > b for a, b in zip(params, params[1:]))  # every round removes something
         first = next(i for i, p in enumerate(params) if p <= cfg.targets[0])
         unit = 2 * cfg.model.d_model + 1  # budget.exact: each target met within one FFN unit
-        assert cfg.exact_budget and cfg.targets[0] - unit < params[first] <= cfg.targets[0]
+        assert cfg.budget.exact and cfg.targets[0] - unit < params[first] <= cfg.targets[0]
         assert cfg.targets[-1] - unit < params[-1]
         met = rounds["budget_targets"].tolist()
         assert met[first] == [cfg.targets[0]] or first == len(params) - 1
@@ -315,7 +413,7 @@ def test_the_loop_stops_at_the_first_round_under_budget(tiny_run):
 def test_record_rows_and_summary_table(tiny_run):
     cfg, out, summaries = tiny_run
     runs, evals, rows = (load(out, kind) for kind in ("run", "eval", "summary"))
-    assert len(runs) == 1 and runs["dense_params"][0] == gpt.param_count(cfg.model)
+    assert len(runs) == 1 and runs["dense_params"][0] == gpt.param_count(cfg.dense_model)
     assert set(evals["branch"]) == {"dense", "prune_kd", "prune", "scratch", "ticket"}
     for column in ("val_loss", "test_loss", "val_accuracy", "test_accuracy", "bits_per_byte",
                    "density", "step"):
@@ -358,7 +456,7 @@ def _hand_count(cfg, heads, ffn) -> int:
     token (256 x d) and position (context x d) embeddings, the final LayerNorm (2d); per
     layer with heads, ln1 (2d) and per head q, k, v (d x hd + hd each) and its rows of wo
     (hd x d); per layer with FFN units, ln2 (2d) and per unit w1's column, b1 and w2's row."""
-    d, hd, context = cfg.model.d_model, cfg.model.head_dim, cfg.model.context
+    d, hd, context = cfg.model.d_model, cfg.dense_model.head_dim, cfg.model.context
     total = 256 * d + context * d + 2 * d
     for h, f in zip(heads, ffn):
         total += (2 * d + h * (3 * (d * hd + hd) + hd * d)) if h else 0
@@ -387,8 +485,9 @@ def _prune_rounds(tiny):
 
 def test_prune_records_the_sizes_of_its_compacted_model_and_lands_on_the_budget(tiny):
     cfg, rounds = tiny.cfg, _prune_rounds(tiny)
-    assert cfg.model.vocab == 256 and cfg.structures == ("heads", "ffn") and len(rounds) >= 1
-    dense = _hand_count(cfg, cfg.model.heads, cfg.model.ffn)
+    assert cfg.dense_model.vocab == 256 and cfg.prune.structures == ("heads", "ffn")
+    assert len(rounds) >= 1
+    dense = _hand_count(cfg, cfg.dense_model.heads, cfg.dense_model.ffn)
     for row in rounds.itertuples():
         fit = tiny.fits["prune", row.level]
         # the recorded sizes are the round's masks' survivors (no layer removed)
@@ -397,7 +496,7 @@ def test_prune_records_the_sizes_of_its_compacted_model_and_lands_on_the_budget(
         assert row.layers == cfg.model.layers and fit.masks["layers"].all()
         assert row.params == _hand_count(cfg, row.heads, row.ffn)
         assert row.density == pytest.approx(row.params / dense)
-        small = compact.compact(cfg.model, fit.trained, fit.masks)[1]  # the model it stands for
+        small = compact.compact(cfg.dense_model, fit.trained, fit.masks)[1]  # its model
         assert sum(np.size(leaf) for leaf in jax.tree.leaves(small)) == row.params
         assert row.bytes == 4 * row.params
     params, unit = rounds["params"].tolist(), 2 * cfg.model.d_model + 1  # one FFN unit
@@ -416,16 +515,16 @@ def test_prune_records_the_bits_per_byte_of_its_compacted_models(tiny):
     record = load(tiny.out, "summary").set_index(["branch", "level"])
     for row in rounds.itertuples():
         fit = tiny.fits["prune", row.level]
-        after = _bits_per_byte(*compact.compact(cfg.model, fit.trained, fit.masks),
+        after = _bits_per_byte(*compact.compact(cfg.dense_model, fit.trained, fit.masks),
                                tiny.data.test)
-        before = _bits_per_byte(*compact.compact(cfg.model, fit.params, fit.masks),
+        before = _bits_per_byte(*compact.compact(cfg.dense_model, fit.params, fit.masks),
                                 tiny.data.test)
         assert abs(after - before) > 1e-3  # fine-tuning moved it: the two are told apart
         assert row.bits_per_byte == pytest.approx(after, rel=1e-5)
         assert row.pruned_bits_per_byte == pytest.approx(before, rel=1e-5)
         assert record.loc[("prune", row.level), "bits_per_byte"] == row.bits_per_byte
         # the compacted model is the masked one (the same bits/byte, up to rounding)
-        assert _bits_per_byte(cfg.model, fit.trained, tiny.data.test,
+        assert _bits_per_byte(cfg.dense_model, fit.trained, tiny.data.test,
                               jax.tree.map(jnp.asarray, fit.masks)) == pytest.approx(after,
                                                                                      rel=1e-5)
 
@@ -436,7 +535,7 @@ def _fine_tune(cfg, data, fit, teacher, alpha: float):
     params under its gates, batch i drawn with fold_in(round key, i); the objective is
     alpha * T^2 KL(teacher || student) + (1 - alpha) * the LM cross entropy.
     Returns (params, mean objective over the steps)."""
-    phase, model, t = cfg.finetune, cfg.model, cfg.kd_temperature
+    phase, model, t = cfg.finetune, cfg.dense_model, cfg.finetune.kd_temperature
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
         optax.warmup_cosine_decay_schedule(0.0, phase.lr, phase.warmup, phase.steps,
                                            0.1 * phase.lr)))
@@ -480,7 +579,7 @@ def test_every_lm_key_is_the_engines_derived_key(tiny):
     engine's derived keys (one replicate), each (level, branch, purpose) its own: the
     scoring batches are not the fine-tuning's first batches."""
     seed, fits = tiny.cfg.seed, tiny.fits
-    init = gpt.init(tiny.cfg.model, jax.random.wrap_key_data(_key(seed, 0, "dense", "init")))
+    init = gpt.init(tiny.cfg.dense_model, jax.random.wrap_key_data(_key(seed, 0, "dense", "init")))
     for got, want in zip(jax.tree.leaves(fits["dense", 0].params), jax.tree.leaves(init)):
         np.testing.assert_array_equal(got, want)
     for (branch, level), fit in fits.items():
@@ -499,7 +598,7 @@ def test_a_diverged_evaluation_is_recorded_as_none_and_never_the_early_stop(tiny
     assert summary["early_stop_step"] == 20 and summary["final_step"] == 30
     assert summary["early_stop_val_loss"] == 2.0 and summary["final_val_loss"] is None
     assert summary["bits_per_byte"] is None and summary["early_stop_bits_per_byte"] == 6.0
-    nan = run.evaluate(tiny.cfg.model, jax.tree.map(lambda p: p * np.nan,
+    nan = run.evaluate(tiny.cfg.dense_model, jax.tree.map(lambda p: p * np.nan,
                                                     tiny.fits["dense", 0].params))
     assert set(nan) == set(budget.METRICS) and set(nan.values()) == {None}
     run.record.close()
@@ -515,17 +614,17 @@ def test_prune_fine_tunes_on_the_lm_loss_without_the_teacher(tiny):
         np.testing.assert_array_equal(a, b)
     for fit in (plain, kd):  # one chunk: its train_loss is the mean over every step
         assert fit.steps == fit.every == cfg.finetune.steps and len(fit.history) == 1
-    assert 0 < cfg.kd_alpha < 1
+    assert 0 < cfg.finetune.kd_alpha < 1
 
     params, loss = _fine_tune(cfg, tiny.data, plain, teacher, 0.0)
     assert plain.history[0]["train_loss"] == pytest.approx(loss, rel=1e-5)
     for got, want in zip(jax.tree.leaves(plain.trained), jax.tree.leaves(params)):
         np.testing.assert_allclose(got, want, atol=2e-6)
-    distilled = _fine_tune(cfg, tiny.data, plain, teacher, cfg.kd_alpha)[1]
+    distilled = _fine_tune(cfg, tiny.data, plain, teacher, cfg.finetune.kd_alpha)[1]
     assert abs(distilled - plain.history[0]["train_loss"]) > 0.1  # distilling shows
     # and the loop's distillation is `prune_kd`'s
     assert kd.history[0]["train_loss"] == pytest.approx(
-        _fine_tune(cfg, tiny.data, kd, teacher, cfg.kd_alpha)[1], rel=1e-5)
+        _fine_tune(cfg, tiny.data, kd, teacher, cfg.finetune.kd_alpha)[1], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -575,8 +674,8 @@ def test_layer_removal_end_to_end(latency_run):
     assert rounds["layers"].tolist() == [1] * len(rounds)
     for row in rounds.itertuples():
         assert len(row.heads) == len(row.ffn) == row.layers
-        config = gpt.GPTConfig(256, cfg.model.context, cfg.model.d_model, cfg.model.head_dim,
-                               tuple(row.heads), tuple(row.ffn))
+        config = gpt.GPTConfig(256, cfg.model.context, cfg.model.d_model,
+                               cfg.dense_model.head_dim, tuple(row.heads), tuple(row.ffn))
         assert gpt.param_count(config) == row.params
     evals = load(out, "eval")
     assert set(evals["level"][evals["branch"] == "prune"]) == set(rounds["level"])

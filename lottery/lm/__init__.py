@@ -12,6 +12,7 @@
   train.py     the LM and knowledge-distillation objectives, compiled training chunks
   budget.py    the prune / fine-tune / evaluate loop until the deployment budget is met
   baselines.py same-size dense model from scratch, and the rewound ticket
-  config.py    the validated `lottery lm` config
+  config.py    the `lottery lm` config: its schema (Hydra structured configs, registered
+               as lm_schema) and validate() -> LMConfig, on lottery.config's floor
   cli.py       `lottery lm ...` (Hydra app, conf/lm.yaml)
 """

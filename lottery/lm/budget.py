@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lottery.history import early_stop_summary, recorded
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
 from lottery.lm.compact import check_masks, compact, compacted_config
-from lottery.lm.config import LMConfig, LMConfigError
+from lottery.lm.config import ConfigError, LMConfig
 from lottery.lm.scores import scores
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
 from lottery.seeds import member_keys
@@ -65,15 +65,15 @@ class Data:
 def load_data(cfg: LMConfig) -> Data:
     """The corpus; its held-out tail split into val (first half) and test (second half)."""
     try:
-        text = corpus.load_corpus(cfg.source, cfg.max_bytes, cfg.validation_fraction)
+        text = corpus.load_corpus(cfg.data.source, cfg.data.max_bytes, cfg.data.validation_fraction)
         half = text.validation.size // 2
-        val, test = (corpus.windows(part, cfg.model.context, cfg.eval_windows)
+        val, test = (corpus.windows(part, cfg.model.context, cfg.data.eval_windows)
                      for part in (text.validation[:half], text.validation[half:]))
         if text.train.size <= cfg.model.context:
             raise corpus.CorpusError(f"{text.train.size} training bytes cannot fill a window "
                                      f"of context {cfg.model.context}")
     except corpus.CorpusError as error:
-        raise LMConfigError(str(error)) from None
+        raise ConfigError(str(error)) from None
     val, test = (jax.device_put(train.eval_split(*split)) for split in (val, test))
     return Data(jnp.asarray(text.train), val, test, text.description)
 
@@ -88,12 +88,12 @@ class BudgetRun:
     def __init__(self, cfg: LMConfig, out_dir: Path, data: Data | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
-        self.dense_params = gpt.param_count(cfg.model)
+        self.dense_params = gpt.param_count(cfg.dense_model)
         sinks = [JsonlSink(self.out_dir / RECORD_NAME)]
-        if cfg.logger.get("name") == "wandb":
-            sinks.append(WandbSink(cfg.logger.get("project", "lottery"), cfg.name,
+        if cfg.logger.name == "wandb":
+            sinks.append(WandbSink(cfg.logger.project, cfg.name,
                                    cfg.resolved, self.out_dir,
-                                   cfg.logger.get("init_timeout", 60)))
+                                   cfg.logger.init_timeout))
         self.record = Record(sinks)
         self.summaries: list[dict] = []
 
@@ -105,8 +105,8 @@ class BudgetRun:
 
     def speed(self, config, params) -> float:
         """Measured forward tokens/s of a model (`measure.tokens_per_second`)."""
-        return measure.tokens_per_second(config, params, self.cfg.measure_batch,
-                                         repeats=self.cfg.measure_repeats)
+        return measure.tokens_per_second(config, params, self.cfg.measure.batch,
+                                         repeats=self.cfg.measure.repeats)
 
     def evaluate(self, config, params, masks=None) -> dict:
         masks = None if masks is None else _device_masks(masks)
@@ -183,7 +183,7 @@ class BudgetRun:
     def trainer(self, config, phase, teacher=None, alpha: float = 0.0):
         tx = train.optimizer(phase.lr, phase.steps, phase.warmup)
         return train.Trainer(config, tx, self.data.train, phase.batch_size, teacher, alpha,
-                             self.cfg.kd_temperature)
+                             self.cfg.finetune.kd_temperature)
 
     def met(self, size: dict, target: float) -> bool:
         if self.cfg.budget_kind == "params":
@@ -194,23 +194,23 @@ class BudgetRun:
     def check_latency(self, init_params) -> None:
         if self.cfg.budget_kind != "tokens_per_second":
             return
-        dense = self.speed(self.cfg.model, init_params)
+        dense = self.speed(self.cfg.dense_model, init_params)
         if dense >= self.cfg.targets[0]:
-            raise LMConfigError(f"budget.min_tokens_per_second={self.cfg.targets[0]:,.0f} is "
-                                f"already met by the dense model (measured {dense:,.0f} "
-                                "tokens/s here): nothing to prune; ask for more")
+            raise ConfigError(f"budget.min_tokens_per_second={self.cfg.targets[0]:,.0f} is "
+                              f"already met by the dense model (measured {dense:,.0f} "
+                              "tokens/s here): nothing to prune; ask for more")
 
     def pretrain(self, init_params):
         cfg = self.cfg
-        log(f"dense model: {self.dense_params:,} parameters, {cfg.model}")
-        trainer = self.trainer(cfg.model, cfg.pretrain)
+        log(f"dense model: {self.dense_params:,} parameters, {cfg.dense_model}")
+        trainer = self.trainer(cfg.dense_model, cfg.pretrain)
         row = {"level": 0, "branch": "dense", "replicate": 0, "step": 0, "density": 1.0}
         params, history = self.fit(trainer, init_params, None, self.key("dense", "data"),
                                    cfg.pretrain.steps, cfg.pretrain.eval_every, row, "dense")
-        size = self.size(cfg.model, params)
+        size = self.size(cfg.dense_model, params)
         summary = self.summarise(history, {**row, **size})
         if cfg.quantize:
-            summary.update(self.quantized(cfg.model, params, summary))
+            summary.update(self.quantized(cfg.dense_model, params, summary))
         self.write_summary(summary)
         log(f"dense: test {bits(summary['bits_per_byte'])} bits/byte, "
             f"{size['tokens_per_second']:,.0f} tokens/s")
@@ -218,27 +218,27 @@ class BudgetRun:
 
     def prune_variant(self, variant: str, dense_params, dense_size: dict) -> dict:
         """The rounds of one variant; returns {target index: (round, masks)}."""
-        cfg, config = self.cfg, self.cfg.model
+        cfg, config = self.cfg, self.cfg.dense_model
         kd = variant == "prune_kd"
         trainer = self.trainer(config, cfg.finetune,
                                teacher=(config, dense_params) if kd else None,
-                               alpha=cfg.kd_alpha if kd else 0.0)
-        masks = (prune.request_masks(config, cfg.remove) if cfg.remove
+                               alpha=cfg.finetune.kd_alpha if kd else 0.0)
+        masks = (prune.request_masks(config, cfg.prune.remove) if cfg.prune.remove
                  else jax.tree.map(np.asarray, gpt.full_masks(config)))
         params, reached, pending = dense_params, {}, list(range(len(cfg.targets)))
-        for level in range(1, cfg.max_rounds + 1):
+        for level in range(1, cfg.prune.max_rounds + 1):
             key = self.key(variant, "score", level)
             batches = [corpus.sample_batch(self.data.train, jax.random.fold_in(key, i),
                                            cfg.finetune.batch_size, config.context)
-                       for i in range(cfg.score_batches)]
-            score = scores(cfg.score, config, params, _device_masks(masks), batches)
-            new = prune.remove_lowest(score, masks, cfg.structures, cfg.fraction)
-            if cfg.exact_budget and cfg.budget_kind == "params" and pending:
+                       for i in range(cfg.prune.score_batches)]
+            score = scores(cfg.prune.score, config, params, _device_masks(masks), batches)
+            new = prune.remove_lowest(score, masks, cfg.prune.structures, cfg.prune.fraction)
+            if cfg.budget.exact and cfg.budget_kind == "params" and pending:
                 target = cfg.targets[pending[0]]  # the largest parameter count not yet met
                 new = prune.remove_to_target(
-                    score, masks, cfg.structures, cfg.fraction,
+                    score, masks, cfg.prune.structures, cfg.prune.fraction,
                     lambda m: gpt.param_count(compacted_config(config, m)) <= target)
-            if level > 1 or not cfg.remove:
+            if level > 1 or not cfg.prune.remove:
                 if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new),
                                                             jax.tree.leaves(masks))):
                     log(f"{variant}: nothing left to remove after round {level - 1}")
@@ -306,7 +306,7 @@ class BudgetRun:
     def run(self) -> pd.DataFrame:
         cfg = self.cfg
         started = time.perf_counter()
-        init_params = gpt.init(cfg.model, self.key("dense", "init"))
+        init_params = gpt.init(cfg.dense_model, self.key("dense", "init"))
         self.check_latency(init_params)
         self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                            "dense_params": self.dense_params, "corpus": self.data.description,
@@ -317,12 +317,12 @@ class BudgetRun:
             first = dict(reached[cfg.variants[0]].values())  # round -> masks (a round may
             for level, masks in sorted(first.items()):     # meet several targets)
                 if "scratch" in cfg.baselines:
-                    pruned = compact(cfg.model, init_params, masks)[0]
+                    pruned = compact(cfg.dense_model, init_params, masks)[0]
                     config = baselines.matching_config(pruned, gpt.param_count(pruned))
                     self.control("scratch", level, config,
                                  gpt.init(config, self.key("scratch", "init", level)))
                 if "ticket" in cfg.baselines:
-                    self.control("ticket", level, *baselines.ticket(cfg.model, init_params,
+                    self.control("ticket", level, *baselines.ticket(cfg.dense_model, init_params,
                                                                     masks))
         finally:
             self.record.close()

@@ -5,8 +5,10 @@ of its own, dispatched by `lottery.cli.main` before the IMP app parses anything.
     lottery lm experiment=transformer_budget prune.score=wanda budget.params_fraction=0.3
 
 A bad request (unknown key or name, a budget the model already meets or cannot reach, a
-removal the model cannot take, a bad fraction) stops before training: one line on stderr,
-exit status 2, and so does a run directory another process is writing (`lottery.rundir`).
+removal the model cannot take, a bad fraction; in a sweep, `-m`, any job's) stops before
+training: one line on stderr, exit status 2, through the pre-check `lottery` uses
+(`lottery.overrides`), and so does a run directory another process is writing
+(`lottery.rundir`).
 At the end, a table of every summary row.
 """
 
@@ -18,54 +20,26 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import lottery.config  # noqa: F401  (registers conf/logger's schema before Hydra composes)
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
-from lottery.lm.config import LMConfigError, validate
+from lottery import overrides
+from lottery.lm.config import ConfigError, LMConfig, validate  # (registers the schema)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 CONFIG_NAME = "lm"
+PROGRAM = "lottery lm"  # the messages' prefix: `lottery lm: error: ...`
 
 
-def fail(message: str) -> None:
-    print(f"lottery lm: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The composed `lm` config (tests and the pre-check use it)."""
+def compose(args: list[str]) -> DictConfig:
+    """The composed `lm` config (tests use it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(CONFIG_NAME, overrides=list(overrides))
-
-
-def check_overrides(args: list[str]) -> None:
-    """Compose and validate before Hydra starts a job, so that a bad override or value is
-    one line and exit 2 (sweeps and Hydra's own flags are left to Hydra and the job)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if any(a.startswith("-") for a in args):
-        return
-    try:
-        cfg = compose(args)
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
-        text = str(error).split("Config search path:")[0]
-        lines = [line.strip().rstrip(".") for line in text.splitlines()
-                 if line.strip() and not line.startswith("See https")]
-        if len(lines) > 1 and lines[1].startswith("Available options"):
-            lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
-        fail("; ".join(lines) or type(error).__name__)
-    try:
-        validate(cfg)
-    except LMConfigError as error:
-        fail(str(error))
+        return hydra_compose(CONFIG_NAME, overrides=list(args))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> None:
-    from lottery.config import ConfigError
     from lottery.lm import budget
     from lottery.rundir import exclusive
 
@@ -75,9 +49,9 @@ def hydra_main(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         with exclusive(out_dir):  # one writer per run directory, as for `lottery`
             summaries = budget.run(run_cfg, out_dir)
-    except (LMConfigError, ConfigError) as error:
-        fail(str(error))
-    if run_cfg.logger.get("name") == "wandb":  # the W&B summary run, with figures drawn here
+    except ConfigError as error:
+        overrides.fail(str(error), PROGRAM)
+    if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
         from lottery.record import wandb_summary
 
@@ -117,6 +91,6 @@ def print_table(summaries) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`argv`: the arguments after `lm`."""
     argv = sys.argv[2:] if argv is None else list(argv)
-    check_overrides(argv)
+    overrides.check_overrides(argv, CONF_DIR, CONFIG_NAME, validate, LMConfig, PROGRAM)
     sys.argv = ["lottery lm", *argv]
     hydra_main()

@@ -1,125 +1,181 @@
-"""The `lottery lm` config (conf/lm.yaml) checked into an `LMConfig`: one clear
-`LMConfigError` line for each bad request, before anything is trained.
+"""The `lottery lm` config: its schema and `validate`, on the IMP engine's config floor.
 
-Checked here: sizes and step counts, fractions in (0, 1), the score method, structure,
-variant and baseline names, the budget (exactly one kind; a parameter budget below the
-dense model's size and above the smallest model the chosen structures can reach), and an
-explicit `prune.remove` request (through `compact.check_masks`: no layer may lose all its
-heads or FFN units). A latency budget is checked against the measured dense model when the
-run starts (`budget.check_latency`).
+The schema is the frozen dataclasses below (each section's keys, defaults and what they
+mean), made Hydra structured configs by `lottery.config.schema` and registered in Hydra's
+`ConfigStore` as `lm_schema`, the base of conf/lm.yaml's defaults list, when this module is
+imported; the LM presets in conf/experiment/ (`task: lm`) override them. `validate` turns
+the composed config into an `LMConfig` of the same dataclasses with the same names
+(`cfg.prune.score`, `cfg.budget.exact`, `cfg.finetune.kd_alpha`, `cfg.measure.batch`), plus
+what the run derives from them: `dense_model` (the `gpt.GPTConfig`), `budget_kind` and
+`targets`. A bad value is one `lottery.options.ConfigError` line naming the key, checked
+with `lottery.options`' helpers, as the IMP config is.
+
+Checked here: sizes and step counts, fractions, the score method, structure, variant and
+baseline names, the budget (exactly one kind; a parameter budget below the dense model's
+size and above the smallest model the chosen structures can reach), and an explicit
+`prune.remove` request (through `compact.check_masks`: no layer may lose all its heads or
+FFN units). A latency budget is checked against the measured dense model when the run
+starts (`budget.check_latency`).
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
+from lottery.config import (NOT_CONFIG, OPEN, NoLogger, WandbLogger, filled, logger_config,
+                            resolved, schema, section_of)
 from lottery.lm import gpt, prune
 from lottery.lm.compact import check_masks
 from lottery.lm.scores import METHODS
+from lottery.options import ConfigError, boolean, choice, integer, names, number, positive
+
+__all__ = ["ConfigError", "LMConfig", "validate"]  # ConfigError lives in lottery.options
 
 VARIANTS = ("prune", "prune_kd")
 BASELINES = ("scratch", "ticket")
+BUDGETS = ("params_fraction", "max_params", "min_tokens_per_second")
 
-
-class LMConfigError(ValueError):
-    """A bad `lottery lm` request."""
+# ------------------------------------------------------------------------------ the schema
+# Each field's comment is its documentation (formerly in conf/lm.yaml).
 
 
 @dataclass(frozen=True)
-class Phase:
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int
-    eval_every: int
+class DataConfig:
+    """The corpus (`data.*`); its held-out tail is cut in two: "val" (early stop), "test"."""
+
+    source: str = "stdlib"  # the Python standard library's source, or a path to a text file
+    max_bytes: int = 4000000
+    validation_fraction: float = 0.05  # the held-out tail: first half "val" (early stop),
+    #                                    second "test"
+    eval_windows: int = 128  # fixed windows of each of val and test
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dense model (`model.*`): `layers` equal pre-LN blocks, byte vocabulary."""
+
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    head_dim: int | None = None  # null: d_model / heads
+    ffn: int = 512
+    context: int = 64
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The dense model's training (`pretrain.*`); also the scratch and ticket controls'
+    schedule."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 3.0e-3  # Adam, warmup then cosine decay to 10%
+    warmup: int = 100
+    eval_every: int = 250
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Each round's removal (`prune.*`)."""
+
+    score: str = "taylor"  # weight | taylor | wanda (lottery/lm/scores.py)
+    structures: tuple[str, ...] = ("heads", "ffn")  # any of heads, ffn, layers
+    fraction: float = 0.2  # of each kind's surviving units removed per round
+    score_batches: int = 4  # batches (finetune.batch_size) the scores see
+    max_rounds: int = 20
+    remove: dict | None = None  # removed before the first round, e.g. {heads: {0: [1, 2]},
+    #                             layers: [3]}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """After each round (`finetune.*`): fresh Adam, warmup then cosine decay."""
+
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    warmup: int = 10
+    eval_every: int = 50
+    kd_alpha: float = 0.5  # prune_kd: alpha * T^2 KL(teacher || student) + (1 - alpha) * LM loss
+    kd_temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The deployment budget (`budget.*`): exactly one of params_fraction, max_params and
+    min_tokens_per_second; a list gives several targets from one trajectory."""
+
+    params_fraction: float | tuple[float, ...] | None = (0.5, 0.25)  # of the dense model's
+    #                                                                  parameters
+    max_params: int | tuple[int, ...] | None = None
+    min_tokens_per_second: float | tuple[float, ...] | None = None  # measured forward
+    #                                                   throughput of the compacted model
+    exact: bool = True  # parameter budgets: the round that would pass a target removes only
+    #   what reaching it needs (lands within one FFN unit); false: whole rounds
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Tokens/s (`measure.*`): forward passes of (batch, model.context)."""
+
+    batch: int = 32
+    repeats: int = 5
 
 
 @dataclass(frozen=True)
 class LMConfig:
-    name: str
-    seed: int
-    source: str
-    max_bytes: int
-    validation_fraction: float
-    eval_windows: int
-    model: gpt.GPTConfig
-    pretrain: Phase
-    finetune: Phase
-    kd_alpha: float
-    kd_temperature: float
-    score: str
-    structures: tuple[str, ...]
-    fraction: float
-    score_batches: int
-    max_rounds: int
-    remove: dict | None
-    budget_kind: str  # "params" or "tokens_per_second"
-    targets: tuple[float, ...]  # absolute: parameter counts (descending) or tokens/s (ascending)
-    exact_budget: bool  # parameter budgets: the round crossing a target lands on it
-    variants: tuple[str, ...]
-    baselines: tuple[str, ...]
-    quantize: bool
-    measure_batch: int
-    measure_repeats: int
-    logger: dict
-    resolved: dict
+    """The whole `lottery lm` run (conf/lm.yaml), its fields in the order Hydra composes
+    them; after them, what `validate` derives (not config keys)."""
+
+    logger: NoLogger | WandbLogger = field(default_factory=NoLogger, metadata=OPEN)
+    task: str = "lm"  # marks LM configs and presets (the IMP command refuses them)
+    name: str = "lm"  # experiment name: W&B group and output folder (outputs/lm/<name>/)
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    variants: tuple[str, ...] = VARIANTS  # prune: LM loss; prune_kd: distilled from the dense
+    #                                       model (finetune.kd_*)
+    baselines: tuple[str, ...] = BASELINES  # controls for each target the first variant reached
+    quantize: bool = True  # int8 (per output channel) of every result
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    resolved: dict = field(default_factory=dict, metadata=NOT_CONFIG)  # the whole resolved
+    #   config as composed, for the record, W&B and the run's identity (lottery.identity)
+    dense_model: gpt.GPTConfig | None = field(default=None, metadata=NOT_CONFIG)  # `model`
+    budget_kind: str = field(default="params", metadata=NOT_CONFIG)  # or "tokens_per_second"
+    targets: tuple[float, ...] = field(default=(), metadata=NOT_CONFIG)  # absolute: parameter
+    #   counts (descending) or tokens/s (ascending)
 
 
-def _positive_int(value, where: str, zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
-        raise LMConfigError(f"{where}={value!r} must be a {'non-negative' if zero else 'positive'}"
-                            " integer")
-    return value
+ConfigStore.instance().store(name="lm_schema", node=schema(LMConfig))
+
+# -------------------------------------------------------------------------------- validate
 
 
-def _number(value, where: str, low: float, high: float, closed: str = "()") -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value >= low if closed[0] == "[" else value > low) and \
-            (value <= high if closed[1] == "]" else value < high)
-    if not ok:
-        raise LMConfigError(f"{where}={value!r} must be a number in {closed[0]}{low}, "
-                            f"{high}{closed[1]}")
-    return float(value)
-
-
-def _flag(value, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise LMConfigError(f"{where}={value!r} must be true or false")
-    return value
-
-
-def _names(value, where: str, allowed, empty: bool = False) -> tuple[str, ...]:
-    values = [value] if isinstance(value, str) else list(value or [])
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise LMConfigError(f"{where}: unknown name(s) {', '.join(map(repr, bad))}; choose "
-                            f"from {', '.join(allowed)}")
-    if not values and not empty:
-        raise LMConfigError(f"{where} is empty; choose from {', '.join(allowed)}")
-    return tuple(dict.fromkeys(values))
-
-
-def _phase(section: dict, where: str) -> Phase:
-    return Phase(_positive_int(section["steps"], f"{where}.steps"),
-                 _positive_int(section["batch_size"], f"{where}.batch_size"),
-                 _number(section["lr"], f"{where}.lr", 0, 1, "(]"),
-                 _positive_int(section["warmup"], f"{where}.warmup", zero=True),
-                 _positive_int(section["eval_every"], f"{where}.eval_every"))
-
-
-def _model(m: dict) -> gpt.GPTConfig:
-    layers = _positive_int(m["layers"], "model.layers")
-    heads = _positive_int(m["heads"], "model.heads")
-    d = _positive_int(m["d_model"], "model.d_model")
-    head_dim = m.get("head_dim") or (d // heads if d % heads == 0 else None)
-    if head_dim is None:
-        raise LMConfigError(f"model.d_model={d} is not a multiple of model.heads={heads}; "
-                            "set model.head_dim")
-    return gpt.GPTConfig(256, _positive_int(m["context"], "model.context"), d,
-                         _positive_int(head_dim, "model.head_dim"), (heads,) * layers,
-                         (_positive_int(m["ffn"], "model.ffn"),) * layers)
+def _model(section: dict) -> tuple[ModelConfig, gpt.GPTConfig]:
+    m = filled(ModelConfig, section, "model")
+    layers = integer(m["layers"], "model.layers", 1)
+    heads = integer(m["heads"], "model.heads", 1)
+    d = integer(m["d_model"], "model.d_model", 1)
+    head_dim = m["head_dim"]
+    if head_dim is None and d % heads:
+        raise ConfigError(f"model.d_model={d} is not a multiple of model.heads={heads}; "
+                          "set model.head_dim")
+    head_dim = d // heads if head_dim is None else integer(head_dim, "model.head_dim", 1)
+    model = ModelConfig(layers=layers, d_model=d, heads=heads, head_dim=m["head_dim"],
+                        ffn=integer(m["ffn"], "model.ffn", 1),
+                        context=integer(m["context"], "model.context", 1))
+    try:
+        dense = gpt.GPTConfig(256, model.context, d, head_dim, (heads,) * layers,
+                              (model.ffn,) * layers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return model, dense
 
 
 def smallest_params(model: gpt.GPTConfig, structures) -> int:
@@ -131,95 +187,118 @@ def smallest_params(model: gpt.GPTConfig, structures) -> int:
                                          model.head_dim, (heads,) * layers, (ffn,) * layers))
 
 
+def _remove(remove, model: gpt.GPTConfig):
+    """An explicit removal the model can take, or None."""
+    if not remove:
+        return None
+    try:
+        check_masks(model, prune.request_masks(model, remove))
+    except (gpt.PruneRequestError, TypeError, ValueError, AttributeError) as error:
+        message = re.sub(r"remove the layer with masks\['layers'\]\[(\d+)\] = 0 \(or pass "
+                         r"allow_empty_layers=True[^)]*\)",
+                         r"remove the whole layer with prune.remove.layers=[\1]", str(error))
+        raise ConfigError(f"prune.remove: {message}") from None
+    return remove
+
+
 def _targets(b: dict, model: gpt.GPTConfig, structures) -> tuple[str, tuple[float, ...]]:
-    given = {k: b.get(k) for k in ("params_fraction", "max_params", "min_tokens_per_second")
-             if b.get(k) is not None}
+    given = {k: b[k] for k in BUDGETS if b[k] is not None}
     if len(given) != 1:
-        raise LMConfigError("set exactly one of budget.params_fraction, budget.max_params, "
-                            f"budget.min_tokens_per_second (got {', '.join(given) or 'none'})")
+        raise ConfigError("set exactly one of budget.params_fraction, budget.max_params, "
+                          f"budget.min_tokens_per_second (got {', '.join(given) or 'none'})")
     key, value = next(iter(given.items()))
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values:
-        raise LMConfigError(f"budget.{key} is empty; give a number or a list of numbers")
+        raise ConfigError(f"budget.{key} is empty; give a number or a list of numbers")
     dense = gpt.param_count(model)
     if key == "min_tokens_per_second":
         return "tokens_per_second", tuple(sorted(
-            _number(v, f"budget.{key}", 0, float("inf")) for v in values))
+            float(positive(v, f"budget.{key}", " (tokens/s)")) for v in values))
     if key == "params_fraction":
         for v in values:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1:
-                raise LMConfigError(f"budget.params_fraction={v} is not below 1: the dense model "
-                                    f"({dense:,} parameters) already meets it; use a fraction "
-                                    "in (0, 1)")
-        counts = [_number(v, f"budget.{key}", 0, 1) * dense for v in values]
+                raise ConfigError(f"budget.params_fraction={v} is not below 1: the dense model "
+                                  f"({dense:,} parameters) already meets it; use a fraction "
+                                  "in (0, 1)")
+        counts = [number(v, f"budget.{key}", 0, 1) * dense for v in values]
     else:
         counts = []
         for v in values:
-            count = _positive_int(v, f"budget.{key}")
+            count = integer(v, f"budget.{key}", 1)
             if count >= dense:
-                raise LMConfigError(f"budget.max_params={count:,} is larger than the model "
-                                    f"({dense:,} parameters): nothing to prune; give fewer")
+                raise ConfigError(f"budget.max_params={count:,} is larger than the model "
+                                  f"({dense:,} parameters): nothing to prune; give fewer")
             counts.append(count)
     smallest = smallest_params(model, structures)
     if min(counts) < smallest:
-        raise LMConfigError(f"budget of {min(counts):,.0f} parameters cannot be reached by "
-                            f"pruning {'+'.join(structures)}: the smallest such model has "
-                            f"{smallest:,} (the embeddings are never pruned)")
+        raise ConfigError(f"budget of {min(counts):,.0f} parameters cannot be reached by "
+                          f"pruning {'+'.join(structures)}: the smallest such model has "
+                          f"{smallest:,} (the embeddings are never pruned)")
     return "params", tuple(sorted(counts, reverse=True))
 
 
-def validate(cfg: DictConfig) -> LMConfig:
-    """The checked config, or `LMConfigError` with one line saying what to fix."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    if resolved.get("task") != "lm":
-        raise LMConfigError(f"this is not a `lottery lm` config (task={resolved.get('task')!r}); "
-                            "use an LM preset such as experiment=transformer_budget")
-    try:
-        model = _model(resolved["model"])
-    except ValueError as error:
-        raise LMConfigError(str(error)) from None
-    d, p, f = resolved["data"], resolved["prune"], resolved["finetune"]
-    structures = _names(p["structures"], "prune.structures", prune.STRUCTURES)
-    score = p["score"]
-    if score not in METHODS:
-        raise LMConfigError(f"prune.score: unknown method {score!r}; choose from "
-                            f"{', '.join(METHODS)}")
-    remove = p.get("remove")
-    if remove:
-        try:
-            check_masks(model, prune.request_masks(model, remove))
-        except (gpt.PruneRequestError, TypeError, ValueError, AttributeError) as error:
-            message = re.sub(r"remove the layer with masks\['layers'\]\[(\d+)\] = 0 \(or pass "
-                             r"allow_empty_layers=True[^)]*\)",
-                             r"remove the whole layer with prune.remove.layers=[\1]", str(error))
-            raise LMConfigError(f"prune.remove: {message}") from None
-    kind, targets = _targets(resolved["budget"], model, structures)
-    pretrain = _phase(resolved["pretrain"], "pretrain")
-    finetune = _phase(f, "finetune")
-    if not 0 <= f["kd_alpha"] <= 1:
-        raise LMConfigError(f"finetune.kd_alpha={f['kd_alpha']!r} must be in [0, 1]")
-    variants = _names(resolved["variants"], "variants", VARIANTS)
-    baselines = _names(resolved["baselines"], "baselines", BASELINES, empty=True)
+def _frozen(value):
+    """A list as a tuple (a validated config is hashable where it can be)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _phase(cls, section: dict, where: str) -> dict:
+    """A training phase's keys, checked (pretrain, or finetune's first five)."""
+    p = filled(cls, section, where)
+    return {"steps": integer(p["steps"], f"{where}.steps", 1),
+            "batch_size": integer(p["batch_size"], f"{where}.batch_size", 1),
+            "lr": number(p["lr"], f"{where}.lr", 0, 1, "(]"),
+            "warmup": integer(p["warmup"], f"{where}.warmup", 0),
+            "eval_every": integer(p["eval_every"], f"{where}.eval_every", 1)}
+
+
+def validate(cfg: DictConfig | dict) -> LMConfig:
+    """The checked config, or `ConfigError` with one line saying what to fix. `cfg` is a
+    composed config, or a plain dict (missing keys take the schema's defaults)."""
+    raw = resolved(cfg)
+    if raw.get("task") != "lm":
+        raise ConfigError(f"this is not a `lottery lm` config (task={raw.get('task')!r}); "
+                          "use an LM preset such as experiment=transformer_budget")
+    top = filled(LMConfig, raw, "")
+    model, dense = _model(section_of(raw, "model", {}))
+    p = filled(PruneConfig, section_of(raw, "prune", {}), "prune")
+    structures = names(p["structures"], "prune.structures", prune.STRUCTURES)
+    score = choice(p["score"], "prune.score", METHODS)
+    remove = _remove(p["remove"], dense)
+    b = filled(BudgetConfig, section_of(raw, "budget", {}), "budget")
+    kind, targets = _targets(b, dense, structures)
+    pretrain = PretrainConfig(**_phase(PretrainConfig, section_of(raw, "pretrain", {}),
+                                       "pretrain"))
+    f = filled(FinetuneConfig, section_of(raw, "finetune", {}), "finetune")
+    finetune = FinetuneConfig(
+        **_phase(FinetuneConfig, f, "finetune"),
+        kd_alpha=number(f["kd_alpha"], "finetune.kd_alpha", 0, 1, "[]"),
+        kd_temperature=number(f["kd_temperature"], "finetune.kd_temperature", 0, 100, "(]"))
+    variants = names(top["variants"], "variants", VARIANTS)
+    baselines = names(top["baselines"], "baselines", BASELINES, empty=True)
+    d = filled(DataConfig, section_of(raw, "data", {}), "data")
     if not isinstance(d["source"], str) or not d["source"]:
-        raise LMConfigError(f"data.source={d['source']!r} must be 'stdlib' or a file path")
+        raise ConfigError(f"data.source={d['source']!r} must be 'stdlib' or a file path")
+    data = DataConfig(
+        source=d["source"], max_bytes=integer(d["max_bytes"], "data.max_bytes", 1),
+        validation_fraction=number(d["validation_fraction"], "data.validation_fraction", 0,
+                                   0.5),
+        eval_windows=integer(d["eval_windows"], "data.eval_windows", 1))
+    m = filled(MeasureConfig, section_of(raw, "measure", {}), "measure")
     return LMConfig(
-        name=str(resolved["name"]), seed=_positive_int(resolved["seed"], "seed", zero=True),
-        source=d["source"], max_bytes=_positive_int(d["max_bytes"], "data.max_bytes"),
-        validation_fraction=_number(d["validation_fraction"], "data.validation_fraction", 0,
-                                    0.5),
-        eval_windows=_positive_int(d["eval_windows"], "data.eval_windows"),
-        model=model, pretrain=pretrain, finetune=finetune,
-        kd_alpha=float(f["kd_alpha"]),
-        kd_temperature=_number(f["kd_temperature"], "finetune.kd_temperature", 0, 100, "(]"),
-        score=score, structures=structures,
-        fraction=_number(p["fraction"], "prune.fraction", 0, 1),
-        score_batches=_positive_int(p["score_batches"], "prune.score_batches"),
-        max_rounds=_positive_int(p["max_rounds"], "prune.max_rounds"),
-        remove=remove or None, budget_kind=kind, targets=targets,
-        exact_budget=_flag(resolved["budget"].get("exact", True), "budget.exact"),
-        variants=variants,
-        baselines=baselines, quantize=bool(resolved["quantize"]),
-        measure_batch=_positive_int(resolved["measure"]["batch"], "measure.batch"),
-        measure_repeats=_positive_int(resolved["measure"]["repeats"], "measure.repeats"),
-        logger=dict(resolved.get("logger") or {"name": "none"}), resolved=resolved)
+        logger=logger_config(section_of(raw, "logger", {"name": "none"})), task="lm",
+        name=str(top["name"]), seed=integer(top["seed"], "seed", 0), data=data, model=model,
+        pretrain=pretrain,
+        prune=PruneConfig(score=score, structures=structures,
+                          fraction=number(p["fraction"], "prune.fraction", 0, 1),
+                          score_batches=integer(p["score_batches"], "prune.score_batches", 1),
+                          max_rounds=integer(p["max_rounds"], "prune.max_rounds", 1),
+                          remove=remove),
+        finetune=finetune,
+        budget=BudgetConfig(**{k: _frozen(b[k]) for k in BUDGETS},
+                            exact=boolean(b["exact"], "budget.exact")),
+        variants=variants, baselines=baselines,
+        quantize=boolean(top["quantize"], "quantize"),
+        measure=MeasureConfig(batch=integer(m["batch"], "measure.batch", 1),
+                              repeats=integer(m["repeats"], "measure.repeats", 1)),
+        resolved=raw, dense_model=dense, budget_kind=kind, targets=targets)

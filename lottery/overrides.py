@@ -1,0 +1,89 @@
+"""The command line's pre-check, shared by `lottery` and `lottery lm`: every override is
+parsed, and the config composed and validated for each value of a sweep on its own, before
+Hydra starts any job; a bad one is one line on stderr (`<program>: error: ...`), exit 2.
+
+    check_overrides(args, conf_dir, "config", lottery.config.validate, RunConfig, "lottery")
+    check_overrides(args, conf_dir, "lm", lottery.lm.config.validate, LMConfig, "lottery lm")
+
+Each app passes its config's name, its `validate` (raising `lottery.options.ConfigError`),
+the root of its schema (which names the nearest key of a typo) and its program name.
+"""
+
+import sys
+
+from lottery.config import unknown_in_file, unknown_override
+from lottery.options import ConfigError
+
+
+def fail(message: str, program: str) -> None:
+    """`<program>: error: <message>` on stderr, exit status 2."""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,
+                    program: str) -> None:
+    """Compose `config_name` (in `conf_dir`) and `validate` it for each value of the command
+    line's overrides (each value of a sweep on its own), so that an unknown group option or
+    key, or a bad value, fails in one line, exit 2, before Hydra starts any job. `root` is
+    the schema's root dataclass; `program` prefixes the message."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # Hydra's own flags (--help, --cfg, ...): let Hydra handle the command line
+    overrides = [a for a in args if not a.startswith("-")]
+    parser = OverridesParser.create()
+    for override in overrides:  # one at a time, so that the message names the bad one
+        try:
+            parser.parse_overrides([override])
+        except HydraException as error:
+            reason = "; ".join(line for line in str(error).splitlines() if line.strip()
+                               and not line.startswith(("See https", "Error parsing override")))
+            fail(f"cannot parse the overrides: {override} ({reason}); write key=value, see "
+                 "https://hydra.cc/docs/advanced/override_grammar/basic", program)
+    parsed = parser.parse_overrides(overrides)
+    first = [o.input_line if not o.is_sweep_override()
+             else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    trials = [first]
+    for i, override in enumerate(parsed):
+        if override.is_sweep_override():
+            trials += [first[:i] + [f"{override.get_key_element()}={value}"] + first[i + 1:]
+                       for value in list(override.sweep_string_iterator())[1:]]
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        for trial in trials:
+            job = " ".join(t for t in trial if t.split("=", 1)[0] in swept)
+            where = f" (overrides: {job})" if job else ""  # which job of a sweep
+            try:
+                composed = compose(config_name, overrides=trial, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException, ValueError) as error:
+                # a key the schema does not have, set by a config file or an override
+                if message := unknown_in_file(error, root) or unknown_override(error, root):
+                    fail(f"{message}{where}", program)
+                # an unknown group option, or a value that does not fit its node
+                text = str(error).split("Config search path:")[0]
+                lines = [line.strip() for line in text.splitlines()
+                         if line.strip() and not line.startswith("See https")]
+                lines = lines or [type(error).__name__]
+                if len(lines) > 1 and lines[1].startswith("Available options"):
+                    lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
+                cause = str(error.__cause__ or "").splitlines()
+                if lines[0].startswith("Error merging override") and cause:
+                    lines[0] += f": {cause[0]}"  # e.g. a mapping given for a list
+                fail("; ".join([lines[0].rstrip(".") + where,
+                                *(line[0].lower() + line[1:] for line in lines[1:])]), program)
+            # Validate each composed config too, so that a bad value fails here, before Hydra
+            # starts a job (in a sweep: before the first job trains). A config that uses
+            # `${hydra:...}` resolves only inside a job: hydra_main validates it there.
+            task = OmegaConf.to_container(composed, resolve=False)
+            task.pop("hydra", None)
+            if "${hydra:" in str(task):
+                continue
+            try:
+                validate(OmegaConf.create(task))
+            except ConfigError as error:
+                fail(f"{error}{where}", program)
