@@ -10,7 +10,7 @@ always gives the same bytes (the description carries the Python version and a di
 stdlib: the last files in sorted order) is never trained on.
 
 On the device: `sample_batch` draws random windows (jittable); `windows` cuts a split into
-fixed, non-overlapping windows for a deterministic validation loss (`gpt.evaluate`).
+fixed, non-overlapping windows for a deterministic validation loss (`lottery.lm.train.evaluate`).
 """
 
 import functools
