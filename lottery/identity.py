@@ -9,9 +9,16 @@ its finished runs instead of redoing them.
 
 The hash covers everything that can change a run's results; it leaves out the `hydra` node
 (output paths, launcher, sweeper: where and how a run is launched, not what it computes) and
-`logger` (whether rows are mirrored to W&B). Keys are sorted, so the order in which
-overrides were given does not matter; a value's spelling does (`train.steps=1000` and
-`train.steps=1000ep` are different configs even where they mean the same number of steps).
+`logger` (whether rows are mirrored to W&B). It hashes the config normalised, so that two
+spellings of the same config are one run:
+  - keys are sorted, so the order in which overrides were given does not matter;
+  - an empty mapping is null: `prune.layer_rates=null`, `prune.layer_rates={}` and a preset's
+    rates all deleted (`~prune.layer_rates.out`) set no rate alike (null is the canonical
+    form, so the ids of configs that never held an empty mapping are those from before);
+  - a key left out is its default: Hydra composes every key of the schema, and
+    `config.validate` fills the defaults into a plain dict's `RunConfig.resolved`.
+A value's spelling still counts (`train.steps=1000` and `train.steps=1000ep` are different
+configs even where they mean the same number of steps).
 """
 
 import hashlib
@@ -34,9 +41,19 @@ def _resolved(config) -> dict:
     return dict(config)
 
 
+def _normal(value):
+    """`value` with every empty mapping, at any depth, as None (null)."""
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()} or None
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
 def run_id(config) -> str:
-    """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`."""
-    content = {k: v for k, v in _resolved(config).items() if k not in IGNORED}
+    """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`,
+    empty mappings as null."""
+    content = {k: _normal(v) for k, v in _resolved(config).items() if k not in IGNORED}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]

@@ -40,12 +40,16 @@ METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
 
 
 def overrides(*args: str, base: dict | None = TINY) -> list[str]:
-    """`base` overridden by `args` ("key=value"; a later value of a key wins)."""
-    merged = dict(base or {})
+    """`base` overridden by `args` ("key=value"; a later value of a key wins); deletions
+    ("~key") are passed on as given, after the others."""
+    merged, deletions = dict(base or {}), []
     for arg in args:
+        if arg.startswith("~"):
+            deletions.append(arg)
+            continue
         key, value = arg.split("=", 1)
         merged[key] = value
-    return [f"{key}={value}" for key, value in merged.items()]
+    return [f"{key}={value}" for key, value in merged.items()] + deletions
 
 
 def compose_config(*args: str, base: dict | None = TINY):

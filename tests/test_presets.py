@@ -191,3 +191,50 @@ def test_a_preset_with_a_key_outside_the_schema_fails_in_one_line(text, message,
         lottery.cli.check_overrides(["experiment=typo"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"lottery: error: {message}\n"
+
+
+LENET_WITHOUT_LAYER_RATES = "347c6dae68"  # experiment=lenet_mnist prune.layer_rates=null at
+#                                           8718380 (computed then with that commit's code)
+
+
+@pytest.mark.parametrize("emptied", [["prune.layer_rates=null"], ["~prune.layer_rates.out"]])
+def test_an_empty_mapping_null_and_deleted_keys_are_the_same_run(emptied):
+    """issue 17.5: removing the preset's only per-layer rate (`~prune.layer_rates.out` leaves
+    `{}`) and `prune.layer_rates=null` mean the same config (no per-layer rate), so they are
+    one run: one id, that of the null spelling before the ids normalised empty mappings, so
+    its run folders still resume."""
+    composed = compose_config("experiment=lenet_mnist", *emptied, base=None)
+    assert validate(composed).prune.layer_rates == {}
+    assert run_id(composed) == run_id(validate(composed).resolved) == LENET_WITHOUT_LAYER_RATES
+    assert run_id(compose_config("experiment=lenet_mnist", base=None)) == "c610ec4acf"
+
+
+def test_an_empty_mapping_on_the_defaults_is_the_default_run():
+    """`prune.layer_rates={}` where the default is null sets nothing: the default config's id
+    (pinned above). (On a preset, `prune.layer_rates={}` merges into its rates: a no-op.)"""
+    composed = compose_config("prune.layer_rates={}", base=None)
+    assert run_id(composed) == run_id(validate(composed).resolved) == "83e0f69544"
+
+
+def test_a_plain_dict_has_the_id_of_the_same_config_with_its_defaults_written_out():
+    """issue 17.5: a key left out takes the schema's default, so it is the same run as the
+    config that writes the default out (the values written here by hand from the schema's
+    documented defaults)."""
+    sections = {"dataset": {"name": "synthetic"}, "model": {"name": "lenet_300_100"},
+                "optimizer": {"name": "adam", "lr": 1e-3}}
+    written = {**sections, "name": "default", "seed": 0, "replicates": 2,
+               "branches": ["ticket", "reinit", "random_prune"],
+               "train": {"steps": 5000, "batch_size": 60, "eval_every": 500,
+                         "eval_batch_size": 1000, "save_weights": False,
+                         "checkpoint_every": "5ep", "members": "auto"},
+               "prune": {"levels": 3, "rate": 0.2, "scope": "layerwise", "layer_rates": None,
+                         "layers": None, "score": "magnitude", "at": "trained",
+                         "schedule": "iterative", "structure": "weights", "score_batch": 100,
+                         "score_rounds": None,
+                         "gradual": {"start": 0, "end": None, "every": 100}},
+               "rewind": {"step": 0, "mode": "weights", "finetune_lr": None}}
+    partial = {**sections, "train": {"steps": 5000}, "prune": {"gradual": {"every": 100}}}
+    assert run_id(validate(partial).resolved) == run_id(validate(written).resolved)
+    assert run_id(validate(sections).resolved) == run_id(validate(written).resolved)
+    assert run_id(validate({**sections, "seed": 1}).resolved) != run_id(
+        validate(written).resolved)
