@@ -171,7 +171,8 @@ class RunConfig:
     branches: tuple[str, ...] = ("ticket", "reinit", "random_prune")
     train: TrainConfig = field(default_factory=TrainConfig)
     resolved: dict = field(default_factory=dict, metadata=NOT_CONFIG)  # the whole resolved
-    #   config as composed, for the record, W&B and the run's identity (lottery.identity)
+    #   config as composed (a plain dict's left-out keys at their defaults), for the record,
+    #   W&B and the run's identity (lottery.identity)
 
     @property
     def stack_size(self) -> int:
@@ -336,6 +337,28 @@ def filled(cls, section: dict, where: str) -> dict:
             raise ConfigError(unknown_key(f"{where}.{key}" if where else str(key), cls))
     defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
     return {**defaults, **section}
+
+
+def with_defaults(raw: dict, cls) -> dict:
+    """`raw` with every key of the schema `cls` that it leaves out at its default, sections
+    within too, as Hydra composes them (a tuple as a list); keys it has are kept as they are.
+    A plain dict and the composed config that mean the same are then the same run
+    (`lottery.identity`)."""
+    out = dict(raw)
+    for f in fields(cls):
+        if not f.metadata.get("config", True) or f.metadata.get("open"):
+            continue
+        factory = f.default_factory
+        if factory is dict:  # an open section (dataset, model, optimizer): its group's
+            continue  #        options, not the schema's
+        if factory is not MISSING:
+            if f.name not in out:
+                out[f.name] = with_defaults({}, factory)
+            elif isinstance(out[f.name], dict):
+                out[f.name] = with_defaults(out[f.name], factory)
+        elif f.name not in out:
+            out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return out
 
 
 _FITTING = set()  # (model, input shape, classes, options) that build: a command validates twice
@@ -585,7 +608,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     prune = _prune(section_of(raw, "prune", {}), model["name"])
     _check_structure(prune)
     run = RunConfig(dataset=dataset, model=model, optimizer=optimizer, prune=prune,
-                    rewind=rewind, logger=logger, train=train, resolved=raw, **top)
+                    rewind=rewind, logger=logger, train=train,
+                    resolved=with_defaults(raw, RunConfig), **top)
     _check_methods(run)
     _check_inputs(run)
     return run
