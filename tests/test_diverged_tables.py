@@ -29,10 +29,10 @@ DIVERGED = (1, "random_prune", 1)
 OK_MEAN, OK_STD, OK_STEP = 0.975, 0.005 * math.sqrt(2), 150.0
 
 
-def rows() -> list[dict]:
+def rows(config: dict | None = None) -> list[dict]:
     """The record's rows: per member, evaluations at steps 0..300 (a diverged member's last
-    one empty), then its summary row."""
-    out = [{"kind": "run", "config": {}}]
+    one empty), then its summary row; `config`: the `run` row's."""
+    out = [{"kind": "run", "config": config or {}}]
     for (level, branch, replicate), (accuracy, step) in MEMBERS.items():
         member = {"level": level, "branch": branch, "replicate": replicate,
                   "density": 1.0 if level == 0 else 0.8}
@@ -171,14 +171,15 @@ def test_wandb_levels_table_leaves_them_out_and_summaries_keep_them(run_dir, mon
 
 
 def test_a_report_over_several_runs_names_the_run(tmp_path):
-    """Two copies of the run: at level 1, random_prune has four healthy members (0.97, 0.98,
+    """Two runs (seeds 0 and 1, pooled; the same rows): at level 1, random_prune has four healthy members (0.97, 0.98,
     0.97, 0.98; std with ddof 1 = sqrt(4 * 0.005**2 / 3) = 0.0057735; steps 100, 200, 100,
     200: 150 ± 57.7) and two left out, each named with its run; ticket has six (0.96, 0.97,
     0.98 twice: std sqrt(4 * 0.01**2 / 5) = 0.0089443; steps 100, 200, 300 twice: 200 ±
     89.4)."""
-    for name in ("a", "b"):
+    for seed, name in enumerate(("a", "b")):  # two copies of one run would count once
         (tmp_path / name).mkdir()
-        (tmp_path / name / RECORD_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows()))
+        (tmp_path / name / RECORD_NAME).write_text(
+            "".join(json.dumps(r) + "\n" for r in rows({"seed": seed})))
     row = "| 1 | 80.0 | 200 ± 89 | 97.00 ± 0.89 | 150 ± 58 | 97.50 ± 0.58 (2 diverged) |"
     text = report_text(tmp_path, row, networks=24, gone=2, replicates=6)
     assert ("Left out of the means: 2 diverged members (a level 1 random_prune r1, "

@@ -96,8 +96,10 @@ def plot_accuracy_panels(panels: dict[str, pd.DataFrame], path: Path, title: str
 
 
 def _panel_label(columns, key) -> str:
+    from lottery.analysis.results import text
+
     key = key if isinstance(key, tuple) else (key,)
-    return ", ".join(f"{column}={value}" for column, value in zip(columns, key))
+    return ", ".join(f"{column}={text(value)}" for column, value in zip(columns, key))
 
 
 def _panels(frame: pd.DataFrame, panels) -> list[tuple[str, pd.DataFrame]]:

@@ -3,9 +3,11 @@
     lottery report outputs/lenet_mnist/5c0ffee123                 # one run
     lottery report multirun/default                               # Hydra -m sweeps' runs
 
-Writes into DIR (or `--out`): `report.md` (per override combination of a sweep, the summary
-table of `lottery.record.markdown_table`: per level and branch, early-stop step and test
-accuracy, mean ± std over replicates), `accuracy_vs_density.png`, `early_stop_vs_density.png`,
+Writes into DIR (or `--out`): `report.md` (per combination of a sweep's swept values, the
+summary table of `lottery.record.markdown_table`: per level and branch, early-stop step and
+test accuracy, mean ± std over replicates and seeds: a `seed=0,1` sweep of 2 replicates is
+one table of 4 networks per cell, `--by seed` splits it; run folders of one run, the same run
+id, counted once and named in one line), `accuracy_vs_density.png`, `early_stop_vs_density.png`,
 `learning_curves.png` and, when the sweep varies `rewind.step`, `rewind_sweep.png`. A missing
 directory or one without a record stops with one line on stderr and exit status 2. Members
 whose training diverged are left out of every table and plot; report.md says how many and
@@ -43,20 +45,31 @@ def _parser() -> argparse.ArgumentParser:
                              "level every run reached)")
     parser.add_argument("--accuracy", choices=("early_stop", "final"), default="early_stop",
                         help="test accuracy at early stop (default) or at the end of training")
+    parser.add_argument("--by", action="append", default=[], metavar="KEY",
+                        help="also split the tables and plots by this config key (repeatable); "
+                             "seeds are pooled like replicates unless --by seed")
     return parser
 
 
-def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop") -> str:
-    """`lottery.record.markdown_table` once per combination of the swept overrides, under a
-    heading naming it (one table for a single run)."""
+def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop", by=()) -> str:
+    """`lottery.record.markdown_table` once per combination of the split keys
+    (`results.split`: the swept overrides but the seed, plus `by`), under a heading naming
+    it (one table for a single run)."""
     return "\n".join((f"## {name}\n\n" if name else "") + markdown_table(rows, accuracy)
-                     for name, rows in plots._panels(summaries, results.swept(summaries)))
+                     for name, rows in plots._panels(summaries, results.split(summaries, by)))
 
 
-def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
-    """What was loaded: the runs, what the sweep varied and the overrides common to all."""
-    columns = results.swept(summaries)
-    fixed = [c for c in results.overrides(summaries) if c not in columns]
+def _values(frame: pd.DataFrame, column: str) -> str:
+    return ", ".join(map(results.text, frame[column].drop_duplicates()))
+
+
+def _header(path: Path, summaries: pd.DataFrame, accuracy: str, by=()) -> str:
+    """What was loaded: the runs (and run folders counted once), what the sweep varied,
+    what was pooled, and the overrides common to all."""
+    columns = results.split(summaries, by)
+    pooled = [c for c in results.swept(summaries) if c not in columns]
+    fixed = [c for c in results.overrides(summaries)
+             if c not in columns and c not in pooled]
     first = summaries.iloc[0]
     when = ("early stop (minimum validation loss)" if accuracy == "early_stop"
             else "the end of training")
@@ -64,45 +77,58 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str) -> str:
     counts = summaries.groupby([*columns, "level", "branch"], dropna=False).size()
     n = (f"{counts.min()}" if counts.min() == counts.max()
          else f"{counts.min()} to {counts.max()}")
+    of = "".join(f", {summaries[c].nunique(dropna=False)} values of `{c}` pooled"
+                 for c in pooled)
     lines = [f"# Report: {path}\n",
              (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks"
               + (f", {gone} of them diverged: left out of the tables and plots, and named "
                  "under each table" if gone else "")
               + f". Test accuracy at {when}; mean ± std over {n} replicates per level and "
-                "branch" + (" (diverged ones left out)" if gone else "") + ".\n")]
+                "branch" + of + (" (diverged ones left out)" if gone else "") + ".\n")]
+    duplicates = summaries.attrs.get("duplicates", [])
+    if duplicates:
+        lines.append("Counted once: " + "; ".join(
+            f"`{left}` is the same run as `{kept}` (run {identity})"
+            for kept, left, identity in duplicates) + ", so it is left out.\n")
     if columns:
-        lines.append("Swept: " + ", ".join(
-            f"`{c}` ({', '.join(map(str, summaries[c].drop_duplicates()))})" for c in columns)
-            + ".\n")
+        lines.append("Swept: " + ", ".join(f"`{c}` ({_values(summaries, c)})" for c in columns)
+                     + ".\n")
+    if pooled:
+        lines.append("Pooled: " + ", ".join(f"`{c}` ({_values(summaries, c)})" for c in pooled)
+                     + ": its runs are replicates of one experiment (" + " ".join(
+                         f"`--by {c}`" for c in pooled) + " splits them).\n")
     if fixed:
-        lines.append("Overrides: " + " ".join(f"`{c}={first[c]}`" for c in fixed) + "\n")
+        lines.append("Overrides: " + " ".join(f"`{c}={results.text(first[c])}`"
+                                              for c in fixed) + "\n")
     return "\n".join(lines) + "\n"
 
 
 def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
-                 level: int | None = None, accuracy: str = "early_stop") -> list[Path]:
+                 level: int | None = None, accuracy: str = "early_stop", by=()) -> list[Path]:
     """Write report.md and the PNGs of the run or sweep at `path` into `out` (default:
-    `path`); returns the files written."""
+    `path`), split by the swept keys but the seed, and by `by`; returns the files written."""
     out = Path(path) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = results.load(path, kind="summary")
-    columns = results.swept(summaries)
+    by = list(by)
+    summaries = results.load(path, kind="summary", keys=by)
+    columns = results.split(summaries, by)
     written = [
         plots.plot_accuracy_vs_density(summaries, out / "accuracy_vs_density.png", columns,
                                        accuracy),
         plots.plot_early_stop_vs_density(summaries, out / "early_stop_vs_density.png", columns),
     ]
-    evals = results.healthy(results.load(path, kind="eval"), summaries)
+    evals = results.healthy(results.load(path, kind="eval", keys=by), summaries)
     if branch in set(evals["branch"]):
         written.append(plots.plot_learning_curves(evals, out / "learning_curves.png", branch,
-                                                  results.swept(evals)))
+                                                  results.split(evals, by)))
     if REWIND in columns:
         others = [c for c in columns if c != REWIND]
         written.append(plots.plot_rewind_sweep(summaries, out / "rewind_sweep.png", level,
                                                others, accuracy))
     images = "\n".join(f"![{file.stem.replace('_', ' ')}]({file.name})" for file in written)
     report = out / "report.md"
-    report.write_text(_header(path, summaries, accuracy) + markdown_tables(summaries, accuracy)
+    report.write_text(_header(path, summaries, accuracy, by)
+                      + markdown_tables(summaries, accuracy, by)
                       + "\n## Plots\n\n" + images + "\n")
     return [report, *written]
 
@@ -114,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.is_dir():
         return _fail(f"no such directory: {args.path}")
     try:
-        written = write_report(args.path, args.out, args.branch, args.level, args.accuracy)
+        written = write_report(args.path, args.out, args.branch, args.level, args.accuracy,
+                               args.by)
     except ValueError as error:  # no record or no summary rows; --level beyond the levels
         return _fail(str(error))
     for file in written:
