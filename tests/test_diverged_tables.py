@@ -171,11 +171,11 @@ def test_wandb_levels_table_leaves_them_out_and_summaries_keep_them(run_dir, mon
 
 
 def test_a_report_over_several_runs_names_the_run(tmp_path):
-    """Two runs (seeds 0 and 1, pooled; the same rows): at level 1, random_prune has four healthy members (0.97, 0.98,
-    0.97, 0.98; std with ddof 1 = sqrt(4 * 0.005**2 / 3) = 0.0057735; steps 100, 200, 100,
-    200: 150 ± 57.7) and two left out, each named with its run; ticket has six (0.96, 0.97,
-    0.98 twice: std sqrt(4 * 0.01**2 / 5) = 0.0089443; steps 100, 200, 300 twice: 200 ±
-    89.4)."""
+    """Two runs (seeds 0 and 1, pooled; the same rows): at level 1, random_prune has four
+    healthy members (0.97, 0.98, 0.97, 0.98; std with ddof 1 = sqrt(4 * 0.005**2 / 3) =
+    0.0057735; steps 100, 200, 100, 200: 150 ± 57.7) and two left out, each named with its
+    run; ticket has six (0.96, 0.97, 0.98 twice: std sqrt(4 * 0.01**2 / 5) = 0.0089443; steps
+    100, 200, 300 twice: 200 ± 89.4)."""
     for seed, name in enumerate(("a", "b")):  # two copies of one run would count once
         (tmp_path / name).mkdir()
         (tmp_path / name / RECORD_NAME).write_text(
