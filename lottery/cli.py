@@ -50,13 +50,14 @@ def hydra_main(cfg: DictConfig) -> None:
             from lottery.setup import build, describe
 
             setup = build(run_cfg)
+            overrides.discard_job_dir()  # a check leaves no run directory behind
             print(f"lottery: {run_cfg.name}: config OK: {setup.model.name} on "
                   f"{setup.data.name}, {describe(setup)}; {run_cfg.stack_size} members")
             return
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
-        overrides.fail(str(error), PROGRAM)
+        overrides.refuse_job(str(error), PROGRAM)
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
 

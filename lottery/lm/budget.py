@@ -89,13 +89,17 @@ class BudgetRun:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
         self.dense_params = gpt.param_count(cfg.dense_model)
+        self.record = None  # opened by `run` once the request is known to be feasible
+        self.summaries: list[dict] = []
+
+    def open_record(self) -> Record:
+        """The run's record (JSONL, and W&B where configured)."""
+        cfg = self.cfg
         sinks = [JsonlSink(self.out_dir / RECORD_NAME)]
         if cfg.logger.name == "wandb":
-            sinks.append(WandbSink(cfg.logger.project, cfg.name,
-                                   cfg.resolved, self.out_dir,
+            sinks.append(WandbSink(cfg.logger.project, cfg.name, cfg.resolved, self.out_dir,
                                    cfg.logger.init_timeout))
-        self.record = Record(sinks)
-        self.summaries: list[dict] = []
+        return Record(sinks)
 
     # -- pieces ------------------------------------------------------------------------
     def key(self, branch: str, purpose: str, level: int = 0):
@@ -307,7 +311,8 @@ class BudgetRun:
         cfg = self.cfg
         started = time.perf_counter()
         init_params = gpt.init(cfg.dense_model, self.key("dense", "init"))
-        self.check_latency(init_params)
+        self.check_latency(init_params)  # a refused request leaves no record behind
+        self.record = self.open_record()
         self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                            "dense_params": self.dense_params, "corpus": self.data.description,
                            "budget_kind": cfg.budget_kind, "budget_targets": list(cfg.targets)})

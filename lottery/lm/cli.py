@@ -50,7 +50,7 @@ def hydra_main(cfg: DictConfig) -> None:
         with exclusive(out_dir):  # one writer per run directory, as for `lottery`
             summaries = budget.run(run_cfg, out_dir)
     except ConfigError as error:
-        overrides.fail(str(error), PROGRAM)
+        overrides.refuse_job(str(error), PROGRAM)
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
         from lottery.record import wandb_summary
