@@ -23,6 +23,7 @@ from lottery.config import ConfigError, RunConfig, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table, wandb_summary
+from lottery.terminal import percent
 from lottery.optim import OptimizerError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -73,7 +74,7 @@ def print_table(table) -> None:
     for column in ("level", "density", "branch", "test accuracy", "early-stop step", "n"):
         view.add_column(column, justify="left" if column == "branch" else "right")
     for row in table.itertuples():
-        view.add_row(str(row.level), f"{100 * row.density:.2f}%", row.branch,
+        view.add_row(str(row.level), percent(row.density), row.branch,
                      f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}",
                      f"{row.early_stop_step_mean:.0f}",
                      f"{row.replicates}" + (f" (+{row.diverged} diverged)" if row.diverged else ""))

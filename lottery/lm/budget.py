@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lottery.history import early_stop_summary, recorded
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
@@ -40,13 +39,15 @@ from lottery.lm.config import ConfigError, LMConfig
 from lottery.lm.scores import scores
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
 from lottery.seeds import member_keys
+from lottery.terminal import progress, say
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy", "val_bits_per_byte",
            "bits_per_byte", "perplexity")
 
 
 def log(message: str) -> None:
-    print(f"lottery lm: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, above the progress bar (`lottery.terminal.say`)."""
+    say(f"lottery lm: {message}", file=sys.stderr)
 
 
 def bits(value) -> str:
@@ -152,7 +153,7 @@ class BudgetRun:
         `row` and step = row["step"] + steps done. Returns (params, eval rows)."""
         opt_state, done, history = trainer.init(params), 0, []
         masks = _device_masks(gpt.full_masks(trainer.config) if masks is None else masks)
-        with tqdm(total=steps, desc=desc, leave=False, disable=None) as bar:
+        with progress(steps, desc) as bar:
             while done < steps:
                 count = min(every, steps - done)
                 params, opt_state, loss = trainer.run(params, opt_state, masks, key, done,
