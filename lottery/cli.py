@@ -23,7 +23,7 @@ from lottery.config import ConfigError, RunConfig, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table, wandb_summary
-from lottery.terminal import percent
+from lottery.terminal import finished, percent
 from lottery.optim import OptimizerError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -64,6 +64,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
         wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summary_table(summaries))
+    finished(out_dir, overrides.sweep_dir(), PROGRAM)
 
 
 def print_table(table) -> None:

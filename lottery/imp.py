@@ -34,9 +34,9 @@ from lottery.level_start import LevelInputs
 from lottery.record import (RECORD_NAME, JsonlSink, Record, WandbSink, level_file, recorded_rows,
                             rewind_file, save_arrays, trained_file)
 from lottery.rundir import exclusive
-from lottery.setup import Setup, build, describe
+from lottery.setup import Setup, build
 from lottery.state import LevelEntry, MemberState, Network
-from lottery.terminal import percent, progress, say
+from lottery.terminal import percent, plural, progress, say, shown
 
 
 @dataclass
@@ -355,17 +355,28 @@ def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> p
 
 
 def announce(setup: Setup, out_dir: Path, log) -> None:
-    """The run's first log line: model, data, weights, method, stack and devices."""
+    """The run's first log line, one row on a terminal: model, data, prunable weights, method,
+    members and devices, output directory. The per-layer counts, the pruned layers and how
+    members are batched are in the record's `run` row."""
     cfg, weights, devices = setup.cfg, setup.weights, jax.devices()
-    log(f"lottery: {setup.model.name} on {setup.data.name}: {sum(weights.values()):,} prunable "
-        f"weights ({', '.join(f'{n} {c:,}' for n, c in weights.items())}), of which "
-        f"{sum(weights[layer] for layer in setup.measured):,} in pruned layers; "
-        f"{describe(setup)}; {cfg.stack_size} members ({len(setup.layout.branches)} branches x "
-        f"{cfg.replicates} replicates) on {len(devices)} {devices[0].platform} device(s), "
-        f"members by {setup.trainer.members}; record: {out_dir / RECORD_NAME}")
+    total, pruned = sum(weights.values()), sum(weights[layer] for layer in setup.measured)
+    log(f"{setup.model.name} on {setup.data.name}, {total:,} prunable weights"
+        + (f" ({pruned:,} in pruned layers)" if pruned != total else "")
+        + f"; {method(cfg)}; {plural(cfg.stack_size, 'member')} on "
+        f"{plural(len(devices), devices[0].platform)} -> {shown(out_dir)}")
     if setup.chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {setup.chunk} (the gcd of "
             "eval_every, steps and rewind.step); choose multiples of a larger number for speed")
+
+
+def method(cfg: RunConfig) -> str:
+    """The pruning method in a few words (`lottery.setup.describe` says it in full)."""
+    prune, rewind = cfg.prune, cfg.rewind
+    return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
+            + ("" if prune.structure == "weights" else f" of {prune.structure}")
+            + (" at init" if prune.at == "init" else "") + ", "
+            + {"weights": f"rewind to step {rewind.step}",
+               "lr": f"learning rate rewind to step {rewind.step}"}.get(rewind.mode, rewind.mode))
 
 
 def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint, log):
@@ -382,7 +393,8 @@ def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint,
     if checkpoint is None:
         store.clear()
         record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
-                      "prunable_weights": setup.weights, "devices": len(jax.devices()),
+                      "prunable_weights": setup.weights, "pruned_layers": list(setup.measured),
+                      "devices": len(jax.devices()), "members_by": setup.trainer.members,
                       "chunk": setup.chunk})
     else:
         meta = checkpoint.meta

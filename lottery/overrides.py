@@ -41,6 +41,16 @@ def discard_job_dir() -> None:
     discard(Path(job.runtime.output_dir), made)
 
 
+def sweep_dir() -> Path | None:
+    """Inside a Hydra job of a sweep (`-m`), the sweep's folder (`lottery report` on it
+    reports every run of it); None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    job = HydraConfig.get()
+    return Path(job.sweep.dir) if job.mode == RunMode.MULTIRUN else None
+
+
 def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,
                     program: str) -> None:
     """Compose `config_name` (in `conf_dir`) and `validate` it for each value of the command

@@ -109,13 +109,21 @@ TINY_RUN = ["dataset=synthetic", "dataset.train_size=600", "dataset.validation_s
 def test_a_run_on_a_terminal(tmp_path):
     output = run_in_terminal([*TINY_RUN, "hydra.run.dir=run"], tmp_path)
     rows = screen(output)
-    assert "step/s" in output  # the bar was drawn on the way
+    assert "step/s" in output  # the bar was drawn on the way, its density as the lines say it
+    assert "level 1/1 (80.00%)" in output
     assert not [row for row in rows if "step/s" in row], rows  # and is gone: no stale bar
     levels = [row for row in rows if re.match(r"level \d", row)]
     # one row each, nothing of the bar before them; 1 level at rate 0.2 of every layer
     # (235,200, 30,000 and 1,000 weights): 80.00% remaining
     assert [row.split(",")[0] for row in levels] == ["level 0: 100.00% remaining",
                                                      "level 1: 80.00% remaining"], rows
+    # the first row says the essentials (266,200 = 784*300 + 300*100 + 100*10 weights), the
+    # last where the results are and what to run next
+    assert re.fullmatch(r"lenet_300_100 on synthetic, 266,200 prunable weights; "
+                        r"iterative layerwise magnitude pruning, rewind to step 0; "
+                        r"3 members on (1 cpu|2 cpus) -> run",
+                        rows[0]), rows[0]
+    assert rows[-1] == "lottery: results in run; next: lottery report run"
     log = (tmp_path / "run" / "cli.log").read_text().splitlines()
     assert [line.split(" - ", 1)[1].split(",")[0] for line in log if "] - level " in line] == [
         "level 0: 100.00% remaining", "level 1: 80.00% remaining"]

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
 from lottery import overrides
 from lottery.lm.config import ConfigError, LMConfig, validate  # (registers the schema)
+from lottery.terminal import finished
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 CONFIG_NAME = "lm"
@@ -57,6 +58,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
         wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summaries)
+    finished(out_dir, overrides.sweep_dir(), PROGRAM)
 
 
 def print_table(summaries) -> None:
