@@ -23,6 +23,7 @@ from lottery.config import ConfigError, RunConfig, validate
 from lottery.data import DataError
 from lottery.models import ModelError
 from lottery.record import summary_table, wandb_summary
+from lottery.terminal import finished, percent
 from lottery.optim import OptimizerError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -50,18 +51,20 @@ def hydra_main(cfg: DictConfig) -> None:
             from lottery.setup import build, describe
 
             setup = build(run_cfg)
+            overrides.discard_job_dir()  # a check leaves no run directory behind
             print(f"lottery: {run_cfg.name}: config OK: {setup.model.name} on "
                   f"{setup.data.name}, {describe(setup)}; {run_cfg.stack_size} members")
             return
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
-        overrides.fail(str(error), PROGRAM)
+        overrides.refuse_job(str(error), PROGRAM)
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
 
         wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summary_table(summaries))
+    finished(out_dir, overrides.sweep_dir(), PROGRAM)
 
 
 def print_table(table) -> None:
@@ -72,7 +75,7 @@ def print_table(table) -> None:
     for column in ("level", "density", "branch", "test accuracy", "early-stop step", "n"):
         view.add_column(column, justify="left" if column == "branch" else "right")
     for row in table.itertuples():
-        view.add_row(str(row.level), f"{100 * row.density:.2f}%", row.branch,
+        view.add_row(str(row.level), percent(row.density), row.branch,
                      f"{100 * row.accuracy_mean:.2f} ± {100 * row.accuracy_std:.2f}",
                      f"{row.early_stop_step_mean:.0f}",
                      f"{row.replicates}" + (f" (+{row.diverged} diverged)" if row.diverged else ""))

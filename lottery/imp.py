@@ -15,7 +15,6 @@ modes and branches are classes with hooks (`lottery.pruning.schedules`, `.select
 """
 
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from lottery import faults
 from lottery.checkpoint import CheckpointStore
@@ -36,8 +34,9 @@ from lottery.level_start import LevelInputs
 from lottery.record import (RECORD_NAME, JsonlSink, Record, WandbSink, level_file, recorded_rows,
                             rewind_file, save_arrays, trained_file)
 from lottery.rundir import exclusive
-from lottery.setup import Setup, build, describe
+from lottery.setup import Setup, build
 from lottery.state import LevelEntry, MemberState, Network
+from lottery.terminal import percent, plural, progress, say, shown
 
 
 @dataclass
@@ -74,7 +73,7 @@ class Experiment:
     """A run's level loop in `out_dir`: `start_level`, `train_level` and `finish_level` of
     each level, then `close`; resumes from `checkpoint` (`lottery.checkpoint`) if given."""
 
-    def __init__(self, setup: Setup, out_dir: Path, checkpoint=None, log=print):
+    def __init__(self, setup: Setup, out_dir: Path, checkpoint=None, log=say):
         self.setup, self.out_dir, self.checkpoint, self.log = setup, Path(out_dir), checkpoint, log
         self.store = CheckpointStore(self.out_dir / "checkpoints", run_id(setup.cfg.resolved))
         self.record, self.jsonl = open_record(setup, self.out_dir, self.store, checkpoint, log)
@@ -87,16 +86,18 @@ class Experiment:
             self.first_level, self.lost = checkpoint.meta["level"], set(checkpoint.meta["lost"])
         cfg = setup.cfg
         per_level = cfg.train.steps - cfg.rewind.step
-        self.progress = tqdm(total=cfg.train.steps + cfg.prune.levels * per_level, unit="step",
-                             disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        self.progress = progress(cfg.train.steps + cfg.prune.levels * per_level)
         self.progress.update(0 if self.first_level == 0 else
                              cfg.train.steps + (self.first_level - 1) * per_level)
 
     def run(self) -> None:
-        for number in range(self.first_level, self.setup.cfg.prune.levels + 1):
-            level = self.start_level(number)
-            self.train_level(level)
-            self.finish_level(level)
+        try:
+            for number in range(self.first_level, self.setup.cfg.prune.levels + 1):
+                level = self.start_level(number)
+                self.train_level(level)
+                self.finish_level(level)
+        finally:  # stopped or refused too: the bar goes, the terminal is left clean
+            self.progress.close()
         self.close()
 
     def close(self) -> None:
@@ -127,7 +128,7 @@ class Experiment:
             self.evaluate(level)
         density = level.history.densities[-1][setup.layout.ticket.start]  # its last evaluation
         self.progress.set_description(
-            f"level {number}/{setup.cfg.prune.levels} ({100 * density:.1f}%)")
+            f"level {number}/{setup.cfg.prune.levels} ({percent(density)})")
         return level
 
     def level_inputs(self, number: int) -> LevelInputs:
@@ -273,9 +274,9 @@ class Experiment:
         members that did not diverge, the branches' additions, how many diverged."""
         layout, diverged = self.setup.layout, level.history.diverged
         accuracy = np.where(diverged < 0, summary["early_stop_test_accuracy"], np.nan)
-        self.log(f"level {level.number}: {100 * density[layout.ticket.start]:.2f}% remaining, "
+        self.log(f"level {level.number}: {percent(density[layout.ticket.start])} remaining, "
                  f"{seconds:.0f}s; early-stop test accuracy " + ", ".join(
-                     f"{b} {100 * np.nanmean(accuracy[layout.rows(b)]):.2f}%"
+                     f"{b} {percent(np.nanmean(accuracy[layout.rows(b)]))}"
                      for b in layout.branches)
                  + "".join(f"; {words}" for words in additions)
                  + (f"; {np.sum(diverged >= 0)} member(s) diverged"
@@ -324,7 +325,7 @@ def out_of_memory_hint(cfg: RunConfig):
             "smaller train.batch_size or train.eval_batch_size, or more devices") from None
 
 
-def run(cfg: RunConfig, out_dir: Path, log=print, setup: Setup | None = None) -> pd.DataFrame:
+def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> pd.DataFrame:
     """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`).
 
     The run checkpoints itself in `out_dir/checkpoints/` after every level and, within a
@@ -354,17 +355,28 @@ def run(cfg: RunConfig, out_dir: Path, log=print, setup: Setup | None = None) ->
 
 
 def announce(setup: Setup, out_dir: Path, log) -> None:
-    """The run's first log line: model, data, weights, method, stack and devices."""
+    """The run's first log line, one row on a terminal: model, data, prunable weights, method,
+    members and devices, output directory. The per-layer counts, the pruned layers and how
+    members are batched are in the record's `run` row."""
     cfg, weights, devices = setup.cfg, setup.weights, jax.devices()
-    log(f"lottery: {setup.model.name} on {setup.data.name}: {sum(weights.values()):,} prunable "
-        f"weights ({', '.join(f'{n} {c:,}' for n, c in weights.items())}), of which "
-        f"{sum(weights[layer] for layer in setup.measured):,} in pruned layers; "
-        f"{describe(setup)}; {cfg.stack_size} members ({len(setup.layout.branches)} branches x "
-        f"{cfg.replicates} replicates) on {len(devices)} {devices[0].platform} device(s), "
-        f"members by {setup.trainer.members}; record: {out_dir / RECORD_NAME}")
+    total, pruned = sum(weights.values()), sum(weights[layer] for layer in setup.measured)
+    log(f"{setup.model.name} on {setup.data.name}, {total:,} prunable weights"
+        + (f" ({pruned:,} in pruned layers)" if pruned != total else "")
+        + f"; {method(cfg)}; {plural(cfg.stack_size, 'member')} on "
+        f"{plural(len(devices), devices[0].platform)} -> {shown(out_dir)}")
     if setup.chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {setup.chunk} (the gcd of "
             "eval_every, steps and rewind.step); choose multiples of a larger number for speed")
+
+
+def method(cfg: RunConfig) -> str:
+    """The pruning method in a few words (`lottery.setup.describe` says it in full)."""
+    prune, rewind = cfg.prune, cfg.rewind
+    return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
+            + ("" if prune.structure == "weights" else f" of {prune.structure}")
+            + (" at init" if prune.at == "init" else "") + ", "
+            + {"weights": f"rewind to step {rewind.step}",
+               "lr": f"learning rate rewind to step {rewind.step}"}.get(rewind.mode, rewind.mode))
 
 
 def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint, log):
@@ -381,7 +393,8 @@ def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint,
     if checkpoint is None:
         store.clear()
         record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
-                      "prunable_weights": setup.weights, "devices": len(jax.devices()),
+                      "prunable_weights": setup.weights, "pruned_layers": list(setup.measured),
+                      "devices": len(jax.devices()), "members_by": setup.trainer.members,
                       "chunk": setup.chunk})
     else:
         meta = checkpoint.meta

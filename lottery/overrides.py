@@ -10,15 +10,45 @@ the root of its schema (which names the nearest key of a typo) and its program n
 """
 
 import sys
+from pathlib import Path
 
 from lottery.config import unknown_in_file, unknown_override
 from lottery.options import ConfigError
+from lottery.rundir import discard
 
 
 def fail(message: str, program: str) -> None:
     """`<program>: error: <message>` on stderr, exit status 2."""
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def refuse_job(message: str, program: str) -> None:
+    """A refusal inside a Hydra job (a config the pre-check cannot validate, data found bad
+    at load, a directory in use): the job's run directory is removed where it holds only what
+    starting the job made (`discard_job_dir`), then `fail`."""
+    discard_job_dir()
+    fail(message, program)
+
+
+def discard_job_dir() -> None:
+    """Remove the Hydra job's run directory where it holds nothing but what Hydra made when
+    the job started, its `.hydra/` and its job log (`lottery.rundir.discard`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    made = tuple(name for name in (job.output_subdir, f"{job.job.name}.log") if name)
+    discard(Path(job.runtime.output_dir), made)
+
+
+def sweep_dir() -> Path | None:
+    """Inside a Hydra job of a sweep (`-m`), the sweep's folder (`lottery report` on it
+    reports every run of it); None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    job = HydraConfig.get()
+    return Path(job.sweep.dir) if job.mode == RunMode.MULTIRUN else None
 
 
 def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,

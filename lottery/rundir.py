@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -87,3 +88,40 @@ def _refusal(out_dir: Path, fd: int) -> str:
         who = f"unknown: {os.path.realpath(out_dir / LOCK_NAME)} does not say"
     return (f"{out_dir} is in use by another run ({who}): wait for it to finish, or stop "
             "that process; in a sweep, rerun later: finished runs are skipped")
+
+
+def discard(out_dir: Path, made: tuple[str, ...]) -> bool:
+    """Remove `out_dir` where it holds nothing but what starting a run put there: `made`
+    (Hydra's `.hydra/` and job log) and a lock file no process holds; then its parents
+    left empty, up to the working directory. A refused run (or `lottery check`) so leaves
+    nothing behind, while a directory holding anything else (a run's record, a run that
+    holds the lock, files of the user's) is left as it is. True where it was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or any(p.name not in {*made, LOCK_NAME} for p in out_dir.iterdir()):
+        return False
+    lock = out_dir / LOCK_NAME
+    if (os.getpid(), os.path.realpath(lock)) in _held:
+        return False  # this process's run (and closing a descriptor would unlock it)
+    fd = os.open(lock, os.O_RDWR) if lock.exists() else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.EACCES, errno.EAGAIN):
+                    return False  # another process's run is starting here
+        for path in out_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    finally:
+        if fd is not None:
+            os.close(fd)
+    cwd, parent = Path.cwd().resolve(), out_dir.resolve().parent
+    try:
+        if out_dir.resolve() != cwd:  # `hydra.run.dir=.`: the files go, the directory stays
+            out_dir.rmdir()
+        while cwd in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    except OSError:  # another run made something there meanwhile: it stays
+        pass
+    return True

@@ -37,6 +37,9 @@ CASES = {
                      "missing"),
     "corrupt_data": (["dataset=mnist"], r"train-images-idx3-ubyte is corrupt \(sha256 mismatch\)",
                      "corrupt"),
+    # a config that uses `${hydra:...}` is validated inside the Hydra job, not by the pre-check
+    "hydra_interpolation": (SMALL + ["name=${hydra:job.name}", "train.steps=0"],
+                            r"train\.steps=0 must be at least 1$", None),
 }
 
 
@@ -93,6 +96,7 @@ def check_failure(result, run_dir, case_root, pattern):
     assert match, lines[0]
     assert not list(case_root.rglob("record.jsonl"))
     assert not (case_root / "outputs").exists()
+    assert not run_dir.exists()  # nor a stub of Hydra's (.hydra/, cli.log) from a job refused
     return match
 
 
@@ -277,3 +281,4 @@ def test_check_builds_a_good_config_and_trains_nothing(tmp_path):
         "of weights by magnitude scores of the trained network; weights rewound to step 0; "
         "6 members"]
     assert not list(tmp_path.rglob("record.jsonl")) and not list(tmp_path.rglob("checkpoints"))
+    assert not (tmp_path / "run").exists()  # a check leaves no run directory behind

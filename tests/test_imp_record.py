@@ -3,6 +3,7 @@ summaries, exact densities, rewinding to step k > 0, and `lottery.record.load`."
 
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -78,11 +79,38 @@ def test_first_row_describes_the_run(main_run):
     assert first["kind"] == "run"
     assert first["name"] == "default"
     assert first["prunable_weights"] == WEIGHTS
+    assert first["pruned_layers"] == list(LAYERS)  # the default prunes every layer
+    assert first["members_by"] in ("map", "vmap")
     assert first["chunk"] == 20
     assert first["devices"] == len(jax.devices())
     assert first["config"] == main_run.cfg.resolved
     assert first["config"]["train"]["steps"] == 40
     assert [json.loads(line)["kind"] for line in lines[1:]].count("run") == 0
+
+
+def test_first_log_line_says_the_essentials_in_one_row(main_run):
+    """Model, data, prunable weights (784*300 + 300*100 + 100*10), method, members and
+    devices, output directory; the per-layer counts are in the run row (above)."""
+    devices = len(jax.devices())
+    head = (f"lenet_300_100 on synthetic, 266,200 prunable weights; iterative layerwise "
+            f"magnitude pruning, rewind to step 0; 6 members on {devices} "
+            f"cpu{'s' if devices > 1 else ''} -> ")
+    assert main_run.logs[0] == head + str(main_run.dir)
+    # one row of a terminal with the default output directory
+    assert len(head + "outputs/default/0123456789") <= 160
+
+
+def test_level_lines_round_as_the_table(main_run):
+    """Densities (by hand, as in the table's test below) and accuracies with 2 decimals."""
+    prune = main_run.cfg.resolved["prune"]
+    levels = [line for line in main_run.logs if line.startswith("level ")]
+    assert len(levels) == LEVELS + 1
+    for level, line in enumerate(levels):
+        assert line.startswith(f"level {level}: {100 * remaining_fraction(prune, level):.2f}% "
+                               "remaining, "), line
+        accuracies = re.findall(r"(\w+) (\d+\.\d+)%", line.split("accuracy ", 1)[1])
+        assert [b for b, _ in accuracies] == list(BRANCHES), line
+        assert all(len(value.split(".")[1]) == 2 for _, value in accuracies), line
 
 
 def test_eval_rows_have_every_column_and_evaluation(evals):

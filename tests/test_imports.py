@@ -18,6 +18,7 @@ LEAVES = {  # module (or package): the lottery modules it may import
     "lottery.atomic": set(),
     "lottery.identity": set(),
     "lottery.faults": set(),
+    "lottery.terminal": set(),
     "lottery.record": {"lottery.atomic", "lottery.identity"},
     "lottery.checkpoint": {"lottery.atomic", "lottery.faults"},
 }

@@ -345,7 +345,7 @@ def test_a_latency_budget_the_dense_model_meets_is_refused(tmp_path):
     run = budget.BudgetRun(cfg, tmp_path)
     with pytest.raises(ConfigError, match="already met by the dense model"):
         run.check_latency(gpt.init(cfg.dense_model, jax.random.key(0)))
-    run.record.close()
+    assert not list(tmp_path.iterdir())  # the record is opened once the request is feasible
 
 
 def test_bad_request_from_the_command_line(tmp_path):
@@ -355,6 +355,20 @@ def test_bad_request_from_the_command_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "removes every head of layer 1" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "record.jsonl").exists()
+
+
+def test_a_corpus_refused_at_load_leaves_no_run_directory(tmp_path):
+    """Found inside the Hydra job (the pre-check does not read the corpus): one line, exit 2,
+    and neither a record nor Hydra's stub (.hydra/, cli.log) left behind."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    done = subprocess.run([sys.executable, "-m", "lottery.cli", "lm", *TINY,
+                           f"data.source={empty}", f"hydra.run.dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"lottery lm: error: the corpus '{empty}' is empty; give a file with " \
+        "text in it\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
 
 
 # -- the budget loop end to end ---------------------------------------------------------------
@@ -601,7 +615,6 @@ def test_a_diverged_evaluation_is_recorded_as_none_and_never_the_early_stop(tiny
     nan = run.evaluate(tiny.cfg.dense_model, jax.tree.map(lambda p: p * np.nan,
                                                     tiny.fits["dense", 0].params))
     assert set(nan) == set(budget.METRICS) and set(nan.values()) == {None}
-    run.record.close()
 
 
 def test_prune_fine_tunes_on_the_lm_loss_without_the_teacher(tiny):

@@ -135,3 +135,48 @@ def test_two_identical_commands_give_one_record(tmp_path):
     assert summaries == {(level, b) for level in range(3) for b in BRANCHES}
     finals = {(r["level"], r["branch"]) for r in rows if r["kind"] == "eval" and r["step"] == 40}
     assert finals == summaries
+
+
+# ------------------------------------------- a refused run's directory (`rundir.discard`)
+
+
+def stub(run_dir: Path, *extra: str) -> Path:
+    """What a Hydra job makes when it starts (`.hydra/` with its three files, the job log),
+    and `extra` empty files beside them."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).write_text("x: 1\n")
+    for name in ("cli.log", *extra):
+        (run_dir / name).write_text("")
+    return run_dir
+
+
+def test_discard_removes_a_stub_and_the_parents_it_left_empty(tmp_path, monkeypatch):
+    from lottery.rundir import discard
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "other").mkdir(parents=True)  # keeps outputs/ non-empty
+    run_dir = stub(tmp_path / "outputs" / "default" / "abc", LOCK_NAME)
+    assert discard(run_dir, (".hydra", "cli.log"))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "outputs", "outputs/other"]
+
+
+def test_discard_keeps_a_run_a_held_directory_and_the_working_directory(tmp_path, monkeypatch):
+    from lottery.rundir import discard
+
+    monkeypatch.chdir(tmp_path)
+    made = (".hydra", "cli.log")
+    run = stub(tmp_path / "run", "record.jsonl")  # a run's record: not a stub
+    assert not discard(run, made) and (run / "record.jsonl").exists()
+    held = stub(tmp_path / "held")
+    holder = hold(held)  # a run starting there holds the lock
+    try:
+        assert not discard(held, made) and (held / ".hydra" / "hydra.yaml").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert discard(held, made) and not held.exists()  # once no one holds it
+    here = stub(tmp_path / "here")
+    monkeypatch.chdir(here)  # hydra.run.dir=.: the files go, the working directory stays
+    assert discard(here, made) and here.is_dir() and not any(here.iterdir())

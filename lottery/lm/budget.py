@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lottery.history import early_stop_summary, recorded
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
@@ -40,13 +39,15 @@ from lottery.lm.config import ConfigError, LMConfig
 from lottery.lm.scores import scores
 from lottery.record import RECORD_NAME, JsonlSink, Record, WandbSink
 from lottery.seeds import member_keys
+from lottery.terminal import progress, say
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy", "val_bits_per_byte",
            "bits_per_byte", "perplexity")
 
 
 def log(message: str) -> None:
-    print(f"lottery lm: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, above the progress bar (`lottery.terminal.say`)."""
+    say(f"lottery lm: {message}", file=sys.stderr)
 
 
 def bits(value) -> str:
@@ -89,13 +90,17 @@ class BudgetRun:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
         self.dense_params = gpt.param_count(cfg.dense_model)
+        self.record = None  # opened by `run` once the request is known to be feasible
+        self.summaries: list[dict] = []
+
+    def open_record(self) -> Record:
+        """The run's record (JSONL, and W&B where configured)."""
+        cfg = self.cfg
         sinks = [JsonlSink(self.out_dir / RECORD_NAME)]
         if cfg.logger.name == "wandb":
-            sinks.append(WandbSink(cfg.logger.project, cfg.name,
-                                   cfg.resolved, self.out_dir,
+            sinks.append(WandbSink(cfg.logger.project, cfg.name, cfg.resolved, self.out_dir,
                                    cfg.logger.init_timeout))
-        self.record = Record(sinks)
-        self.summaries: list[dict] = []
+        return Record(sinks)
 
     # -- pieces ------------------------------------------------------------------------
     def key(self, branch: str, purpose: str, level: int = 0):
@@ -148,7 +153,7 @@ class BudgetRun:
         `row` and step = row["step"] + steps done. Returns (params, eval rows)."""
         opt_state, done, history = trainer.init(params), 0, []
         masks = _device_masks(gpt.full_masks(trainer.config) if masks is None else masks)
-        with tqdm(total=steps, desc=desc, leave=False, disable=None) as bar:
+        with progress(steps, desc) as bar:
             while done < steps:
                 count = min(every, steps - done)
                 params, opt_state, loss = trainer.run(params, opt_state, masks, key, done,
@@ -307,7 +312,8 @@ class BudgetRun:
         cfg = self.cfg
         started = time.perf_counter()
         init_params = gpt.init(cfg.dense_model, self.key("dense", "init"))
-        self.check_latency(init_params)
+        self.check_latency(init_params)  # a refused request leaves no record behind
+        self.record = self.open_record()
         self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                            "dense_params": self.dense_params, "corpus": self.data.description,
                            "budget_kind": cfg.budget_kind, "budget_targets": list(cfg.targets)})

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
 from lottery import overrides
 from lottery.lm.config import ConfigError, LMConfig, validate  # (registers the schema)
+from lottery.terminal import finished
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 CONFIG_NAME = "lm"
@@ -50,13 +51,14 @@ def hydra_main(cfg: DictConfig) -> None:
         with exclusive(out_dir):  # one writer per run directory, as for `lottery`
             summaries = budget.run(run_cfg, out_dir)
     except ConfigError as error:
-        overrides.fail(str(error), PROGRAM)
+        overrides.refuse_job(str(error), PROGRAM)
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
         from lottery.record import wandb_summary
 
         wandb_summary(out_dir, summary_figures(summaries, out_dir, run_cfg.name))
     print_table(summaries)
+    finished(out_dir, overrides.sweep_dir(), PROGRAM)
 
 
 def print_table(summaries) -> None:
