@@ -12,7 +12,7 @@ the root of its schema (which names the nearest key of a typo) and its program n
 import sys
 from pathlib import Path
 
-from lottery.config import unknown_in_file, unknown_override
+from lottery.config import keys, unknown_in_file, unknown_override
 from lottery.options import ConfigError
 from lottery.rundir import discard
 
@@ -51,6 +51,27 @@ def sweep_dir() -> Path | None:
     return Path(job.sweep.dir) if job.mode == RunMode.MULTIRUN else None
 
 
+def unknown_name(override, groups: list[str], root) -> str | None:
+    """One line for a plain override whose name is neither a key of the schema `root` nor
+    one of the config's `groups` (`experimnt=lenet_mnist`), naming the nearest of both
+    (Hydra would advise `+experimnt=...`, which then fails too); None for any other."""
+    from difflib import get_close_matches
+
+    from hydra.core.override_parser.types import OverrideType
+
+    name = override.key_or_group.split("@")[0]
+    if override.type != OverrideType.CHANGE or "." in name or "/" in name:
+        return None  # +add, ~delete, nested keys and hydra/...: Hydra's and the schema's checks
+    known = [key for key in keys(root) if key not in groups]
+    if name in known or name in groups or name == "hydra":
+        return None
+    close = get_close_matches(name, groups + known, n=1)
+    value = override.input_line.split("=", 1)[1] if "=" in override.input_line else "..."
+    hint = f" (did you mean {close[0]}={value}?)" if close else ""
+    return (f"{name} is not a config key or group{hint}; the groups are {', '.join(groups)} "
+            f"(group=option), the keys {', '.join(known)}")
+
+
 def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,
                     program: str) -> None:
     """Compose `config_name` (in `conf_dir`) and `validate` it for each value of the command
@@ -85,6 +106,11 @@ def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, 
                        for value in list(override.sweep_string_iterator())[1:]]
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        choices = compose(config_name, return_hydra_config=True).hydra.runtime.choices
+        groups = sorted(group for group in choices if not group.startswith("hydra"))
+        for override in parsed:
+            if message := unknown_name(override, groups, root):
+                fail(message, program)
         for trial in trials:
             job = " ".join(t for t in trial if t.split("=", 1)[0] in swept)
             where = f" (overrides: {job})" if job else ""  # which job of a sweep

@@ -154,6 +154,28 @@ def test_check_overrides_fails_fast_on_every_sweep_value(args, message, capsys):
     assert re.search(message, err[0]), err[0]
 
 
+IMP_GROUPS = ("the groups are dataset, experiment, logger, model, optimizer, prune, rewind "
+              "(group=option), the keys name, seed, replicates, branches, train")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["experimnt=lenet_mnist"], "lottery: error: experimnt is not a config key or group (did "
+     f"you mean experiment=lenet_mnist?); {IMP_GROUPS}"),
+    (["-m", "sed=0,1"], f"lottery: error: sed is not a config key or group (did you mean "
+     f"seed=0,1?); {IMP_GROUPS}"),
+    (["qqq=1"], f"lottery: error: qqq is not a config key or group; {IMP_GROUPS}"),
+])
+def test_a_mistyped_group_or_key_names_the_nearest(args, line, capsys):
+    """Not Hydra's advice (`+experimnt=...`, which then fails too): the nearest group or key,
+    with the value the user gave (issue 17.1)."""
+    from lottery.cli import check_overrides
+
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_check_overrides_accepts_good_sweeps_and_leaves_hydra_flags_alone():
     from lottery.cli import check_overrides
 

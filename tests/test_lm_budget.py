@@ -291,6 +291,17 @@ def test_a_typo_names_the_nearest_key(capsys):
         "keys of prune are score, structures, fraction, score_batches, max_rounds, remove\n")
 
 
+def test_a_mistyped_group_names_the_nearest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        lm_cli.main(["experimnt=lm_tiny"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "lottery lm: error: experimnt is not a config key or group (did you mean "
+        "experiment=lm_tiny?); the groups are experiment, logger (group=option), the keys "
+        "task, name, seed, data, model, pretrain, prune, finetune, budget, variants, "
+        "baselines, quantize, measure\n")
+
+
 def test_a_bad_sweep_value_stops_before_any_job(monkeypatch, capsys):
     """Each value of a `-m` sweep is composed and validated on its own before Hydra starts
     the first job (which would train the good value first)."""
