@@ -21,6 +21,13 @@ def recorded(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def recorded_evaluation(values: dict) -> dict:
+    """One member's evaluation as recorded: every value None once any is not finite
+    (diverged: its accuracies are meaningless too, the argmax of NaN)."""
+    values = {name: recorded(value) for name, value in values.items()}
+    return dict.fromkeys(values) if None in values.values() else values
+
+
 def early_stop_summary(steps: list[int], history: dict[str, np.ndarray],
                        densities: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Final and early-stop (first minimum of validation loss) values, per member.
@@ -70,14 +77,15 @@ class LevelHistory:
         for m, (branch, replicate) in enumerate(self.members):
             if self.diverged[m] >= 0:
                 continue  # a diverged member is no longer recorded
-            values = {metric: recorded(metrics[metric][m]) for metric in METRICS}
-            loss = None if train_loss is None else recorded(train_loss[m])
-            if None in values.values() or (train_loss is not None and loss is None):
-                self.diverged[m] = step  # its accuracies are meaningless too (argmax of NaN)
-                values, loss = dict.fromkeys(values), None
+            evaluation = {metric: metrics[metric][m] for metric in METRICS}
+            if train_loss is not None:
+                evaluation["train_loss"] = train_loss[m]
+            values = recorded_evaluation(evaluation)
+            if values["val_loss"] is None:
+                self.diverged[m] = step
             rows.append({"kind": "eval", "level": self.level, "branch": branch,
                          "replicate": replicate, "density": float(density[m]), "step": step,
-                         **values, "train_loss": loss})
+                         **values, "train_loss": values.get("train_loss")})
         return rows
 
     def summary(self) -> dict[str, np.ndarray]:

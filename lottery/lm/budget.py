@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from lottery.history import early_stop_summary, recorded
+from lottery.history import early_stop_summary, recorded, recorded_evaluation
 from lottery.lm import baselines, corpus, gpt, measure, prune, quantize, train
 from lottery.lm.compact import check_masks, compact, compacted_config
 from lottery.lm.config import ConfigError, LMConfig
@@ -123,10 +123,7 @@ class BudgetRun:
                   "test_accuracy": test_acc, "val_bits_per_byte": corpus.bits_per_byte(val_loss),
                   "bits_per_byte": corpus.bits_per_byte(test_loss),
                   "perplexity": float(np.exp(test_loss))}
-        values = {name: recorded(value) for name, value in values.items()}
-        if None in values.values():  # diverged: its accuracies are meaningless too (argmax
-            return dict.fromkeys(values)  # of NaN), as in the IMP levels' history
-        return values
+        return recorded_evaluation(values)  # all None once diverged, as in the IMP levels
 
     def size(self, config, params) -> dict:
         """Parameters, bytes and measured tokens/s of a compacted (or quantized) model."""
