@@ -42,7 +42,7 @@ import numpy as np
 
 from lottery.history import recorded
 from lottery.instability import POINTS, barrier, interpolation_errors
-from lottery.options import ConfigError
+from lottery.options import ConfigError, override
 from lottery.pruning.masks import apply_masks
 from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
@@ -122,11 +122,14 @@ class Shuffle(Branch):
     def check(self, cfg):
         mode = cfg.rewind.mode
         if cfg.prune.schedule == "iterative" and mode != "weights":
+            random = [b for b in cfg.branches if b != "shuffle"]
+            random += [] if "random_prune" in random else ["random_prune"]
+            fix = override("branches", random)
             raise ConfigError(f"branches include shuffle, which permutes the ticket's mask over "
                               f"the whole layer: with rewind.mode={mode} and iterative pruning "
                               "it would start weights pruned at earlier levels again at exactly "
-                              "0; use random_prune (which then draws among the trained "
-                              "survivors), or rewind.mode=weights")
+                              f"0; use {fix} (random_prune draws among the trained "
+                              "survivors), or rewind.mode=weights", key="branches", fix=fix)
 
 
 class Inverted(Branch):

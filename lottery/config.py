@@ -31,12 +31,14 @@ from lottery.data import DATASETS, DataError, describe
 from lottery.durations import to_steps
 from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
-from lottery.options import ConfigError, boolean, choice, duration, fraction, integer
+from lottery.options import (ConfigError, boolean, choice, duration, fraction, integer,
+                             override)
 from lottery.platform import MEMBER_MODES
 from lottery.pruning.prune import PrunePlan
 from lottery.pruning.schedules import SCHEDULES
 from lottery.pruning.scores import SCORES
 from lottery.pruning.select import Method
+from lottery.pruning.structured import StructureError, model_groups
 from lottery.rewind import REWINDS
 
 __all__ = ["ConfigError", "RunConfig", "validate"]  # ConfigError lives in lottery.options
@@ -361,12 +363,26 @@ def with_defaults(raw: dict, cls) -> dict:
     return out
 
 
-_FITTING = set()  # (model, input shape, classes, options) that build: a command validates twice
+_SPECS = {}  # (model, input shape, classes, options) -> its abstract ModelSpec: a command
+#               validates twice
+
+
+def unit_groups(structure: str, model) -> tuple:
+    """The groups of units (`lottery.pruning.structured`) that `prune.structure` removes from
+    `model` (a ModelSpec); one `ConfigError` where it has none."""
+    try:
+        return model_groups(model, structure)
+    except StructureError as error:
+        kinds = sorted({group.kind for group in model.groups}) or ["weights"]
+        fix = override("prune.structure", kinds[0])
+        raise ConfigError(f"prune.structure={structure}: {error}: use {fix}",
+                          key="prune.structure", fix=fix) from None
 
 
 def _check_inputs(cfg: RunConfig) -> None:
-    """The dataset's options and sizes, and the model against the dataset's input shape,
-    without loading any data (the model is built abstractly: no weights are made)."""
+    """The dataset's options and sizes, the model against the dataset's input shape, and the
+    pruned layers or units against the model, without loading any data (the model is built
+    abstractly: no weights are made)."""
     name = cfg.dataset["name"]
     try:
         data = describe(name, **{k: v for k, v in cfg.dataset.items() if k != "name"})
@@ -379,12 +395,15 @@ def _check_inputs(cfg: RunConfig) -> None:
                           f"{data.train_size} training examples of {name}: use a smaller batch")
     options = {k: v for k, v in cfg.model.items() if k != "name"}
     key = (cfg.model["name"], data.input_shape, data.num_classes, repr(sorted(options.items())))
-    if key not in _FITTING:
+    if key not in _SPECS:
         try:
-            build_model(cfg.model["name"], data.input_shape, data.num_classes, **options)
+            _SPECS[key] = build_model(cfg.model["name"], data.input_shape, data.num_classes,
+                                      **options)
         except ModelError as error:
             raise ConfigError(str(error)) from None
-        _FITTING.add(key)
+    if cfg.prune.structure != "weights":  # the weights' names were matched by `_prune`
+        groups = unit_groups(cfg.prune.structure, _SPECS[key])
+        cfg.prune_plan(tuple(group.name for group in groups))
 
 
 def _flatten(mapping: dict, prefix: str = "") -> dict:
@@ -399,30 +418,48 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _matching(pattern, prunable, model: str, structure: str = "weights") -> list[str]:
+def _matching(pattern, prunable) -> list[str]:
     """The prunable layers (or structure groups) a name or shell-style pattern (`convs.*`,
     `stage?.*.conv1`) names."""
-    hits = [layer for layer in prunable if fnmatchcase(layer, str(pattern))]
-    if not hits:
-        what = "prunable layer" if structure == "weights" else f"{structure[:-1]} group"
-        extra = ("" if structure == "weights" else
-                 " (an output layer's units are the classes: never removed)")
-        raise ConfigError(f"prune layer {pattern!r} is not a {what} of {model}; its "
-                          f"{what}s are {', '.join(prunable)}{extra}")
-    return hits
+    return [layer for layer in prunable if fnmatchcase(layer, str(pattern))]
+
+
+def _no_such(key: str, missing: list, kept: list, prunable, model: str, structure: str):
+    """The error for names in `key` (prune.layers or prune.layer_rates) that match none of
+    `prunable`, with the override that removes them: `~key.name` each, or `key=null` (or
+    `prune.layers=[kept]`) where every name misses or a name is a pattern."""
+    what = "prunable layer" if structure == "weights" else f"{structure[:-1]} group"
+    extra = ("" if structure == "weights" else
+             "; an output layer's units are the classes: never removed")
+    if key == "prune.layers":
+        fix = override(key, kept or None)
+    elif kept and all(re.fullmatch(r"\w+", str(name)) for name in missing):
+        fix = " ".join(f"~{key}.{name}" for name in missing)
+    else:
+        fix = override(key, None)
+    names = ", ".join(repr(str(name)) for name in missing)
+    return ConfigError(f"{key} names {names}, not a {what} of {model} (its {what}s are "
+                       f"{', '.join(prunable)}{extra}): drop {'it' if len(missing) == 1 else 'them'}"
+                       f" with {fix}", key=key, fix=fix)
 
 
 def _resolve(layer_rates: dict, layers, prunable, model: str, structure: str = "weights"):
     """`(layer_rates, layers)` with their names and patterns matched against `prunable`: an
     exact name beats any pattern, wherever it is listed."""
     if layers is not None:
-        matched = {hit for pattern in layers
-                   for hit in _matching(pattern, prunable, model, structure)}
+        missing = [pattern for pattern in layers if not _matching(pattern, prunable)]
+        if missing:
+            kept = [pattern for pattern in layers if pattern not in missing]
+            raise _no_such("prune.layers", missing, kept, prunable, model, structure)
+        matched = {hit for pattern in layers for hit in _matching(pattern, prunable)}
         layers = tuple(layer for layer in prunable if layer in matched)
+    missing = [pattern for pattern in layer_rates if not _matching(pattern, prunable)]
+    if missing:
+        kept = [pattern for pattern in layer_rates if pattern not in missing]
+        raise _no_such("prune.layer_rates", missing, kept, prunable, model, structure)
     rates = {}
     for pattern, rate in layer_rates.items():
-        hits = [hit for hit in _matching(pattern, prunable, model, structure)
-                if layers is None or hit in layers]
+        hits = [hit for hit in _matching(pattern, prunable) if layers is None or hit in layers]
         if not hits:
             raise ConfigError(f"prune.layer_rates names {pattern}, which prune.layers="
                               f"{list(layers)} leaves out")

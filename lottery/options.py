@@ -9,7 +9,21 @@ from lottery.durations import DurationError, parse_duration
 
 
 class ConfigError(Exception):
-    """A config value that cannot run; the message names the key and how to fix it."""
+    """A config value that cannot run; the message names the key and how to fix it. Where
+    one setting is at fault and one override mends it, `key` names the setting and `fix`
+    the override (also in the message): the command line's pre-check then says when a
+    preset, not the user, set `key` (`lottery.overrides`)."""
+
+    def __init__(self, message: str, key: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.key, self.fix = key, fix
+
+
+def override(key: str, value) -> str:
+    """`key=value` as one would type it on the command line: `branches=[ticket,reinit]`."""
+    if isinstance(value, (list, tuple)):
+        value = f"[{','.join(str(v) for v in value)}]"
+    return f"{key}={'null' if value is None else value}"
 
 
 def integer(value, key: str, low: int, why: str = "") -> int:

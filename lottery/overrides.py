@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lottery.config import keys, unknown_in_file, unknown_override
-from lottery.options import ConfigError
+from lottery.options import ConfigError, override
 from lottery.rundir import discard
 
 
@@ -70,6 +70,33 @@ def unknown_name(override, groups: list[str], root) -> str | None:
     hint = f" (did you mean {close[0]}={value}?)" if close else ""
     return (f"{name} is not a config key or group{hint}; the groups are {', '.join(groups)} "
             f"(group=option), the keys {', '.join(known)}")
+
+
+def preset_source(key: str | None, trial: list[str], config_name: str, composed) -> str:
+    """`; K=V comes from experiment=X, not from your overrides` where the setting at fault
+    (`key`, from `ConfigError.key`) was set by the preset that `trial` chooses and by none of
+    its other overrides, so that a user who never wrote it learns where it is from; '' for
+    any other. Composes `config_name` with the preset alone (inside Hydra's initialize)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    presets = [line for line in trial if line.split("=", 1)[0] == "experiment"]
+    if key is None or not presets:
+        return ""
+    for line in trial:
+        name = line.split("=", 1)[0].lstrip("~+")
+        if name != "experiment" and (name == key or f"{name}.".startswith(f"{key}.")
+                                     or key.startswith(f"{name}.")):
+            return ""  # the user wrote it (or a part of it, or the section that holds it)
+    value = OmegaConf.select(composed, key)
+    if value != OmegaConf.select(compose(config_name, overrides=presets), key):
+        return ""  # an override changed it after all
+    if value == OmegaConf.select(compose(config_name), key):
+        return ""  # the default, not the preset's
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if isinstance(value, dict):
+        value = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return f"; {override(key, value)} comes from {presets[0]}, not from your overrides"
 
 
 def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,
@@ -142,4 +169,5 @@ def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, 
             try:
                 validate(OmegaConf.create(task))
             except ConfigError as error:
-                fail(f"{error}{where}", program)
+                source = preset_source(error.key, trial, config_name, composed)
+                fail(f"{error}{where}{source}", program)

@@ -11,7 +11,7 @@ from functools import cached_property
 import jax
 
 from lottery.branches import BRANCHES, branch_of, members_of
-from lottery.config import ConfigError, RunConfig
+from lottery.config import ConfigError, RunConfig, unit_groups
 from lottery.data import Dataset, load_dataset
 from lottery.level_start import LevelPrograms, level_programs
 from lottery.models import ModelSpec, build_model
@@ -19,7 +19,6 @@ from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PlanError, PrunePlan
 from lottery.pruning.schedules import SCHEDULES, Schedule
 from lottery.pruning.select import Method
-from lottery.pruning.structured import StructureError, model_groups
 from lottery.pruning.units import Structures, Weights
 from lottery.rewind import REWINDS
 from lottery.state import Layout, Network
@@ -66,10 +65,7 @@ def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Struc
     if cfg.prune.structure == "weights":
         plan = cfg.prune_plan(model.prunable)
         return plan, Weights(plan.layers)
-    try:
-        groups = model_groups(model, cfg.prune.structure)
-    except StructureError as error:
-        raise ConfigError(f"prune.structure={cfg.prune.structure}: {error}") from None
+    groups = unit_groups(cfg.prune.structure, model)
     plan = cfg.prune_plan(tuple(group.name for group in groups))
     return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 

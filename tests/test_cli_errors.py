@@ -127,9 +127,11 @@ def test_bad_input_fails_with_one_line(results, name):
     (["rewind.step=41"], r"rewind\.step=41 must be below train\.steps=40"),
     (["rewind.step=-1"], r"rewind\.step=-1 must not be negative"),
     (["replicates=0"], r"replicates=0 must be at least 1"),
-    (["+prune.layer_rates.fc9=0.1"], r"prune layer 'fc9' is not a prunable layer"),
+    (["+prune.layer_rates.fc9=0.1"], r"prune\.layer_rates names 'fc9', not a prunable layer "
+                                     r".*: drop it with prune\.layer_rates=null$"),
     (["+prune.layer_rates.out=1.0"], r"prune\.layer_rates\.out=1\.0 must be in \[0, 1\)"),
-    (["prune.layers=[fc1,conv]"], r"prune layer 'conv' is not a prunable layer"),
+    (["prune.layers=[fc1,conv]"], r"prune\.layers names 'conv', not a prunable layer .*: "
+                                  r"drop it with prune\.layers=\[fc1\]$"),
     (["prune.scope=neuron"], r"prune\.scope='neuron' is unknown"),
     (["logger=wandb", "logger.name=tensorboard"], r"logger='tensorboard' is unknown"),
 ])

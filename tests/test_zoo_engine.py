@@ -629,8 +629,9 @@ def test_a_nested_override_is_one_dotted_layer_name():
 @pytest.mark.parametrize("override", ["prune.layer_rates={stage*: 0.1}",
                                       "+prune.layer_rates.convs.2=0.1", "prune.layers=[layers.*]"])
 def test_a_name_or_pattern_matching_no_layer_is_refused(override):
-    with pytest.raises(ConfigError, match=r"prune layer '[^']+' is not a prunable layer of conv2; "
-                                          r"its prunable layers are convs\.0, convs\.1, fc1, fc2, out"):
+    with pytest.raises(ConfigError, match=r"prune\.layer(_rate)?s names '[^']+', not a prunable "
+                                          r"layer of conv2 \(its prunable layers are convs\.0, "
+                                          r"convs\.1, fc1, fc2, out\)"):
         validate(compose_list(["model=conv2", override]))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from lottery.options import ConfigError, duration
+from lottery.options import ConfigError, duration, override
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_counts
 from lottery.state import LevelEntry
 
@@ -97,11 +97,15 @@ class Gradual(Schedule):
         if list(cfg.branches) != ["ticket"]:
             raise ConfigError(f"prune.schedule=gradual prunes while one network trains, so "
                               f"branches={list(cfg.branches)} cannot be built: use "
-                              "branches=[ticket]")
-        if cfg.prune.score != "magnitude" or cfg.prune.at != "trained":
+                              "branches=[ticket]", key="branches", fix="branches=[ticket]")
+        wrong = [override(key, want) for key, have, want in (
+            ("prune.score", cfg.prune.score, "magnitude"), ("prune.at", cfg.prune.at, "trained"))
+            if have != want]
+        if wrong:
+            fix = " ".join(wrong)
             raise ConfigError("prune.schedule=gradual prunes by the magnitude of the weights as "
-                              "they train (Zhu & Gupta 2017): use prune.score=magnitude and "
-                              "prune.at=trained")
+                              f"they train (Zhu & Gupta 2017): use {fix}",
+                              key=wrong[-1].split("=")[0], fix=fix)
         known = (cfg.train.steps, cfg.rewind.step, gradual.start, gradual.every, gradual.end)
         if all(isinstance(v, int) for v in known if v is not None):  # else: once data loads
             cls.from_config(cfg)
