@@ -1,7 +1,7 @@
 """`lottery report DIR`: the standard plots and a Markdown summary of a run or a sweep.
 
-    lottery report outputs/lenet_mnist/5c0ffee123                 # one run
-    lottery report multirun/default                               # Hydra -m sweeps' runs
+    lottery report outputs/lenet_mnist/<run id>                   # one run
+    lottery report multirun/lenet_mnist                           # the runs of -m sweeps
 
 Writes into DIR (or `--out`): `report.md` (per combination of a sweep's swept values, the
 summary table of `lottery.record.markdown_table`: per level and branch, early-stop step and

@@ -1,7 +1,7 @@
 """Results of one run, a Hydra sweep, or several of either, as one tidy pandas DataFrame.
 
     from lottery.analysis import results
-    summaries = results.load("multirun/default", kind="summary")
+    summaries = results.load("multirun/lenet_mnist", kind="summary")
     results.swept(summaries)            # ["rewind.step"]: the overrides that vary
     results.early_stop(summaries)       # early-stop step and test accuracy, mean/std/min/max/count
                                         # over replicates per (rewind.step, level, branch),
