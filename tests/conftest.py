@@ -10,10 +10,15 @@ member mode), so that tests calling the engine directly train as the command doe
 `$JAX_COMPILATION_CACHE_DIR` yourself to keep that cache between sessions.
 """
 
+import http.server
 import os
 import shutil
+import socket
 import tempfile
+import threading
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 _TMP = Path(tempfile.mkdtemp(prefix="lottery-tests-"))
 for _name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
@@ -57,6 +62,30 @@ def main_run(tmp_path_factory):
 def main_run_repeat(tmp_path_factory):
     """The same config run again in the same process, for determinism."""
     return helpers.spied_run(helpers.run_config(), tmp_path_factory.mktemp("repeat") / "run")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network but 127.0.0.1: a web server (files under `root`; a missing one answers
+    404), a port nothing listens on (connection refused), no npm on $PATH, no proxy."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=root))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]  # free again once closed: nothing listens there
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    yield SimpleNamespace(root=root, served=f"http://127.0.0.1:{server.server_address[1]}/",
+                          refused=f"http://127.0.0.1:{refused}/")
+    server.shutdown()
+    server.server_close()
 
 
 def pytest_configure(config):

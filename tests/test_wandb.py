@@ -1,7 +1,12 @@
-"""W&B mirroring: offline runs under the run directory, one per (branch, replicate), and a
-W&B failure that is warned about once and leaves the JSONL record complete."""
+"""W&B mirroring: offline runs under the run directory, one per (branch, replicate), none of
+W&B's own chatter on the terminal but one line saying where the runs are, and a W&B failure
+that is warned about once and leaves the JSONL record complete."""
 
+import glob
+import json
+import shlex
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +14,8 @@ import wandb
 
 import helpers
 from lottery.analysis.plots import summary_figures
-from lottery.record import load, wandb_summary
+from lottery.record import SUMMARY_LOGGED, load, wandb_summary
+from lottery.record.wandb_sink import where_runs_are
 
 R, LEVELS, EVALS = 2, 2, 3
 MEMBERS = 3 * R
@@ -27,17 +33,30 @@ def assert_record_complete(run_dir, main_run):
     pd.testing.assert_frame_equal(summaries, reference)
 
 
-@pytest.fixture(scope="module")
-def offline_run(tmp_path_factory, session_tmp):
+OFFLINE_RUN = {}  # the module's run, made once, by the first test that asks for it
+
+
+@pytest.fixture
+def offline_run(tmp_path_factory, session_tmp, monkeypatch, capfd):
     """The run, then its summary run as `lottery.cli` logs it after the run, twice (as when a
-    finished run is started again)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        run = helpers.spied_run(helpers.run_config("logger=wandb"),
-                                tmp_path_factory.mktemp("wandb") / "run")
-        for _ in range(2):
-            wandb_summary(run.dir, summary_figures(run.summaries, run.dir, run.cfg.name))
-    return run
+    finished run is started again); `printed`: what each of the two printed (stdout and
+    stderr, the second without the run). W&B starts afresh without the session's
+    $WANDB_SILENT (conftest.py), as for a user: it reads its environment once per process."""
+    if not OFFLINE_RUN:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.delenv("WANDB_SILENT", raising=False)
+        wandb.teardown()
+        try:
+            run = helpers.spied_run(helpers.run_config("logger=wandb"),
+                                    tmp_path_factory.mktemp("wandb") / "run")
+            run.printed = []
+            for _ in range(2):
+                wandb_summary(run.dir, summary_figures(run.summaries, run.dir, run.cfg.name))
+                run.printed.append(capfd.readouterr())
+        finally:
+            wandb.teardown()  # the next W&B run reads the session's environment again
+        OFFLINE_RUN["run"] = run
+    return OFFLINE_RUN["run"]
 
 
 KEYS = (b"val_loss", b"test_accuracy", b"summary/early_stop_step", b"lenet_300_100")
@@ -77,6 +96,24 @@ def test_offline_runs_are_written_under_the_run_directory(offline_run, main_run)
     assert_record_complete(offline_run.dir, main_run)
 
 
+def test_wandb_says_one_line_where_the_offline_runs_are(offline_run):
+    """None of W&B's own lines ("wandb: ..."); one line naming the folder of the offline runs
+    and the `wandb sync` command that uploads them, each time the run is started."""
+    folder = (offline_run.dir / "wandb").resolve()
+    for printed in offline_run.printed:
+        lines = (printed.out + printed.err).splitlines()
+        assert not [line for line in lines if line.lower().startswith("wandb")], lines
+        said = [line for line in lines if "wandb sync" in line]
+        assert len(said) == 1, lines
+        named, command = said[0].removeprefix(f"W&B: {MEMBERS + 1} offline runs in ").split(
+            "; upload with: ")
+        assert Path(*shlex.split(named)).resolve() == folder
+        program, action, *patterns = shlex.split(command)
+        assert (program, action) == ("wandb", "sync")
+        runs = sorted(Path(path).resolve() for pattern in patterns for path in glob.glob(pattern))
+        assert runs == sorted(folder.glob("offline-run-*")) and len(runs) == MEMBERS + 1
+
+
 def test_record_is_complete_with_wandb(offline_run, main_run):
     record = load(offline_run.dir)
     assert record[record.kind == "run"]["config"].iloc[0]["logger"]["name"] == "wandb"
@@ -102,3 +139,18 @@ def test_wandb_failure_warns_once_and_keeps_the_record(tmp_path, monkeypatch, ca
     assert calls[0]["job_type"] == "ticket" and calls[0]["dir"] == str(run.dir)
     assert_record_complete(run.dir, main_run)
     assert not (run.dir / "wandb").exists() or not list((run.dir / "wandb").glob("offline-run-*"))
+
+
+def test_online_runs_are_named_by_project_and_group(tmp_path, monkeypatch):
+    """Online, the line names the project's address (as the summary run gave it, else the
+    configured project) and the group: what to open in the browser."""
+    (tmp_path / "record.jsonl").write_text(json.dumps(
+        {"kind": "run", "name": "g", "config": {"logger": {"project": "p"}}}) + "\n")
+    for name in ("run-1", "run-2"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert where_runs_are(tmp_path) == "W&B: 2 runs online in project p, group g"
+    (tmp_path / SUMMARY_LOGGED).write_text(json.dumps({"name": "s", "url": "http://x/me/p"}))
+    assert where_runs_are(tmp_path) == "W&B: 2 runs online in project http://x/me/p, group g"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert where_runs_are(tmp_path) is None

@@ -20,7 +20,7 @@ import numpy as np
 
 from lottery.data.augment import random_crop_and_flip
 from lottery.data.dataset import DataError, Dataset, hold_out
-from lottery.data.fetch import data_root, fetch_url, sha256
+from lottery.data.fetch import Tried, data_root, fetch_url, sha256
 
 FOLDER = "cifar-10-batches-py"
 BATCH_MD5 = {
@@ -97,8 +97,10 @@ def find_batches(path: str | None, log=print) -> Path:
     cache = data_root() / "cifar10"
     given = Path(path).expanduser() if path else None
     folders = [cache / FOLDER] + ([given, given / FOLDER] if given else [])
+    tried = Tried("cifar10")
     for folder in folders:
-        if all((folder / name).is_file() for name in BATCH_MD5):
+        absent = [name for name in BATCH_MD5 if not (folder / name).is_file()]
+        if not absent:
             bad = _mismatch(folder)
             if bad is None:
                 return folder
@@ -106,6 +108,11 @@ def find_batches(path: str | None, log=print) -> Path:
                    else "replace it with the original")
             raise DataError(f"{folder / bad} is corrupt (md5 mismatch with the original "
                             f"CIFAR-10 file): {fix}")
+        if not folder.is_dir():
+            tried.failed(folder, "not there")
+        else:
+            tried.failed(folder, "no batches" if len(absent) == len(BATCH_MD5)
+                         else f"no {', '.join(absent)}")
     archives = [cache / ARCHIVE] + ([given / ARCHIVE, given] if given else [])
     for archive in archives:
         if archive.is_file():
@@ -114,20 +121,18 @@ def find_batches(path: str | None, log=print) -> Path:
                                 "replace it with the original")
             log(f"extracting {archive} into {cache / FOLDER}")
             return _extract(archive, cache)
+        tried.failed(archive, "not there")  # `given` was noted as a folder already
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         log(f"downloading CIFAR-10 (163 MB) from {URL}")
-        try:
-            fetch_url(URL, Path(tmp) / ARCHIVE, ARCHIVE_SHA256)
-        except (OSError, DataError) as error:
-            looked = f"; dataset.path={given} holds neither" if given else ""
-            raise DataError(
-                f"cifar10: could not find the CIFAR-10 python batches "
-                f"({', '.join(BATCH_MD5)}) nor download them ({error}). Download {URL} and "
-                f"put {ARCHIVE}, or the {FOLDER}/ folder it holds, in {cache}/ "
-                f"(or point $LOTTERY_DATA at a folder holding cifar10/), or set the option "
-                f"dataset.path=DIR to the folder holding either of them{looked}") from None
-        return _extract(Path(tmp) / ARCHIVE, cache)
+        failure = fetch_url(URL, Path(tmp) / ARCHIVE, ARCHIVE_SHA256)
+        if failure is None:
+            return _extract(Path(tmp) / ARCHIVE, cache)
+    tried.failed(URL, failure)
+    raise tried.error(list(BATCH_MD5), f"download {URL} and put {ARCHIVE}, or the {FOLDER}/ "
+                      "folder it holds,", ", or set the option dataset.path=DIR to the folder "
+                      "holding either of them", what=f"the CIFAR-10 python batches "
+                      f"({', '.join(BATCH_MD5)})")
 
 
 def _mismatch(folder: Path) -> str | None:

@@ -26,8 +26,8 @@ MEAN, STD = 0.2860, 0.3530  # pixel statistics of the 60,000 training images (sc
 
 def load_fashion_mnist(validation_size: int = 5000, log=print) -> Dataset:
     """The 60k/10k split, with a fixed random `validation_size` training images held out."""
-    hint = (f"; they are served at {ZALANDO}; or install Debian's copy, which is read from "
-            f"{DEBIAN_DIR}/, with `sudo apt-get install dataset-fashion-mnist`")
+    hint = (f"; or install Debian's copy, which is read from {DEBIAN_DIR}/, with "
+            "`sudo apt-get install dataset-fashion-mnist`")
     folder = ensure_files("fashion_mnist", FILES, URLS, local_dirs=(DEBIAN_DIR,), log=log,
                           hint=hint)
     return idx_dataset("fashion_mnist", folder, validation_size, MEAN, STD)
