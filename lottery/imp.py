@@ -273,7 +273,10 @@ class Experiment:
         """One line: density, time, each branch's mean early-stop test accuracy over the
         members that did not diverge, the branches' additions, how many diverged."""
         layout, diverged = self.setup.layout, level.history.diverged
-        accuracy = np.where(diverged < 0, summary["early_stop_test_accuracy"], np.nan)
+        # in float64, as the tables average the recorded numbers: a float32 mean can round
+        # to another hundredth of a percent than the final table's
+        accuracy = np.where(diverged < 0, summary["early_stop_test_accuracy"].astype(np.float64),
+                            np.nan)
         self.log(f"level {level.number}: {percent(density[layout.ticket.start])} remaining, "
                  f"{seconds:.0f}s; early-stop test accuracy " + ", ".join(
                      f"{b} {percent(np.nanmean(accuracy[layout.rows(b)]))}"

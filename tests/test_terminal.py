@@ -129,3 +129,32 @@ def test_a_run_on_a_terminal(tmp_path):
         "level 0: 100.00% remaining", "level 1: 80.00% remaining"]
     assert all(re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]\[lottery\]\[INFO\] - ", line)
                for line in log), log
+
+
+def test_a_level_line_rounds_a_mean_as_the_final_table():
+    """Two replicates' float32 accuracies whose float32 mean prints 91.57% while the mean of
+    the recorded numbers (Python floats, which the final table averages) is 91.565...%,
+    printed 91.56%: the level line must say what the table says."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from lottery.imp import Experiment
+    from lottery.record import summary_table
+    from lottery.state import Layout
+
+    accuracies = np.array([0.9277, 0.9036], np.float32)
+    by_hand = f"{100 * (float(accuracies[0]) + float(accuracies[1])) / 2:.2f}"
+    assert by_hand == "91.56" and f"{100 * accuracies.mean():.2f}" == "91.57"
+    rows = pd.DataFrame({"level": 1, "branch": "ticket", "replicate": [0, 1], "density": 0.8,
+                         "early_stop_test_accuracy": [float(a) for a in accuracies],
+                         "early_stop_step": 20, "status": "ok"})
+    assert f"{100 * summary_table(rows).accuracy_mean.iloc[0]:.2f}" == by_hand
+    lines = []
+    experiment = SimpleNamespace(setup=SimpleNamespace(layout=Layout(("ticket",), 2)),
+                                 log=lines.append)
+    level = SimpleNamespace(number=1, history=SimpleNamespace(diverged=np.array([-1, -1])))
+    Experiment.log_level(experiment, level, {"early_stop_test_accuracy": accuracies}, 1.0,
+                         np.array([0.8, 0.8], np.float32), [])
+    assert f"ticket {by_hand}%" in lines[0], lines
