@@ -124,3 +124,23 @@ def test_a_key_another_run_did_not_override_holds_its_own_value(tmp_path, monkey
                         "## prune.structure=weights, rewind.step=0"]
     assert "Swept: `prune.structure` (neurons, weights), `rewind.step` (20, 0)." in text
     assert "nan" not in text and ".0`" not in text and "=20.0" not in text
+
+
+def test_by_a_key_null_in_every_run_splits_as_null(seed_sweep, monkeypatch):
+    """`--by prune.layer_rates` (null in both configs): one table headed by the null value,
+    the seeds pooled as without it (the key's column was dropped as empty: a KeyError)."""
+    text = report(seed_sweep, "--by", "prune.layer_rates", monkeypatch=monkeypatch)
+    assert "## prune.layer_rates=null\n" in text
+    assert table_rows(text) == ["| 0 | 100.0 | 25 ± 13 | 93.00 ± 2.58 |",
+                                "| 1 | 80.0 | 20 ± 0 | 82.00 ± 2.31 |"]
+
+
+def test_by_a_key_no_run_has_is_one_line_naming_the_nearest(seed_sweep, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lottery", "report", str(seed_sweep), "--by",
+                                      "prune.level"])
+    with pytest.raises(SystemExit) as exit_:
+        lottery.cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lottery: error: prune.level is not a config key of these runs (did you mean "
+        "prune.levels?)"]

@@ -28,6 +28,7 @@ counted once: `load` keeps the one with more rows and names the others in
 
 import ast
 import os
+from difflib import get_close_matches
 from pathlib import Path
 
 import pandas as pd
@@ -133,6 +134,13 @@ def _used(key: str, config: dict, choices: dict, overrides: dict):
     return value
 
 
+def _dotted(config: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a nested config, sections and leaves."""
+    return [name for key, value in config.items() for name in
+            [f"{prefix}{key}", *(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict)
+                                 else [])]]
+
+
 def _run_config(frame: pd.DataFrame) -> dict | None:
     """The resolved config of a record's `run` row, or None (a record without one)."""
     if "kind" not in frame.columns or "config" not in frame.columns:
@@ -170,20 +178,28 @@ def load(paths, kind: str | None = None, keys=()) -> pd.DataFrame:
                                      or len(frame) > len(runs[kept[identity]][1])):
             kept[identity] = len(runs) - 1
     names = list(dict.fromkeys(names))
+    for key in keys:  # a key no run has: one line naming the nearest, not a KeyError later
+        if all(key not in choices and key not in given and _lookup(config, key) is MISSING
+               for _, _, config, choices, given, _ in runs):
+            known = sorted({k for _, _, config, choices, _, _ in runs
+                            for k in [*_dotted(config), *choices]})
+            close = get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ResultsError(f"{key} is not a config key of these runs{hint}")
     frames, duplicates = [], []
     for index, (name, frame, config, choices, given, identity) in enumerate(runs):
         if identity is not None and kept[identity] != index:
             duplicates.append((runs[kept[identity]][0], name, identity))
             continue
+        if kind is not None:  # before the key columns: a key null in every run stays
+            frame = record.of_kind(frame, kind)
         for key in names:
             frame[key] = pd.Series([_used(key, config, choices, given)] * len(frame),
                                    index=frame.index, dtype=object)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
-    if kind is not None:
-        frame = record.of_kind(frame, kind)
-        if frame.empty:
-            raise ResultsError(f"no {kind} rows in {', '.join(map(str, paths))}")
+    if kind is not None and frame.empty:
+        raise ResultsError(f"no {kind} rows in {', '.join(map(str, paths))}")
     for key in names:
         if key in frame.columns and frame[key].notna().all():
             frame[key] = frame[key].infer_objects()  # numbers as numbers where none is missing
