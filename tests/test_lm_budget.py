@@ -467,11 +467,96 @@ def test_record_rows_and_summary_table(tiny_run):
 
 
 def test_lottery_report_reads_an_lm_run(tiny_run, tmp_path):
+    """report.md tabulates test bits per byte at early stop (the record's, per round and
+    branch, with its training steps), and says why the dense model scores worse exactly
+    when a model with more training steps beats it."""
     from lottery.analysis.report import write_report
 
     written = write_report(tiny_run[1], tmp_path)
     assert (tmp_path / "report.md").exists() and all(p.exists() for p in written)
-    assert "prune_kd" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "bits_per_byte_vs_density.png") in written
+    text = (tmp_path / "report.md").read_text()
+    assert "Test bits per byte (lower is better) at early stop" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:6] == ["round", "branch", "steps", "params", "% dense",
+                          "early-stop test bits/byte"]
+    cells = {(int(row[0]), row[1]): row for row in (
+        [c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    rows = load(tiny_run[1], "summary")
+    assert len(cells) == len(rows)
+    for row in rows.itertuples():
+        got = cells[row.level, row.branch]
+        assert got[2] == str(row.early_stop_step)
+        assert got[5] == f"{row.early_stop_bits_per_byte:.3f}"
+    dense = rows[rows["branch"] == "dense"].iloc[0]
+    beat = rows[rows["early_stop_bits_per_byte"] < dense["early_stop_bits_per_byte"]]
+    assert ("Dense scores worse because it trained less" in text
+            or "Dense trained less than the models that beat it" in text) == (
+        not beat.empty and bool((beat["early_stop_step"] > dense["early_stop_step"]).all()))
+
+
+# -- the printed table and its line about the dense model, on hand-made summary rows --------
+
+def _summaries(dense: float, others: list[tuple]) -> "pd.DataFrame":
+    """Summary rows as the record holds them: the dense model (20 steps) with test bits per
+    byte `dense`, then (branch, level, steps, bits/byte, bits/byte right after removal)."""
+    import pandas as pd
+
+    rows = [{"level": 0, "branch": "dense", "final_step": 20, "early_stop_step": 20,
+             "params": 1000, "density": 1.0, "bits_per_byte": dense,
+             "final_bits_per_byte": dense, "early_stop_bits_per_byte": dense,
+             "test_accuracy": 0.25, "final_test_accuracy": 0.25,
+             "early_stop_test_accuracy": 0.25}]
+    for branch, level, steps, bits, pruned in others:
+        rows.append({"level": level, "branch": branch, "final_step": steps,
+                     "early_stop_step": steps, "params": 1000 - 100 * level,
+                     "density": 1 - 0.1 * level, "bits_per_byte": bits,
+                     "final_bits_per_byte": bits, "early_stop_bits_per_byte": bits,
+                     "test_accuracy": 0.25, "final_test_accuracy": 0.25,
+                     "early_stop_test_accuracy": 0.25, "pruned_bits_per_byte": pruned})
+    return pd.DataFrame(rows)
+
+
+LONGER = [("prune", 1, 30, 5.5, 5.95), ("prune", 2, 40, 5.25, 5.6),
+          ("scratch", 2, 40, 4.75, None)]  # trained longer than dense, and better
+
+
+@pytest.mark.parametrize("others, note", [
+    (LONGER, "Dense scores worse because it trained less: 20 steps, the models that beat it "
+             "30–40; no removal lowered bits/byte, the extra steps did."),
+    # round 2's removal by itself took bits/byte below round 1's 5.5: only the steps are said
+    ([("prune", 1, 30, 5.5, 5.95), ("prune", 2, 40, 5.25, 5.4)],
+     "Dense trained less than the models that beat it: 20 steps, against 30–40."),
+    ([("prune", 1, 30, 6.1, 6.0)], ""),  # dense is the best: nothing to explain
+    ([("prune", 1, 20, 5.8, 5.95)], ""),  # better with no more steps: steps do not explain it
+])
+def test_the_printed_table_leads_with_bits_per_byte_and_explains_a_better_pruned_model(
+        others, note, capsys):
+    lm_cli.print_table(_summaries(5.908, others))
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "branch" in line)
+    names = [c.strip() for c in header.strip("┃ ").split("┃")]
+    assert names[:8] == ["round", "branch", "steps", "params", "% dense", "bits/byte",
+                         "accuracy", "int8 bits/byte"]
+    dense = next(line for line in out.splitlines() if line.startswith("│") and " dense " in line)
+    assert [c.strip() for c in dense.strip("│ ").split("│")][:7] == [
+        "0", "dense", "20", "1,000", "100.0%", "5.908", "25.0%"]
+    last = out.rstrip("\n").splitlines()[-1]
+    assert (last == note) if note else last.startswith("└")
+
+
+def test_the_markdown_table_of_an_lm_run(capsys):
+    from lottery.lm.table import markdown_table
+
+    text = markdown_table(_summaries(5.908, LONGER), "final")
+    lines = text.splitlines()
+    assert lines[0] == ("| round | branch | steps | params | % dense | final test bits/byte | "
+                        "final test accuracy (%) | int8 bits/byte |")
+    assert lines[2] == "| 0 | dense | 20 | 1,000 | 100.0 | 5.908 | 25.0 |  |"
+    assert lines[5] == "| 2 | scratch | 40 | 800 | 80.0 | 4.750 | 25.0 |  |"
+    assert lines[-1].startswith("Dense scores worse because it trained less: 20 steps")
+    assert "trained less" not in markdown_table(_summaries(4.5, LONGER), "final")
 
 
 # -- the plain `prune` variant, against the test's own counts, evaluation and training ------
@@ -552,6 +637,44 @@ def test_prune_records_the_bits_per_byte_of_its_compacted_models(tiny):
         assert _bits_per_byte(cfg.dense_model, fit.trained, tiny.data.test,
                               jax.tree.map(jnp.asarray, fit.masks)) == pytest.approx(after,
                                                                                      rel=1e-5)
+
+
+def test_bits_per_byte_of_hand_made_logits_padding_excluded(monkeypatch, tmp_path):
+    """The evaluation a run records (`BudgetRun.evaluate`: fixed windows in padded batches
+    of `train.EVAL_BATCH`, `train.evaluate`, `corpus.bits_per_byte`) on a model whose logits
+    are a hand-made table, against NumPy: bits per byte = the mean over every real window's
+    bytes of -log2 softmax(logits)[true byte]; accuracy over the same bytes. 70 windows make
+    two batches of 64, the second 58 windows of padding (zero inputs and targets, whose
+    logits are those of window 0 and would change both means if they counted)."""
+    cfg = validate(lm_cli.compose(TINY))
+    context, windows = cfg.model.context, 70
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0.0, 3.0, (windows * context, 256)).astype(np.float32)
+    targets = rng.integers(0, 256, windows * context)
+    right = rng.random(windows * context) < 0.3  # about 30% predicted: accuracy not trivial
+    targets[right] = logits[right].argmax(-1)
+    # window i's inputs are the row numbers of its logits; padding reads row 0
+    x = np.arange(windows * context, dtype=np.int32).reshape(windows, context)
+    y = targets.astype(np.int32).reshape(windows, context)
+    split = train.eval_split(x, y)
+    assert split[2].shape == (2, train.EVAL_BATCH) and split[2].sum() == windows
+    monkeypatch.setattr(gpt, "apply", lambda config, params, x, masks=None, **_:
+                        params["logits"][x])  # the hand-made model
+    data = budget.Data(None, jax.device_put(split), jax.device_put(split), "hand-made")
+    got = budget.BudgetRun(cfg, tmp_path, data).evaluate(
+        cfg.dense_model, {"logits": jnp.asarray(logits)})
+
+    z = logits.astype(np.float64)
+    log2_p = (z - z.max(-1, keepdims=True)) / np.log(2) - np.log2(
+        np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    bits = -log2_p[np.arange(targets.size), targets].mean()
+    accuracy = np.mean(logits.argmax(-1) == targets)
+    assert 0.2 < accuracy < 0.4 and bits > 1
+    for split_name in ("", "val_"):
+        assert got[f"{split_name}bits_per_byte"] == pytest.approx(bits, rel=1e-5)
+    assert got["test_loss"] == pytest.approx(bits * np.log(2), rel=1e-5)  # nats per byte
+    assert got["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert got["val_accuracy"] == got["test_accuracy"]
 
 
 def _fine_tune(cfg, data, fit, teacher, alpha: float):

@@ -8,10 +8,15 @@ summary table of `lottery.record.markdown_table`: per level and branch, early-st
 test accuracy, mean ± std over replicates and seeds: a `seed=0,1` sweep of 2 replicates is
 one table of 4 networks per cell, `--by seed` splits it; run folders of one run, the same run
 id, counted once and named in one line), `accuracy_vs_density.png`, `early_stop_vs_density.png`,
-`learning_curves.png` and, when the sweep varies `rewind.step`, `rewind_sweep.png`. A missing
-directory or one without a record stops with one line on stderr and exit status 2. Members
-whose training diverged are left out of every table and plot; report.md says how many and
-which.
+`learning_curves.png` and, when the sweep varies `rewind.step`, `rewind_sweep.png`. For a
+`lottery lm` run, test bits per byte is the main metric: the table is
+`lottery.lm.table.markdown_table` (per round and branch: training steps, parameters, test
+bits per byte, then next-byte accuracy and the int8 model's bits per byte; under it, when
+models pruned from the dense one beat it, the line saying why), and the plots are
+`bits_per_byte_vs_density.png`, `early_stop_vs_density.png` and the learning curves of bits
+per byte. A missing directory or one without a record stops with one line on stderr and
+exit status 2. Members whose training diverged are left out of every table and plot;
+report.md says how many and which.
 """
 
 import argparse
@@ -21,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from lottery.analysis import plots, results
+from lottery.lm import table as lm_table
 from lottery.record import diverged, markdown_table
 
 REWIND = "rewind.step"
@@ -44,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="level of the rewind-step sweep plot (default: the sparsest "
                              "level every run reached)")
     parser.add_argument("--accuracy", choices=("early_stop", "final"), default="early_stop",
-                        help="test accuracy at early stop (default) or at the end of training")
+                        help="test accuracy (an LM run: bits per byte) at early stop (default) "
+                             "or at the end of training")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also split the tables and plots by this config key (repeatable); "
                              "seeds are pooled like replicates unless --by seed")
@@ -54,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 def markdown_tables(summaries: pd.DataFrame, accuracy: str = "early_stop", by=()) -> str:
     """`lottery.record.markdown_table` once per combination of the split keys
     (`results.split`: the swept overrides but the seed, plus `by`), under a heading naming
-    it (one table for a single run)."""
-    return "\n".join((f"## {name}\n\n" if name else "") + markdown_table(rows, accuracy)
+    it (one table for a single run); `lottery lm` runs' table is `lottery.lm.table`'s."""
+    table = lm_table.markdown_table if lm_table.is_lm(summaries) else markdown_table
+    return "\n".join((f"## {name}\n\n" if name else "") + table(rows, accuracy)
                      for name, rows in plots._panels(summaries, results.split(summaries, by)))
 
 
@@ -75,6 +83,8 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str, by=()) -> str:
             else "the end of training")
     gone = int(diverged(summaries).sum())
     counts = summaries.groupby([*columns, "level", "branch"], dropna=False).size()
+    metric = ("Test bits per byte (lower is better)" if lm_table.is_lm(summaries)
+              else "Test accuracy")
     n = (f"{counts.min()}" if counts.min() == counts.max()
          else f"{counts.min()} to {counts.max()}")
     of = "".join(f", {summaries[c].nunique(dropna=False)} values of `{c}` pooled"
@@ -83,7 +93,7 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str, by=()) -> str:
              (f"{summaries['run'].nunique()} run(s), {len(summaries)} trained networks"
               + (f", {gone} of them diverged: left out of the tables and plots, and named "
                  "under each table" if gone else "")
-              + f". Test accuracy at {when}; mean ± std over {n} replicates per level and "
+              + f". {metric} at {when}; mean ± std over {n} replicates per level and "
                 "branch" + of + (" (diverged ones left out)" if gone else "") + ".\n")]
     duplicates = summaries.attrs.get("duplicates", [])
     if duplicates:
@@ -112,15 +122,21 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
     by = list(by)
     summaries = results.load(path, kind="summary", keys=by)
     columns = results.split(summaries, by)
+    lm = lm_table.is_lm(summaries)
     written = [
+        plots.plot_metric_vs_density(
+            summaries, out / "bits_per_byte_vs_density.png", f"{accuracy}_bits_per_byte",
+            "test bits per byte at early stop" if accuracy == "early_stop"
+            else f"{accuracy} test bits per byte", columns) if lm else
         plots.plot_accuracy_vs_density(summaries, out / "accuracy_vs_density.png", columns,
                                        accuracy),
         plots.plot_early_stop_vs_density(summaries, out / "early_stop_vs_density.png", columns),
     ]
     evals = results.healthy(results.load(path, kind="eval", keys=by), summaries)
     if branch in set(evals["branch"]):
-        written.append(plots.plot_learning_curves(evals, out / "learning_curves.png", branch,
-                                                  results.split(evals, by)))
+        written.append(plots.plot_learning_curves(
+            evals, out / "learning_curves.png", branch, results.split(evals, by),
+            "bits_per_byte" if lm else "test_accuracy"))
     if REWIND in columns:
         others = [c for c in columns if c != REWIND]
         written.append(plots.plot_rewind_sweep(summaries, out / "rewind_sweep.png", level,

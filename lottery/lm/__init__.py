@@ -16,4 +16,6 @@
   config.py    the `lottery lm` config: its schema (Hydra structured configs, registered
                as lm_schema) and validate() -> LMConfig, on lottery.config's floor
   cli.py       `lottery lm ...` (Hydra app, conf/lm.yaml)
+  table.py     the summary rows as the printed table and `lottery report`'s: test bits per
+               byte first, and why a dense model that trained less scores worse
 """

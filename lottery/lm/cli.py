@@ -9,7 +9,8 @@ removal the model cannot take, a bad fraction; in a sweep, `-m`, any job's) stop
 training: one line on stderr, exit status 2, through the pre-check `lottery` uses
 (`lottery.overrides`), and so does a run directory another process is writing
 (`lottery.rundir`).
-At the end, a table of every summary row.
+At the end, a table of every summary row, test bits per byte first (`print_table`), and, when
+models pruned from the dense one beat it, one line saying why.
 """
 
 import logging
@@ -62,13 +63,18 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def print_table(summaries) -> None:
-    """Every summary row: size, speed, test bits per byte, and the int8 model's."""
+    """Every summary row: training steps, size, test bits per byte (the main metric; lower
+    is better) and next-byte accuracy, speed, and the int8 model's; under it, when a model
+    pruned from the dense one beats it, the line saying why (`lottery.lm.table.dense_note`)."""
     from rich.console import Console
     from rich.table import Table
 
-    view = Table(title="transformer pruned to budget (test split; int8 = quantized)")
-    columns = ("round", "branch", "params", "% dense", "bytes", "tokens/s", "bits/byte",
-               "accuracy", "int8 bits/byte", "int8 bytes", "int8 tokens/s")
+    from lottery.lm.table import dense_note, lm_summary
+
+    view = Table(title="transformer pruned to budget: test bits per byte, lower is better "
+                       "(int8 = quantized)")
+    columns = ("round", "branch", "steps", "params", "% dense", "bits/byte", "accuracy",
+               "int8 bits/byte", "bytes", "tokens/s", "int8 bytes", "int8 tokens/s")
     for column in columns:
         view.add_column(column, justify="left" if column == "branch" else "right")
 
@@ -77,17 +83,20 @@ def print_table(summaries) -> None:
         return "" if value is None or value != value else format(value, form)
 
     for row in summaries.to_dict("records"):
-        view.add_row(str(row["level"]), row["branch"], cell(row, "params", ",.0f"),
-                     cell(row, "density", ".1%"), cell(row, "bytes", ",.0f"),
-                     cell(row, "tokens_per_second", ",.0f"), cell(row, "bits_per_byte", ".3f"),
-                     cell(row, "test_accuracy", ".1%"),
-                     cell(row, "quantized_bits_per_byte", ".3f"),
+        view.add_row(str(row["level"]), row["branch"], cell(row, "final_step", ",.0f"),
+                     cell(row, "params", ",.0f"), cell(row, "density", ".1%"),
+                     cell(row, "bits_per_byte", ".3f"), cell(row, "test_accuracy", ".1%"),
+                     cell(row, "quantized_bits_per_byte", ".3f"), cell(row, "bytes", ",.0f"),
+                     cell(row, "tokens_per_second", ",.0f"),
                      cell(row, "quantized_bytes", ",.0f"),
                      cell(row, "quantized_tokens_per_second", ",.0f"))
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # a log file: no terminal to wrap to
     console.print(view)
+    note = dense_note(lm_summary(summaries, "final"))
+    if note:
+        console.print(note, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:
