@@ -438,9 +438,9 @@ def _no_such(key: str, missing: list, kept: list, prunable, model: str, structur
     else:
         fix = override(key, None)
     names = ", ".join(repr(str(name)) for name in missing)
+    them = "it" if len(missing) == 1 else "them"
     return ConfigError(f"{key} names {names}, not a {what} of {model} (its {what}s are "
-                       f"{', '.join(prunable)}{extra}): drop {'it' if len(missing) == 1 else 'them'}"
-                       f" with {fix}", key=key, fix=fix)
+                       f"{', '.join(prunable)}{extra}): drop {them} with {fix}", key=key, fix=fix)
 
 
 def _resolve(layer_rates: dict, layers, prunable, model: str, structure: str = "weights"):

@@ -344,7 +344,7 @@ def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> p
         store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
         action = prepare_directory(out_dir, store)
         if action == "finished":
-            log(f"lottery: {out_dir} already finished (run {store.run_id}): nothing to do")
+            log(f"lottery: {shown(out_dir)} already finished (run {store.run_id}): nothing to do")
             return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
         checkpoint = store.latest(warn=log) if action == "resume" else None
         if action == "resume" and checkpoint is None:

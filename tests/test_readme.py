@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import overrides as tiny
 
 from lottery import cli
 from lottery.analysis import report
@@ -96,8 +95,10 @@ def test_the_readme_has_commands_of_each_kind():
     assert any(kind == "python" for kind, *_ in STEPS)
 
 
-@pytest.mark.parametrize("words", [w for _, _, w, _ in STEPS if w and w[:2] != ["lottery", "report"]],
-                         ids=lambda words: " ".join(words)[:80])
+COMMANDS = [words for _, _, words, _ in STEPS if words and words[:2] != ["lottery", "report"]]
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words)[:80])
 def test_each_command_passes_its_checks(words, capsys):
     """The pre-check of `lottery` / `lottery lm` accepts it (it exits 2 on anything bad)."""
     if words[0] == "lottery-bench":
@@ -134,10 +135,11 @@ def tree(main_run, tmp_path_factory):
     return root
 
 
-REPORTS = [(words, folders) for _, _, words, folders in STEPS if words and words[:2] == ["lottery", "report"]]
+REPORTS = [(words, folders) for _, _, words, folders in STEPS
+           if words and words[:2] == ["lottery", "report"]]
 
 
-@pytest.mark.parametrize("words, folders", REPORTS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+@pytest.mark.parametrize("words, folders", REPORTS, ids=[" ".join(w) for w, _ in REPORTS])
 def test_each_report_reads_a_folder_an_earlier_command_wrote(words, folders, tree, monkeypatch):
     path = words[2]
     assert path.rstrip("/") in folders, f"{path}: no earlier command of the README writes it"
