@@ -329,8 +329,7 @@ class BudgetRun:
                                                                     masks))
         finally:
             self.record.close()
-        log(f"done in {time.perf_counter() - started:.0f}s; record in "
-            f"{self.out_dir / RECORD_NAME}")
+        log(f"done in {time.perf_counter() - started:.0f}s")  # where: the run's last line
         return pd.DataFrame(self.summaries)
 
 
