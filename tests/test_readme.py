@@ -179,3 +179,17 @@ def test_each_named_file_and_module_exists():
                 attrs.insert(0, attr)
         for attr in attrs:
             obj = getattr(obj, attr)  # AttributeError names what the README gets wrong
+
+
+def test_the_opening_says_what_a_user_gets_and_speed_holds_the_measurements():
+    """Item 14: the README opens with what a user gets, in plain words, before any of the
+    engine's internals; measured speeds (replica-steps/s, GFLOP/s, "× faster") appear only in
+    its Speed section."""
+    opening, *sections = README.split("\n## ")
+    assert "What you get" in opening
+    assert not re.search(r"vmap|lax\.|XLA|jit|Eigen|kernel", opening), opening
+    measured = re.compile(r"replica-steps/s|GFLOP/s|\d× faster|\d–\d[\d.]*× ")
+    outside = [s.splitlines()[0] for s in sections
+               if not s.startswith("Speed") and measured.search(s)]
+    assert not outside, outside
+    assert measured.search(next(s for s in sections if s.startswith("Speed")))
