@@ -122,9 +122,9 @@ class Shuffle(Branch):
     def check(self, cfg):
         mode = cfg.rewind.mode
         if cfg.prune.schedule == "iterative" and mode != "weights":
-            random = [b for b in cfg.branches if b != "shuffle"]
-            random += [] if "random_prune" in random else ["random_prune"]
-            fix = override("branches", random)
+            kept = [b for b in cfg.branches if b != "shuffle"]
+            kept += [] if "random_prune" in kept else ["random_prune"]
+            fix = override("branches", kept)
             raise ConfigError(f"branches include shuffle, which permutes the ticket's mask over "
                               f"the whole layer: with rewind.mode={mode} and iterative pruning "
                               "it would start weights pruned at earlier levels again at exactly "

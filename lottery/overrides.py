@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from lottery.config import keys, unknown_in_file, unknown_override
-from lottery.options import ConfigError, override
+from lottery.options import ConfigError
+from lottery.options import override as typed
 from lottery.rundir import discard
 
 
@@ -96,7 +97,7 @@ def preset_source(key: str | None, trial: list[str], config_name: str, composed)
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     if isinstance(value, dict):
         value = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-    return f"; {override(key, value)} comes from {presets[0]}, not from your overrides"
+    return f"; {typed(key, value)} comes from {presets[0]}, not from your overrides"
 
 
 def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, root,
