@@ -34,6 +34,7 @@ from lottery.optim import OptimizerError, build_optimizer
 from lottery.options import (ConfigError, boolean, choice, duration, fraction, integer,
                              override)
 from lottery.platform import MEMBER_MODES
+from lottery.precision import PRECISIONS
 from lottery.pruning.prune import PrunePlan
 from lottery.pruning.schedules import SCHEDULES
 from lottery.pruning.scores import SCORES
@@ -60,6 +61,15 @@ NOT_CONFIG = {"config": False}  # field metadata: not a config key (RunConfig.re
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """How the devices are laid out (`train.mesh.*`, `lottery.mesh`): where a run computes,
+    not what, so it is not part of the run's identity."""
+
+    data: int | str = "auto"  # devices each member's batch is split over (data-parallel);
+    #   auto: devices go to spreading the members first, the rest to the batch
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How every level trains (`train.*`)."""
 
@@ -75,6 +85,9 @@ class TrainConfig:
     members: str = "auto"  # how each device runs its members: vmap (batched) | map (one by
     #   one); auto: map on CPU when a device holds several members or the model has
     #   convolutions (faster there), vmap elsewhere
+    precision: str = "fp32"  # fp32 | bf16: matmuls and activations in bfloat16; weights,
+    #   optimizer state and masks stay float32 (pruned weights exactly zero)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 @dataclass(frozen=True)
@@ -539,7 +552,18 @@ def _train(section: dict) -> TrainConfig:
         eval_batch_size=integer(train["eval_batch_size"], "train.eval_batch_size", 1),
         save_weights=boolean(train["save_weights"], "train.save_weights"),
         checkpoint_every=duration(train["checkpoint_every"], "train.checkpoint_every", 0),
-        members=choice(train["members"], "train.members", MEMBER_MODES))
+        members=choice(train["members"], "train.members", MEMBER_MODES),
+        precision=choice(train["precision"], "train.precision", PRECISIONS),
+        mesh=_mesh(train["mesh"]))
+
+
+def _mesh(section) -> MeshConfig:
+    if not isinstance(section, dict):
+        raise ConfigError(f"train.mesh={section!r} must map data to auto or a device count")
+    data = filled(MeshConfig, section, "train.mesh")["data"]
+    if data != "auto":
+        data = integer(data, "train.mesh.data", 1, " or auto")
+    return MeshConfig(data)
 
 
 RATE = ": the fraction of the remaining weights removed per level"

@@ -9,7 +9,8 @@ its finished runs instead of redoing them.
 
 The hash covers everything that can change a run's results; it leaves out the `hydra` node
 (output paths, launcher, sweeper: where and how a run is launched, not what it computes) and
-`logger` (whether rows are mirrored to W&B). It hashes the config normalised, so that two
+`logger` (whether rows are mirrored to W&B), and `train.mesh` (how the devices are laid
+out: the same results to float tolerance). It hashes the config normalised, so that two
 spellings of the same config are one run:
   - keys are sorted, so the order in which overrides were given does not matter;
   - an empty mapping is null: `prune.layer_rates=null`, `prune.layer_rates={}` and a preset's
@@ -17,6 +18,8 @@ spellings of the same config are one run:
     form, so the ids of configs that never held an empty mapping are those from before);
   - a key left out is its default: Hydra composes every key of the schema, and
     `config.validate` fills the defaults into a plain dict's `RunConfig.resolved`.
+  - a key added since ids were first published (`LATER`) counts only when it is not at its
+    default, so that the runs of older versions keep their ids.
 A value's spelling still counts (`train.steps=1000` and `train.steps=1000ep` are different
 configs even where they mean the same number of steps).
 """
@@ -28,6 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 RESOLVER = "lottery_id"
 IGNORED = ("hydra", "logger")  # top-level keys that cannot change a run's results
+PLACEMENT = ("mesh",)  # train.* keys that say where a run computes (devices), not what
+# train.* keys added after run ids were first published, hashed only when they differ from
+# their default: a run that does not use them keeps the id it always had
+LATER = {"precision": "fp32"}
 LENGTH = 10  # hex digits: 40 bits, no collision in any realistic number of runs
 
 
@@ -54,6 +61,9 @@ def run_id(config) -> str:
     """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`,
     empty mappings as null."""
     content = {k: _normal(v) for k, v in _resolved(config).items() if k not in IGNORED}
+    if isinstance(content.get("train"), dict):
+        content["train"] = {k: v for k, v in content["train"].items()
+                            if k not in PLACEMENT and not (k in LATER and v == LATER[k])}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]

@@ -361,15 +361,23 @@ def announce(setup: Setup, out_dir: Path, log) -> None:
     """The run's first log line, one row on a terminal: model, data, prunable weights, method,
     members and devices, output directory. The per-layer counts, the pruned layers and how
     members are batched are in the record's `run` row."""
-    cfg, weights, devices = setup.cfg, setup.weights, jax.devices()
+    cfg, weights, devices = setup.cfg, setup.weights, list(setup.trainer.mesh.devices.flat)
     total, pruned = sum(weights.values()), sum(weights[layer] for layer in setup.measured)
     log(f"{setup.model.name} on {setup.data.name}, {total:,} prunable weights"
         + (f" ({pruned:,} in pruned layers)" if pruned != total else "")
         + f"; {method(cfg)}; {plural(cfg.stack_size, 'member')} on "
-        f"{plural(len(devices), devices[0].platform)} -> {shown(out_dir)}")
+        f"{plural(len(devices), devices[0].platform)}{layout(setup.trainer.shape)}"
+        f" -> {shown(out_dir)}")
     if setup.chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {setup.chunk} (the gcd of "
             "eval_every, steps and rewind.step); choose multiples of a larger number for speed")
+
+
+def layout(shape) -> str:
+    """How the devices are laid out, when it is not the usual one-member-per-device spread."""
+    if shape.data == 1:
+        return ""
+    return f" ({shape.stack} x {shape.data}: each batch split over {shape.data})"
 
 
 def method(cfg: RunConfig) -> str:
@@ -397,7 +405,10 @@ def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint,
         store.clear()
         record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                       "prunable_weights": setup.weights, "pruned_layers": list(setup.measured),
-                      "devices": len(jax.devices()), "members_by": setup.trainer.members,
+                      "devices": setup.trainer.mesh.size, "processes": jax.process_count(),
+                      "mesh": {"stack": setup.trainer.shape.stack,
+                               "data": setup.trainer.shape.data},
+                      "members_by": setup.trainer.members,
                       "chunk": setup.chunk})
     else:
         meta = checkpoint.meta

@@ -14,6 +14,7 @@ from lottery.branches import BRANCHES, branch_of, members_of
 from lottery.config import ConfigError, RunConfig, unit_groups
 from lottery.data import Dataset, load_dataset
 from lottery.level_start import LevelPrograms, level_programs
+from lottery.mesh import MeshError
 from lottery.models import ModelSpec, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PlanError, PrunePlan
@@ -70,8 +71,9 @@ def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Struc
     return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 
 
-def build(cfg: RunConfig) -> Setup:
-    """Load the data and build everything a run needs; refuses impossible schedules."""
+def build(cfg: RunConfig, devices=None) -> Setup:
+    """Load the data and build everything a run needs, on `devices` (default: all of the
+    run's); refuses impossible schedules."""
     data = load_dataset(cfg.dataset["name"], **_options(cfg.dataset))
     if cfg.train.batch_size > len(data.x_train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
@@ -93,9 +95,13 @@ def build(cfg: RunConfig) -> Setup:
         raise ConfigError(str(error)) from None
     schedule = SCHEDULES[cfg.prune.schedule].from_config(cfg)
     train = cfg.train
-    trainer = Trainer(model, optimizer, data, train.batch_size, chunk, cfg.stack_size,
-                      train.eval_batch_size, train.members,
-                      schedule.prune_step(units, plan, counts))
+    try:
+        trainer = Trainer(model, optimizer, data, train.batch_size, chunk, cfg.stack_size,
+                          train.eval_batch_size, train.members,
+                          schedule.prune_step(units, plan, counts), train.mesh.data,
+                          train.precision, devices)
+    except MeshError as error:
+        raise ConfigError(str(error)) from None
     rewind = REWINDS[cfg.rewind.mode].from_config(cfg)
     return Setup(cfg, data, model, plan, units, counts, model.param_counts(params),
                  plan.layers if cfg.prune.structure == "weights" else model.prunable, chunk,

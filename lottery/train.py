@@ -4,8 +4,10 @@ A *member* is one (branch, replicate) network: params, masks and optimizer state
 of all members is trained by one compiled program: the members of each device batched by
 `vmap` or run one after another (`lottery.platform.member_mode`), `lax.scan` over the
 steps of a chunk, data resident on the device and shuffled there. The stack axis
-is sharded over every available device (padded to a multiple of the device count). Masks,
-rates and the start step are traced arguments, so a run compiles each program once.
+is sharded over the `stack` axis of the run's mesh (padded to a multiple of its size), and
+each member's batch over its `data` axis (`lottery.mesh`): the members of a device never
+communicate; a batch split over `data` devices has its gradients reduced by the compiler.
+Masks, rates and the start step are traced arguments, so a run compiles each program once.
 """
 
 import functools
@@ -15,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lottery import platform
 from lottery.data import Dataset
 from lottery.data.order import batch_indices
+from lottery.mesh import make_mesh, mesh_shape
+from lottery.precision import to_precision
 from lottery.models import ModelSpec
 from lottery.optim import Optimizer
 from lottery.pruning.masks import apply_masks
@@ -56,10 +60,12 @@ def split_metrics(model: ModelSpec, network: Network, split):
     return batched_metrics(lambda x: model.logits(*network, x), split)
 
 
-def padded_batches(x: np.ndarray, y: np.ndarray, batch: int):
-    """(x, y, weight) reshaped to (num_batches, batch, ...), padding the last batch with weight 0."""
+def padded_batches(x: np.ndarray, y: np.ndarray, batch: int, multiple: int = 1):
+    """(x, y, weight) reshaped to (num_batches, batch, ...), padding the last batch with weight
+    0; a batch of at most `batch` examples (fewer when the split is smaller), rounded up to a
+    `multiple` (the devices a batch is split over)."""
     x, y = np.asarray(x), np.asarray(y)
-    batch = min(batch, len(x))
+    batch = -(-min(batch, len(x)) // multiple) * multiple
     pad = -len(x) % batch
     weight = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
@@ -99,13 +105,15 @@ class Trainer:
 
     def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000,
-                 members: str = "auto", prune_step=None):
-        devices = jax.devices()
-        self.mesh = Mesh(np.array(devices), ("stack",))
+                 members: str = "auto", prune_step=None, mesh_data: int | str = "auto",
+                 precision: str = "fp32", devices=None):
+        devices = jax.devices() if devices is None else devices
+        self.shape = shape = mesh_shape(len(devices), stack_size, batch_size, mesh_data)
+        self.mesh = make_mesh(shape, devices)
         self.stack_size = stack_size
-        self.padded_size = math.ceil(stack_size / len(devices)) * len(devices)
+        self.padded_size = math.ceil(stack_size / shape.stack) * shape.stack
         self.members = platform.member_mode(members, model.convolves,
-                                            self.padded_size // len(devices))
+                                            self.padded_size // shape.stack)
         self.stacked = NamedSharding(self.mesh, PartitionSpec("stack"))
         self.replicated = replicated = NamedSharding(self.mesh, PartitionSpec())
         self.optimizer = optimizer
@@ -115,12 +123,25 @@ class Trainer:
                              "training examples")
         self.train_data = jax.device_put((data.x_train, data.y_train), replicated)
         self.eval_data = jax.device_put(
-            (padded_batches(data.x_val, data.y_val, eval_batch_size),
-             padded_batches(data.x_test, data.y_test, eval_batch_size)), replicated)
+            tuple(padded_batches(x, y, eval_batch_size, shape.data)
+                  for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test))), replicated)
+        compute = to_precision(precision)
+
+        def split_batch(x):
+            """A batch's examples spread over the `data` devices (nothing to do on one)."""
+            if shape.data == 1:
+                return x
+            return jax.lax.with_sharding_constraint(x, PartitionSpec("data"))
+
+        def logits_of(params, model_state, x, train=False, key=None):
+            logits, model_state = model.apply(compute(params), model_state,
+                                              compute(split_batch(x)), train=train, key=key)
+            return logits.astype(jnp.float32), model_state
+
         augment = data.augment
 
         def loss_fn(params, model_state, x, y, key):
-            logits, model_state = model.apply(params, model_state, x, train=True, key=key)
+            logits, model_state = logits_of(params, model_state, x, train=True, key=key)
             return cross_entropy(logits, y).mean(), model_state
 
         def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
@@ -157,16 +178,19 @@ class Trainer:
 
         def member_eval(params, model_state, eval_data):
             (val_loss, val_acc), (test_loss, test_acc) = (
-                split_metrics(model, Network(params, model_state), split) for split in eval_data)
+                batched_metrics(lambda x: logits_of(params, model_state, x)[0], split)
+                for split in eval_data)
             return {"val_loss": val_loss, "val_accuracy": val_acc,
                     "test_loss": test_loss, "test_accuracy": test_acc}
 
         def per_device(fn, batched):
             """`fn` over the members of each device's shard of the stack."""
             specs = tuple(PartitionSpec("stack") if b else PartitionSpec() for b in batched)
+            # members never communicate; a batch split on `data` is left to the compiler
+            manual = {"stack"} if shape.data > 1 else {"stack", "data"}
             return jax.shard_map(over_members(fn, batched, self.members), mesh=self.mesh,
                                  in_specs=specs, out_specs=PartitionSpec("stack"),
-                                 check_vma=False)  # members never communicate
+                                 axis_names=frozenset(manual), check_vma=False)
 
         self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False,) * 3),
                               donate_argnums=(0, 1, 2), out_shardings=self.stacked)
