@@ -25,6 +25,7 @@ import numpy as np
 
 from lottery import faults
 from lottery.atomic import sha256, write_atomically
+from lottery.distributed import to_devices, to_host, writes
 
 KEEP = 2
 FINISHED = "finished.json"
@@ -44,7 +45,7 @@ class Checkpoint:
         if any(a.shape != np.shape(b) for a, b in zip(saved, leaves)):
             raise ValueError(f"checkpoint tree {name!r} does not match the run's shapes")
         return jax.tree.unflatten(treedef, [
-            jax.device_put(np.asarray(a, b.dtype), b.sharding) if isinstance(b, jax.Array)
+            to_devices(np.asarray(a, b.dtype), b.sharding) if isinstance(b, jax.Array)
             else a for a, b in zip(saved, leaves)])
 
 
@@ -59,12 +60,15 @@ class CheckpointStore:
         return sorted(self.directory.glob("[0-9]" * 6 + ".json"), reverse=True)
 
     def save(self, meta: dict, trees: dict) -> None:
-        """Write the next checkpoint: `meta` (JSON-able) and the named pytrees `trees`."""
+        """Write the next checkpoint: `meta` (JSON-able) and the named pytrees `trees`. Every
+        process of a run calls it (the trees come to the host together); process 0 writes."""
+        arrays = {f"{name}/{i}": np.asarray(leaf) for name, tree in to_host(trees).items()
+                  for i, leaf in enumerate(jax.tree.leaves(tree))}
+        if not writes():
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         manifests = self._manifests()
         number = int(manifests[0].stem) + 1 if manifests else 0
-        arrays = {f"{name}/{i}": np.asarray(leaf) for name, tree in trees.items()
-                  for i, leaf in enumerate(jax.tree.leaves(tree))}
         data = self.directory / f"{number:06d}.npz"
         write_atomically(data, lambda f: np.savez(f, **arrays))
         faults.reached("checkpoint")  # a crash here leaves an npz without its manifest
@@ -101,7 +105,9 @@ class CheckpointStore:
         return json.loads(path.read_text())
 
     def finish(self, meta: dict) -> None:
-        """Mark the run finished and drop its checkpoints."""
+        """Mark the run finished and drop its checkpoints (process 0)."""
+        if not writes():
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.directory / FINISHED,
                          lambda f: f.write(json.dumps({"run_id": self.run_id, **meta}).encode()))
@@ -110,7 +116,9 @@ class CheckpointStore:
                 path.unlink()
 
     def clear(self) -> None:
-        """Drop every checkpoint (a run restarting from scratch)."""
+        """Drop every checkpoint (a run restarting from scratch; process 0)."""
+        if not writes():
+            return
         if self.directory.exists():
             for path in self.directory.iterdir():
                 path.unlink()

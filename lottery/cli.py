@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lottery.identity  # noqa: F401  (registers ${lottery_id:} before Hydra composes)
-from lottery import overrides, platform
+from lottery import distributed, overrides, platform
 from lottery.config import ConfigError, RunConfig, validate
 from lottery.data import DataError
 from lottery.models import ModelError
@@ -56,9 +56,12 @@ def hydra_main(cfg: DictConfig) -> None:
                   f"{setup.data.name}, {describe(setup)}; {run_cfg.stack_size} members")
             return
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        summaries = imp.run(run_cfg, out_dir)
+        with distributed.stopping_together(PROGRAM):
+            summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
         overrides.refuse_job(str(error), PROGRAM)
+    if not distributed.writes():  # process 0 speaks for a several-process run
+        return
     if run_cfg.logger.name == "wandb":  # the W&B summary run, with figures drawn here
         from lottery.analysis.plots import summary_figures
 
@@ -96,7 +99,13 @@ def main() -> None:
         global CHECK_ONLY
         CHECK_ONLY = True
         sys.argv = [sys.argv[0], *sys.argv[2:]]
+    try:
+        several = distributed.initialize()  # before anything starts JAX's backend
+    except distributed.DistributedError as error:
+        overrides.fail(str(error), PROGRAM)
     check_overrides(sys.argv[1:])
+    if several and not distributed.writes():  # Hydra's .hydra/ files: process 0's alone
+        sys.argv.append("hydra.output_subdir=null")
     hydra_main()
 
 

@@ -16,7 +16,7 @@ modes and branches are classes with hooks (`lottery.pruning.schedules`, `.select
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +28,7 @@ import pandas as pd
 from lottery import faults
 from lottery.checkpoint import CheckpointStore
 from lottery.config import ConfigError, RunConfig
+from lottery.distributed import barrier, to_host, writes
 from lottery.history import LevelHistory, recorded
 from lottery.identity import run_id
 from lottery.level_start import LevelInputs
@@ -86,7 +87,8 @@ class Experiment:
             self.first_level, self.lost = checkpoint.meta["level"], set(checkpoint.meta["lost"])
         cfg = setup.cfg
         per_level = cfg.train.steps - cfg.rewind.step
-        self.progress = progress(cfg.train.steps + cfg.prune.levels * per_level)
+        self.progress = progress(cfg.train.steps + cfg.prune.levels * per_level,
+                                 visible=writes())
         self.progress.update(0 if self.first_level == 0 else
                              cfg.train.steps + (self.first_level - 1) * per_level)
 
@@ -179,7 +181,7 @@ class Experiment:
     def measure(self, level: Level) -> "Measured":
         """Each member's surviving weights and units, and its density."""
         setup, size = self.setup, self.setup.layout.size
-        alive, kept = jax.device_get(self.programs.measure(level.state.masks))
+        alive, kept = to_host(self.programs.measure(level.state.masks))
         alive = {layer: np.asarray(c)[:size].astype(np.int64) for layer, c in alive.items()}
         density = sum(alive.values()) / sum(setup.weights[layer] for layer in setup.measured)
         return Measured(alive, {name: np.asarray(c)[:size] for name, c in kept.items()}, density)
@@ -188,7 +190,7 @@ class Experiment:
         """Evaluate every member and record the rows (the masks may change as a level
         trains, so each evaluation measures the density)."""
         metrics = self.setup.trainer.evaluate(level.state.network)
-        train_loss = np.mean(jax.device_get(level.losses), axis=0) if level.losses else None
+        train_loss = np.mean(to_host(level.losses), axis=0) if level.losses else None
         level.losses.clear()
         density = self.measure(level).density
         for row in level.history.evaluation(level.step, metrics, density, train_loss):
@@ -232,16 +234,21 @@ class Experiment:
         """The rewind point (level 0), the trained ticket (`train.save_weights`), and every
         branch's masks (`lottery.record.arrays`; axis 0: replicate)."""
         setup, out, number = self.setup, self.out_dir, level.number
+        files = {}  # path: (tree, dtype)
         if number == 0:
-            save_arrays(rewind_file(out), {"params": level.rewind.params,
-                                           "state": level.rewind.model_state})
+            files[rewind_file(out)] = ({"params": level.rewind.params,
+                                        "state": level.rewind.model_state}, None)
         if setup.cfg.train.save_weights:
-            save_arrays(trained_file(out, number), {"params": trained.params,
-                                                    "state": trained.model_state})
+            files[trained_file(out, number)] = ({"params": trained.params,
+                                                 "state": trained.model_state}, None)
         for branch in setup.layout.branches:
             rows = setup.layout.rows(branch)
-            save_arrays(level_file(out, number, branch),
-                        jax.tree.map(lambda x, rows=rows: x[rows], level.state.masks), bool)
+            files[level_file(out, number, branch)] = (
+                jax.tree.map(lambda x, rows=rows: x[rows], level.state.masks), bool)
+        trees = to_host({str(path): tree for path, (tree, _) in files.items()})
+        if writes():
+            for path, (_, dtype) in files.items():
+                save_arrays(path, trees[str(path)], dtype)
 
     def summary_rows(self, level: Level, summary: dict, seconds: float, alive, kept, density,
                      extras: dict) -> list[dict]:
@@ -328,6 +335,10 @@ def out_of_memory_hint(cfg: RunConfig):
             "smaller train.batch_size or train.eval_batch_size, or more devices") from None
 
 
+def quiet(line: str) -> None:
+    """The log of a process that is not the run's voice."""
+
+
 def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> pd.DataFrame:
     """Run every level and branch; returns the summary rows (also in `out_dir/record.jsonl`).
 
@@ -340,13 +351,16 @@ def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> p
     `setup`: the run's `lottery.setup.build(cfg)` where the caller has built it already
     (a notebook or test that looks at its trainer and programs)."""
     out_dir = Path(out_dir)
-    with exclusive(out_dir, warn=log):
+    if not writes():  # another process of the run speaks and holds the lock
+        log = quiet
+    with exclusive(out_dir, warn=log) if writes() else nullcontext():
         store = CheckpointStore(out_dir / "checkpoints", run_id(cfg.resolved))
         action = prepare_directory(out_dir, store)
         if action == "finished":
             log(f"lottery: {shown(out_dir)} already finished (run {store.run_id}): nothing to do")
             return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
         checkpoint = store.latest(warn=log) if action == "resume" else None
+        barrier("every process has read the checkpoint")  # before process 0 writes again
         if action == "resume" and checkpoint is None:
             log(f"lottery: {out_dir} holds a run killed before its first checkpoint: "
                 "starting over")
@@ -366,7 +380,9 @@ def announce(setup: Setup, out_dir: Path, log) -> None:
     log(f"{setup.model.name} on {setup.data.name}, {total:,} prunable weights"
         + (f" ({pruned:,} in pruned layers)" if pruned != total else "")
         + f"; {method(cfg)}; {plural(cfg.stack_size, 'member')} on "
-        f"{plural(len(devices), devices[0].platform)}{layout(setup.trainer.shape)}"
+        f"{plural(len(devices), devices[0].platform)}"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f"{layout(setup.trainer.shape)}"
         f" -> {shown(out_dir)}")
     if setup.chunk < 50:
         log(f"lottery: warning: steps are compiled in chunks of {setup.chunk} (the gcd of "
@@ -390,10 +406,21 @@ def method(cfg: RunConfig) -> str:
                "lr": f"learning rate rewind to step {rewind.step}"}.get(rewind.mode, rewind.mode))
 
 
+class NotWritten(NamedTuple):
+    """The record of a process that does not write it (`lottery.distributed`)."""
+
+    offset: int = 0
+
+
+NOT_WRITTEN = NotWritten()
+
+
 def open_record(setup: Setup, out_dir: Path, store: CheckpointStore, checkpoint, log):
     """The run's record (JSONL, and W&B where configured), cut back to the checkpoint; a
     new run starts it with its `run` row."""
     cfg = setup.cfg
+    if not writes():  # process 0 writes the record (and W&B) of a several-process run
+        return Record([]), NOT_WRITTEN
     jsonl = JsonlSink(out_dir / RECORD_NAME, keep=checkpoint.meta["record_offset"]
                       if checkpoint else 0)
     sinks = [jsonl]

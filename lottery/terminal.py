@@ -26,10 +26,11 @@ def say(line: str, file=None) -> None:
     LOGGER.info(line)
 
 
-def progress(total: int, desc: str | None = None, **options) -> tqdm:
+def progress(total: int, desc: str | None = None, visible: bool = True, **options) -> tqdm:
     """A progress bar in steps on stderr, shown only where stderr is a terminal
-    (`disable=None`), and cleared when it closes (`leave=False`): no stale bar."""
-    return tqdm(total=total, desc=desc, unit="step", disable=None, leave=False,
+    (`disable=None`) and `visible`, and cleared when it closes (`leave=False`): no stale bar."""
+    return tqdm(total=total, desc=desc, unit="step", disable=None if visible else True,
+                leave=False,
                 dynamic_ncols=True, **options)
 
 

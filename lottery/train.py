@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lottery import platform
+from lottery.distributed import to_devices, to_host
 from lottery.data import Dataset
 from lottery.data.order import batch_indices
 from lottery.mesh import make_mesh, mesh_shape
@@ -121,8 +122,8 @@ class Trainer:
         if len(data.x_train) < batch_size:
             raise ValueError(f"batch_size={batch_size} exceeds the {len(data.x_train)} "
                              "training examples")
-        self.train_data = jax.device_put((data.x_train, data.y_train), replicated)
-        self.eval_data = jax.device_put(
+        self.train_data = to_devices((data.x_train, data.y_train), replicated)
+        self.eval_data = to_devices(
             tuple(padded_batches(x, y, eval_batch_size, shape.data)
                   for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test))), replicated)
         compute = to_precision(precision)
@@ -222,5 +223,5 @@ class Trainer:
 
     def evaluate(self, network: Network) -> dict[str, np.ndarray]:
         """Validation and test loss and accuracy of every (unpadded) member."""
-        metrics = jax.device_get(self._eval(*network, self.eval_data))
+        metrics = to_host(self._eval(*network, self.eval_data))
         return {name: value[: self.stack_size] for name, value in metrics.items()}

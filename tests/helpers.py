@@ -7,6 +7,8 @@ cache set up in conftest.py compiles them once for the whole session.
 
 import collections
 import contextlib
+import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +180,32 @@ def random_gpt_params(config, std: float, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(
         lambda path, x: jax.numpy.asarray((path[-1].key == "scale") + std * rng.standard_normal(
             x.shape), jax.numpy.float32), shapes)
+
+
+# where runs of one config on other devices or processes may differ: the run row's devices,
+# processes, mesh and how a device runs its members (vmap or one by one), and wall-clock times
+PLACEMENT = {"devices", "processes", "mesh", "members_by", "seconds"}
+
+
+def records(out: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (out / name / "record.jsonl").read_text().splitlines()]
+
+
+def placed_anywhere(config: dict) -> dict:
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "mesh"}}
+
+
+def assert_same_records(reference: list[dict], other: list[dict], where: str) -> None:
+    """The records of one config run on other devices or processes: equal rows but for
+    `PLACEMENT`, floats to a float32 training's tolerance (the reductions' order differs)."""
+    assert len(reference) == len(other), where
+    for row, (a, b) in enumerate(zip(reference, other)):
+        assert a.keys() == b.keys(), (where, row)
+        for key in a.keys() - PLACEMENT:
+            if key == "config":  # the same but for the mesh asked for
+                assert placed_anywhere(a[key]) == placed_anywhere(b[key]), (where, row)
+            elif isinstance(a[key], float):
+                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), \
+                    (where, row, key, a[key], b[key])
+            else:
+                assert a[key] == b[key], (where, row, key)

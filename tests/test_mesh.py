@@ -4,7 +4,6 @@ float tolerance: members sharded on `stack`, each batch split on `data` with the
 and batch-norm statistics reduced by the compiler."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import assert_same_records, records
 
 from lottery.mesh import MeshError, MeshShape, mesh_shape
 
@@ -76,34 +77,6 @@ for name, used, data in json.loads(sys.argv[4]):
 print(json.dumps(shapes))
 """
 
-# where layouts may differ: the run row's devices, mesh and how a device runs its members
-# (vmap or one by one), and wall-clock times
-PLACEMENT = {"devices", "mesh", "members_by", "seconds"}
-
-
-def _records(out: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (out / name / "record.jsonl").read_text().splitlines()]
-
-
-def _placed_anywhere(config: dict) -> dict:
-    return {**config, "train": {k: v for k, v in config["train"].items() if k != "mesh"}}
-
-
-def _assert_same(reference: list[dict], other: list[dict], where: str) -> None:
-    """Equal rows, floats to a float32 training's tolerance (the reductions' order differs)."""
-    assert len(reference) == len(other), where
-    for row, (a, b) in enumerate(zip(reference, other)):
-        assert a.keys() == b.keys(), (where, row)
-        for key in a.keys() - PLACEMENT:
-            if key == "config":  # the same but for the mesh asked for
-                assert _placed_anywhere(a[key]) == _placed_anywhere(b[key]), (where, row)
-            elif isinstance(a[key], float):
-                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), \
-                    (where, row, key, a[key], b[key])
-            else:
-                assert a[key] == b[key], (where, row, key)
-
-
 def _layouts(tmp_path: Path, overrides: list[str], layouts: list) -> dict:
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4"}
     done = subprocess.run([sys.executable, "-c", _LAYOUTS, str(TESTS), str(tmp_path),
@@ -120,12 +93,12 @@ def test_every_layout_of_four_devices_writes_the_one_device_record(tmp_path):
     shapes = _layouts(tmp_path, overrides, [["one", 1, "auto"], ["1x4", 4, 4],
                                             ["2x2", 4, 2], ["4x1", 4, 1]])
     assert shapes == {"one": [1, 1], "1x4": [1, 4], "2x2": [2, 2], "4x1": [4, 1]}
-    reference = _records(tmp_path, "one")
+    reference = records(tmp_path, "one")
     assert reference[0]["mesh"] == {"stack": 1, "data": 1}
     for name in ("1x4", "2x2", "4x1"):
-        other = _records(tmp_path, name)
+        other = records(tmp_path, name)
         assert other[0]["mesh"] == dict(zip(("stack", "data"), shapes[name]))
-        _assert_same(reference, other, name)
+        assert_same_records(reference, other, name)
 
 
 _TRAIN_CHUNK = """
