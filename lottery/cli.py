@@ -27,7 +27,7 @@ from lottery.terminal import finished, percent
 from lottery.optim import OptimizerError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError)
+USER_ERRORS = (ConfigError, DataError, ModelError, OptimizerError, distributed.DistributedError)
 PROGRAM = "lottery"  # the messages' prefix: `lottery: error: ...`
 CHECK_ONLY = False  # `lottery check ...`: stop once the run is built, before training
 
@@ -45,6 +45,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
     try:
+        distributed.initialize()  # a SLURM job's tasks (submitit) join here; see `main`
         run_cfg = validate(cfg)
         platform.configure(run_cfg.stack_size)  # on CPU: devices, XLA flags, CPU kernels
         if CHECK_ONLY:

@@ -53,14 +53,17 @@ def _from_environment() -> dict | None:
 
 
 def _under_slurm() -> bool:
-    """A SLURM job step of several tasks (`srun`), each task one process of the run."""
-    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1 \
-        and "SLURM_PROCID" in os.environ
+    """A SLURM job step of several tasks (`srun`, as submitit starts a job's tasks), each
+    task one process of the run; not a shell inside an allocation (`salloc`), which starts
+    no step."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
 def initialize() -> bool:
     """Join the run's processes (see the module's docstring); must run before JAX's backend
     starts. Returns whether the run has several processes."""
+    if jax.distributed.is_initialized():  # the entry point joined already (`lottery.cli`)
+        return True
     explicit = _from_environment()
     if explicit is None and not _under_slurm():
         return False

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_records, overrides, records, run_config
 
-from lottery import imp
+from lottery import distributed, imp
 from lottery.distributed import DistributedError, _from_environment
 
 RUN = ("dataset.shape=[8,8,1]", "train.steps=40", "train.checkpoint_every=20", "prune.levels=1")
@@ -33,6 +33,56 @@ def test_the_three_variables_go_together(monkeypatch):
     monkeypatch.setenv("LOTTERY_PROCESS_ID", "1")
     assert _from_environment() == {"coordinator_address": "127.0.0.1:1234",
                                    "num_processes": 2, "process_id": 1}
+
+
+def test_slurm_tasks_join_and_a_shell_in_an_allocation_does_not(monkeypatch):
+    """A task of an `srun` step of several tasks joins through JAX's own SLURM detection
+    (no address given); a shell inside `salloc` (no step) and a one-task step do not."""
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                        lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)
+    for name in (*distributed.ENV, "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert distributed.initialize() is False  # salloc's shell: no step
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert distributed.initialize() is False
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    assert distributed.initialize() is True
+    assert calls == [{"initialization_timeout": distributed.JOIN,
+                      "heartbeat_timeout_seconds": distributed.HEARTBEAT}]
+
+
+def test_the_multinode_launcher_submits_one_job_of_a_task_per_gpu(tmp_path, monkeypatch):
+    """hydra/launcher=slurm_multinode's sbatch script, as submitit writes it from the
+    launcher's parameters (translated as hydra-submitit-launcher does): 2 nodes x 4 tasks,
+    a GPU per task, the tasks started by one srun step."""
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from test_launchers import compose_full
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit looks for srun on PATH
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    launcher = instantiate(compose_full("experiment=lenet_sweep", "hydra/launcher=slurm_multinode",
+                                        "hydra.launcher.partition=gpu").hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {key if key in base else f"slurm_{key}": value
+              for key, value in launcher.params.items()
+              if key not in ("submitit_folder", "max_num_timeout")}
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(**params)
+    script = executor._executor._make_submission_file_text("python -m job", "uid")
+    for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-task=1", "--partition=gpu"):
+        assert f"#SBATCH {option}\n" in script
+    assert "--gpus-per-node" not in script and "--array" not in script
+    assert "\nsrun " in script
 
 
 def _free_port() -> int:
