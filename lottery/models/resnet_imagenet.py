@@ -189,8 +189,9 @@ class ImageNetResNet(nnx.Module):
                 groups.append(group(self, name, writers, readers))
                 name = f"stage{s}.stream"
                 writers, readers = [f"{blocks[0]}.shortcut", f"{blocks[0]}.shortcut_bn"], []
-            else:  # the stream goes on into this stage, read by its first block too
-                name, readers = f"stage{s}.stream", readers + [f"{blocks[0]}.conv1"]
+            else:  # the stream goes on into this stage: its first block reads it too
+                name = f"stage{s}.stream"
+                readers.append(f"{blocks[0]}.conv1")
             writers += [f"{b}.{leaf}{last}" for b in blocks for leaf in ("conv", "bn")]
             readers += [f"{b}.conv1" for b in blocks[1:]]
             for b in blocks:
