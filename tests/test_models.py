@@ -34,10 +34,15 @@ EXPECTED = {
     "resnet20": (CIFAR, 270_896, 272_474),  # OpenLTH: 272,474; He et al. 2016: 0.27M
     "resnet32": (CIFAR, 464_432, 466_906),  # He et al.: 0.46M
     "resnet56": (CIFAR, 851_504, 855_770),  # He et al.: 0.85M
+    # torchvision: 11,689,512 / 25,557,032 at 1000 classes; here 10: the fc's 513,000 /
+    # 2,049,000 become 5,130 / 20,490; batch norm 9,600 / 53,120 (scale + shift per channel)
+    "resnet18": (CIFAR, 11_172_032, 11_181_642),
+    "resnet50": (CIFAR, 23_475_392, 23_528_522),
     "mnist1d_mlp": (MNIST1D, 15_000, 15_210),  # Greydanus & Kobak's MLPBase, hidden 100
 }
-BATCH_NORM = {"vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56"}
-DEEP = {"resnet32", "resnet56"}
+BATCH_NORM = {"vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56", "resnet18",
+              "resnet50"}
+DEEP = {"resnet32", "resnet56", "resnet50"}
 SMALL = ["lenet_300_100", "lenet5", "lenet5_caffe", "mnist1d_mlp", "conv2", "resnet20"]
 
 

@@ -32,6 +32,7 @@ from lottery.models.lenet import LeNet300100
 from lottery.models.lenet5 import LeNet5, LeNet5Caffe
 from lottery.models.mlp import MNIST1DMLP
 from lottery.models.resnet import ResNet20, ResNet32, ResNet56
+from lottery.models.resnet_imagenet import ResNet18, ResNet50
 from lottery.models.structure import Group
 from lottery.models.vgg import VGG11, VGG16, VGG19
 
@@ -48,6 +49,8 @@ MODELS = {
     "resnet20": ResNet20,
     "resnet32": ResNet32,
     "resnet56": ResNet56,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
     "mnist1d_mlp": MNIST1DMLP,
 }
 
