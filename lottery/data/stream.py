@@ -16,7 +16,8 @@ batches, `AHEAD` of the trainer; 0: in this process, on `THREADS` threads). A tr
 pipeline stays up between calls and runs on into the next call's steps when that call
 continues where the last ended; a call that starts elsewhere (a resumed run, another batch
 size or set of members) starts a new one: a worker takes seconds to start (it imports JAX).
-Evaluation and `sample` start a pipeline per call.
+Evaluation and `sample` start a pipeline per call, with at most one worker per `PER_WORKER`
+examples. Each worker holds about 2 * AHEAD + 2 of its batches in shared memory (/dev/shm).
 """
 
 import functools
