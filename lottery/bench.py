@@ -16,6 +16,17 @@ compacted to 50%, 25% and 10% of their units (LeNet-300-100's hidden neurons, Co
 conv channels on 32x32x3; the units with the largest L2 norms kept): training steps/s of
 a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
 batches 100 and 1000, medians of repeated timings, and their ratios to the dense model.
+
+    lottery-bench --section input [--workers 0 1 2]
+
+measures the streaming input pipeline alone (`lottery.data.stream`, no training) on a
+generated image folder: training images/s (random-resized crop and flip, uint8 batches of
+64) at 64 px from 64x64 JPEGs (Tiny-ImageNet's size) and at 224 px from 500x375 ones
+(ImageNet's typical size), with 0 (in-process), 1 and 2 worker processes, against the
+in-memory path, a jitted gather `x[batch_indices]` of a resident uint8 array of the same
+images' shape; medians of repeated calls of a running pipeline, and each pipeline's time to
+its first batch (its workers' start). The files are read from the page cache: this is
+decoding and augmentation, not disk.
 """
 
 import argparse
@@ -266,6 +277,129 @@ def print_compact(rows, batch: int, repeats: int) -> None:
                         for size in sizes))
 
 
+# resolution, source image size (width, height); a batch of INPUT_BATCH, INPUT_STEPS steps
+# a timed call
+INPUT_SIZES = ((64, (64, 64)), (224, (500, 375)))
+INPUT_BATCH, INPUT_STEPS, INPUT_FILES, RESIDENT = 64, 2, 129, 2048
+
+
+def _photo(rng, width: int, height: int):
+    """A JPEG-friendly stand-in for a photo: smooth colour fields plus a little noise (pure
+    noise would decode far slower than real photos)."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+    noise = rng.integers(-12, 13, smooth.shape)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def make_image_folder(root, size: tuple[int, int], files: int = INPUT_FILES,
+                      classes: int = 4) -> None:
+    """`files` JPEGs (quality 90) of `size` in `classes` class folders of root/train, and
+    one of each class in root/val."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(files + classes):
+        split, c = ("train", i % classes) if i < files else ("val", i - files)
+        folder = root / split / f"c{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _photo(rng, *size).save(folder / f"{i}.JPEG", quality=90)
+
+
+def _stream_rate(root, resolution: int, workers: int, repeats: int) -> tuple[float, float]:
+    """Training images/s of a running pipeline (median of `repeats` calls of INPUT_STEPS
+    steps), and the seconds to its first batch."""
+    import jax
+    import numpy as np
+
+    from lottery.data.imagenet import load_image_folder
+
+    keys = np.asarray(jax.random.key_data(jax.random.key(0)))[None]
+    data = load_image_folder(str(root), resolution, validation_size=1, num_workers=workers,
+                             log=lambda *_: None)
+    with data:
+        start = time.perf_counter()
+        data.train_batches(keys, 0, 1, INPUT_BATCH)
+        first = time.perf_counter() - start
+        data.train_batches(keys, 1, INPUT_STEPS, INPUT_BATCH)  # every worker up
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            data.train_batches(keys, 1 + (i + 1) * INPUT_STEPS, INPUT_STEPS, INPUT_BATCH)
+            times.append(time.perf_counter() - start)
+    return INPUT_STEPS * INPUT_BATCH / _median(times), first
+
+
+def _resident_rate(resolution: int, repeats: int) -> float:
+    """Images/s of the in-memory path: a jitted gather of batches `batch_indices` picks from
+    a resident uint8 array (RESIDENT images), INPUT_STEPS steps a call."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lottery.data.order import batch_indices
+
+    x = jax.device_put(np.random.default_rng(0).integers(
+        0, 256, (RESIDENT, resolution, resolution, 3), dtype=np.uint8))
+    key = jax.random.key(0)
+
+    @jax.jit
+    def gather(x, first):
+        return x[batch_indices(key, first + jnp.arange(INPUT_STEPS), RESIDENT, INPUT_BATCH)]
+
+    timer = _Timer(lambda: gather(x, 0).block_until_ready(), 0.1)
+    for _ in range(repeats):
+        timer.run()
+    return INPUT_STEPS * INPUT_BATCH / timer.median()
+
+
+def input_rates(workers=(0, 1, 2), sizes=INPUT_SIZES, repeats: int = 5) -> list[dict]:
+    """One row per resolution and path: `workers` None for the in-memory gather, else the
+    stream's worker count; images/s and (streams) seconds to the first batch."""
+    import tempfile
+    from pathlib import Path
+
+    rows = []
+    for resolution, size in sizes:
+        rows.append({"resolution": resolution, "source": size, "workers": None,
+                     "images_per_s": _resident_rate(resolution, repeats), "first_s": None})
+        with tempfile.TemporaryDirectory() as tmp:
+            make_image_folder(Path(tmp), size)
+            for count in workers:
+                rate, first = _stream_rate(Path(tmp), resolution, count, repeats)
+                rows.append({"resolution": resolution, "source": size, "workers": count,
+                             "images_per_s": rate, "first_s": first})
+    return rows
+
+
+def print_input(rows, repeats: int) -> None:
+    import platform as host
+
+    from lottery.data.stream import THREADS
+
+    cores = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = host.processor() or host.machine()
+    print(f"Input pipeline alone: training images/s (random-resized crop + flip, uint8), "
+          f"batches of {INPUT_BATCH}, median of {repeats} calls of {INPUT_STEPS} steps; "
+          f"{cores} cores ({cpu})")
+    print(f"{'px':>4} {'from':>8}  {'path':<26} {'images/s':>10} {'first batch s':>14}")
+    for row in rows:
+        path = ("in-memory x[batch_indices]" if row["workers"] is None
+                else f"stream, {row['workers']} worker{'s' if row['workers'] != 1 else ''}")
+        first = "" if row["first_s"] is None else f"{row['first_s']:.1f}"
+        print(f"{row['resolution']:>4} {'x'.join(map(str, row['source'])):>8}  {path:<26} "
+              f"{row['images_per_s']:>10,.0f} {first:>14}")
+    print(f"0 workers: decoded in this process (on {THREADS} threads); first batch: a "
+          "pipeline's start (its workers' imports, and compiling the order the first time)")
+
+
 def worker(args) -> None:
     if args.matmul:  # XLA's own choice of matmul kernels, as any JAX program gets them
         print(json.dumps({"matmul_gflops": matmul_gflops(args.repeats)}))
@@ -293,9 +427,13 @@ def main(argv=None) -> None:
     parser.add_argument("--replicates", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--members", choices=("auto", "vmap", "map"), default="auto",
                         help="how each device runs its members (train.members)")
-    parser.add_argument("--section", choices=("training", "compact", "all"), default="training",
+    parser.add_argument("--section", choices=("training", "compact", "input", "all"),
+                        default="training",
                         help="training: replica-steps/s and compilations (the default); "
-                        "compact: compacted models after structured pruning vs dense")
+                        "compact: compacted models after structured pruning vs dense; "
+                        "input: the streaming input pipeline vs the in-memory path")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="input section: the worker process counts of the stream")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compilations", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
@@ -311,6 +449,8 @@ def main(argv=None) -> None:
         training_section(args)
     if args.section in ("compact", "all"):
         print_compact(compact_rates(repeats=args.repeats), BATCH, args.repeats)
+    if args.section in ("input", "all"):
+        print_input(input_rates(args.workers, repeats=args.repeats), args.repeats)
 
 
 def _run_worker(env, *options) -> dict:

@@ -98,3 +98,24 @@ def test_the_matmul_worker_prints_the_best_rate_as_json(monkeypatch, capsys):
     assert len(taken) == 4
     result = json.loads(capsys.readouterr().out)
     assert result == {"matmul_gflops": pytest.approx(2 * 2048**3 / 0.5 / 1e9, rel=1e-12)}
+
+
+def test_the_input_section_times_a_running_stream_after_its_first_batch(monkeypatch, tmp_path):
+    bench.make_image_folder(tmp_path, (10, 8), files=bench.INPUT_BATCH + 1)
+    # the first batch 3 s, an untimed warm-up call, then three timed calls: median 0.5 s
+    taken = fake_clock(monkeypatch, [3.0, 0.5, 0.25, 2.0])
+    rate, first = bench._stream_rate(tmp_path, 8, workers=0, repeats=3)
+    assert len(taken) == 8 and first == 3.0
+    assert rate == bench.INPUT_STEPS * bench.INPUT_BATCH / 0.5
+
+
+def test_the_input_table_names_each_path(capsys):
+    rows = [{"resolution": 64, "source": (64, 64), "workers": None, "images_per_s": 250000.0,
+             "first_s": None},
+            {"resolution": 64, "source": (64, 64), "workers": 2, "images_per_s": 1234.4,
+             "first_s": 4.25}]
+    bench.print_input(rows, repeats=5)
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+64\s+64x64\s+in-memory x\[batch_indices\]\s+250,000\s*$", out,
+                     re.MULTILINE)
+    assert re.search(r"^\s+64\s+64x64\s+stream, 2 workers\s+1,234\s+4.2$", out, re.MULTILINE)

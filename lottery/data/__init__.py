@@ -1,6 +1,10 @@
 """Dataset registry: `load_dataset(name, **options)` returns a verified, normalised `Dataset`;
 `describe(name, **options)` checks the options and gives the shapes and sizes it will have,
-without reading, generating or fetching anything."""
+without reading, generating or fetching anything.
+
+`imagenet` and `image_folder` are streamed: they return a `StreamedDataset`
+(`lottery.data.stream`), read from disk as it trains, and `describe` gives None for them
+(their sizes are known once the folder is read) after checking their options."""
 
 import inspect
 from dataclasses import dataclass
@@ -8,12 +12,16 @@ from dataclasses import dataclass
 from lottery.data.cifar10 import load_cifar10
 from lottery.data.dataset import DataError, Dataset
 from lottery.data.fashion_mnist import load_fashion_mnist
+from lottery.data.imagenet import load_image_folder, load_imagenet
 from lottery.data.mnist import load_mnist
 from lottery.data.mnist1d import load_mnist1d
+from lottery.data.stream import StreamedDataset
 from lottery.data.synthetic import load_synthetic
 
 DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "mnist1d": load_mnist1d,
-            "cifar10": load_cifar10, "synthetic": load_synthetic}
+            "cifar10": load_cifar10, "synthetic": load_synthetic, "imagenet": load_imagenet,
+            "image_folder": load_image_folder}
+STREAMED = ("imagenet", "image_folder")
 # input shape, classes and training examples (before the validation split) of the datasets
 # whose size is fixed; MNIST-1D's inputs have the generator's default length, 40
 FIXED = {"mnist": ((28, 28, 1), 10, 60000), "fashion_mnist": ((28, 28, 1), 10, 60000),
@@ -58,6 +66,9 @@ def describe(name: str, **options) -> DataShape | None:
             raise DataError(f"dataset.{key} is not an option of dataset {name}; its options "
                             f"are {', '.join(parameters)}")
     options = {**parameters, **options}
+    if name in STREAMED:
+        _check_folder_options(name, options)
+        return None
     if name in FIXED:
         shape, classes, total = FIXED[name]
         if name == "cifar10":
@@ -90,7 +101,23 @@ def describe(name: str, **options) -> DataShape | None:
     return DataShape(tuple(shape), classes, options["train_size"])
 
 
-def load_dataset(name: str, **options) -> Dataset:
+def _check_folder_options(name: str, options: dict) -> None:
+    path = options["path"]
+    if path is not None and not isinstance(path, str):
+        raise DataError(f"dataset.path={path!r} must be a folder (a string)"
+                        + (", or null for $LOTTERY_DATA/imagenet" if name == "imagenet" else ""))
+    if path is None and name == "image_folder":
+        raise DataError("dataset.path is required for image_folder: set dataset.path=DIR, the "
+                        "folder holding train/ and val/")
+    _integer(options, "resolution", 8)
+    _integer(options, "validation_size", 1)
+    if not isinstance(options["augment"], bool):
+        raise DataError(f"dataset.augment={options['augment']!r} must be true or false")
+    if options["num_workers"] is not None:
+        _integer(options, "num_workers", 0)
+
+
+def load_dataset(name: str, **options) -> Dataset | StreamedDataset:
     describe(name, **{key: value for key, value in options.items() if key != "log"})
     try:
         return DATASETS[name](**options)
@@ -98,4 +125,5 @@ def load_dataset(name: str, **options) -> Dataset:
         raise DataError(f"dataset {name}: {error}") from None
 
 
-__all__ = ["DATASETS", "DataError", "DataShape", "Dataset", "describe", "load_dataset"]
+__all__ = ["DATASETS", "DataError", "DataShape", "Dataset", "StreamedDataset", "describe",
+           "load_dataset"]
