@@ -17,6 +17,11 @@ conv channels on 32x32x3; the units with the largest L2 norms kept): training st
 a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
 batches 100 and 1000, medians of repeated timings, and their ratios to the dense model.
 
+    lottery-bench --section gpu [--precision bf16]
+
+runs the GPU check (`lottery.gpu_check`: ResNet-20 stacks of 1, 4 and 16 members and a
+data-parallel ResNet-50 at 224 px; images/s, fraction of peak, peak memory).
+
     lottery-bench --section input [--workers 0 1 2]
 
 measures the streaming input pipeline alone (`lottery.data.stream`, no training) on a
@@ -427,11 +432,15 @@ def main(argv=None) -> None:
     parser.add_argument("--replicates", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--members", choices=("auto", "vmap", "map"), default="auto",
                         help="how each device runs its members (train.members)")
-    parser.add_argument("--section", choices=("training", "compact", "input", "all"),
+    parser.add_argument("--section", choices=("training", "compact", "input", "gpu", "all"),
                         default="training",
                         help="training: replica-steps/s and compilations (the default); "
                         "compact: compacted models after structured pruning vs dense; "
-                        "input: the streaming input pipeline vs the in-memory path")
+                        "input: the streaming input pipeline vs the in-memory path; "
+                        "gpu: ResNet-20 stacks and data-parallel ResNet-50 on this machine's "
+                        "accelerator (lottery/gpu_check.py; not part of all)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="gpu section: train.precision")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="input section: the worker process counts of the stream")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -440,6 +449,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.section == "gpu":
+        from lottery.gpu_check import run
+
+        return run(args.precision, repeats=args.repeats)
     from lottery import platform
 
     # the compact section runs in this process: with the CPU kernels on CPU, but XLA's own

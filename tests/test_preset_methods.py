@@ -6,10 +6,9 @@ user never wrote is named with the preset it came from (issue 17, item 2)."""
 import itertools
 
 import pytest
-from helpers import compose_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-from test_presets import PRESETS
+from test_presets import PRESETS, compose_preset
 
 from lottery import cli
 from lottery.config import STRUCTURES, ConfigError, validate
@@ -54,7 +53,7 @@ def fixed(cfg, chosen: dict) -> list[str]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_method_on_each_preset_runs_or_names_its_fix(preset):
-    base = compose_config(f"experiment={preset}", base=None)
+    base = compose_preset(preset)
     needed = {}
     for values in itertools.product(*CHOICES.values()):
         chosen = dict(zip(CHOICES, values))

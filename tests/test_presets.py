@@ -16,9 +16,16 @@ from lottery.optim import build_optimizer
 # transformer presets (a top-level `task: lm`) are `lottery lm`'s: tests/test_lm_budget.py
 PRESETS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml")
                  if "\ntask: lm" not in "\n" + path.read_text())
-# input shape and classes of the file datasets
+# input shape and classes of the file datasets (an image folder's classes are its own: 10)
 INPUTS = {"mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
-          "cifar10": ((32, 32, 3), 10), "mnist1d": ((40,), 10)}
+          "cifar10": ((32, 32, 3), 10), "mnist1d": ((40,), 10),
+          "imagenet": ((224, 224, 3), 1000), "image_folder": ((64, 64, 3), 10)}
+# what a user must add to a preset: the folder of an image-folder dataset
+REQUIRED = {"resnet18_imagefolder": ["dataset.path=/data/imagenette2-320"]}
+
+
+def compose_preset(name: str, base=None):
+    return compose_config(f"experiment={name}", *REQUIRED.get(name, []), base=base)
 
 
 def test_there_are_presets():
@@ -27,7 +34,7 @@ def test_there_are_presets():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_validates_and_is_reachable(name):
-    cfg = validate(compose_config(f"experiment={name}", base=None))
+    cfg = validate(compose_preset(name))
     assert cfg.name == name
     assert "hydra" not in cfg.resolved
     if cfg.dataset["name"] == "synthetic":
@@ -41,7 +48,7 @@ def test_preset_composes_validates_and_is_reachable(name):
 
 
 def preset(name: str):
-    return validate(compose_config(f"experiment={name}", base=None))
+    return validate(compose_preset(name))
 
 
 @pytest.mark.parametrize("name, conv_rate", [

@@ -71,11 +71,14 @@ CONF = Path(lottery.cli.CONF_DIR)
 PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml")
                  if "\ntask: lm" not in "\n" + path.read_text())
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-          "mnist1d": (40,)}  # the real input shape of each file dataset
+          "mnist1d": (40,), "imagenet": (224, 224, 3),
+          "image_folder": (64, 64, 3)}  # the real input shape of each file dataset
 SYNTHETIC_OPTIONS = set(inspect.signature(load_synthetic).parameters)
 # how far each preset runs (module docstring); "run" when not listed or LOTTERY_FULL_PRESETS=1
 CHECKS = {"conv2_cifar10": "step", "vgg16_cifar10": "step", "conv4_cifar10": "trace",
-          "conv6_cifar10": "trace", "vgg19_cifar10": "trace", "resnet20_cifar10": "trace"}
+          "conv6_cifar10": "trace", "vgg19_cifar10": "trace", "resnet20_cifar10": "trace",
+          # the ImageNet ResNets' training step runs in tests/test_resnet_imagenet.py
+          "resnet50_imagenet": "trace", "resnet18_imagefolder": "trace"}
 if os.environ.get("LOTTERY_FULL_PRESETS") == "1":
     CHECKS = {}
 # prunable weights of presets whose model options change the size set in conf/model/
