@@ -91,14 +91,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(out: Path, crash_second_at: str = "") -> list[subprocess.CompletedProcess]:
-    """The same `lottery` command started twice, one CPU device each, as one run whose every
-    batch is split over the two processes (`train.mesh.data=2`)."""
+def _two_processes(out: Path, devices: int, crash_second_at: str = ""
+                   ) -> list[subprocess.CompletedProcess]:
+    """The same `lottery` command started twice, `devices` CPU devices each, as one run whose
+    every batch is split over 2 devices (`train.mesh.data=2`): with 1 device each, over the
+    two processes (1 x 2); with 2 each, within each process, the members spread over the
+    two (2 x 2)."""
     port, started = _free_port(), []
     for index in range(2):
         env = {**os.environ, "LOTTERY_COORDINATOR": f"127.0.0.1:{port}",
                "LOTTERY_NUM_PROCESSES": "2", "LOTTERY_PROCESS_ID": str(index),
-               "JAX_NUM_CPU_DEVICES": "1",
+               "JAX_NUM_CPU_DEVICES": str(devices),
                "LOTTERY_CRASH_AT": crash_second_at if index == 1 else ""}
         command = [sys.executable, "-m", "lottery.cli", *overrides(*RUN, "train.mesh.data=2"),
                    f"hydra.run.dir={out}"]
@@ -111,7 +114,7 @@ def _two_processes(out: Path, crash_second_at: str = "") -> list[subprocess.Comp
 def test_two_processes_are_one_run_that_resumes_after_one_is_killed(tmp_path):
     out = tmp_path / "run"
     # process 1 is SIGKILLed after its 3rd chunk: level 1's first, after the level's checkpoint
-    first, second = _two_processes(out, crash_second_at="chunk:3")
+    first, second = _two_processes(out, devices=2, crash_second_at="chunk:3")
     assert second.returncode == -9
     assert first.returncode == 1, first.stderr[-3000:]
     line = [ln for ln in first.stderr.splitlines() if ln.startswith("lottery: error:")]
@@ -120,7 +123,8 @@ def test_two_processes_are_one_run_that_resumes_after_one_is_killed(tmp_path):
     assert line[0].endswith("run the same command on every process again to resume from "
                             "the last checkpoint")
 
-    first, second = _two_processes(out)
+    # resumed on another layout: the checkpoint holds host arrays, not device placements
+    first, second = _two_processes(out, devices=1)
     assert (first.returncode, second.returncode) == (0, 0), first.stderr[-3000:] + second.stderr[-3000:]
     assert "lottery: resuming" in first.stdout and "in 2 processes (1 x 2" in first.stdout
     assert "lottery" not in second.stdout  # process 0 speaks for the run
@@ -129,6 +133,6 @@ def test_two_processes_are_one_run_that_resumes_after_one_is_killed(tmp_path):
 
     imp.run(run_config(*RUN), tmp_path / "one", log=lambda line: None)  # 1 process, 2 devices
     reference, two = records(tmp_path, "one"), records(tmp_path, "run")
-    assert two[0]["processes"] == 2 and two[0]["mesh"] == {"stack": 1, "data": 2}
+    assert two[0]["processes"] == 2 and two[0]["mesh"] == {"stack": 2, "data": 2}  # the start
     assert reference[0]["processes"] == 1
     assert_same_records(reference, two, "2 processes")  # each row once: none written twice

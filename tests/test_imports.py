@@ -19,9 +19,11 @@ LEAVES = {  # module (or package): the lottery modules it may import
     "lottery.identity": set(),
     "lottery.faults": set(),
     "lottery.terminal": set(),
+    "lottery.distributed": set(),
     "lottery.record": {"lottery.atomic", "lottery.identity",
                        "lottery.terminal"},  # W&B's one line on where its runs are
-    "lottery.checkpoint": {"lottery.atomic", "lottery.faults"},
+    # arrays come to the host through one collective; process 0 writes
+    "lottery.checkpoint": {"lottery.atomic", "lottery.faults", "lottery.distributed"},
 }
 
 
