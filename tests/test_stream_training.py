@@ -31,7 +31,7 @@ CLASSES = ("n01440764", "n01443537", "n01484850")
 MEAN = 255 * np.array([0.485, 0.456, 0.406], np.float32)
 STD = 255 * np.array([0.229, 0.224, 0.225], np.float32)
 SIDE = 16  # every image 16 x 16; resolution 16: the evaluation view resizes to 18, crops 16
-# 3 members on one device; 30 training images in batches of 10 (3 steps an epoch); chunks of
+# 2 members (ticket, reinit) on one device; 30 training images in batches of 10 (3 steps an epoch); chunks of
 # 8 steps (gcd(eval_every, steps, rewind.step)), so 2 streamed calls of 4 steps each; a
 # checkpoint inside level 1 at step 16
 OPTIONS = {"dataset": "image_folder", "dataset.resolution": "16",
@@ -40,7 +40,7 @@ OPTIONS = {"dataset": "image_folder", "dataset.resolution": "16",
            "optimizer.lr": "0.01", "train.steps": "24",
            "train.eval_every": "8", "train.batch_size": "10", "train.eval_batch_size": "4",
            "train.checkpoint_every": "8", "prune.levels": "1", "rewind.step": "8",
-           "replicates": "1", "seed": "0"}
+           "branches": "[ticket,reinit]", "replicates": "1", "seed": "0"}
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -108,6 +108,7 @@ def test_a_streamed_run_trains_and_records_both_levels(streamed_run):
     assert x.shape == (30, 16, 16, 3)
     evaluations = [r for r in rows(run_dir) if r["kind"] == "eval"]
     assert {r["level"] for r in evaluations} == {0, 1}
+    assert {r["branch"] for r in evaluations} == {"ticket", "reinit"}
     assert {(r["level"], r["step"]) for r in evaluations} == {
         (0, 0), (0, 8), (0, 16), (0, 24), (1, 8), (1, 16), (1, 24)}
     for r in evaluations:
@@ -150,9 +151,9 @@ def timeless(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows(run_dir)]
 
 
-def test_a_streamed_run_killed_mid_level_resumes_to_the_same_record(folder, tmp_path):
-    reference = tmp_path / "reference"
-    assert lottery_process(folder, reference).returncode == 0
+def test_a_streamed_run_killed_mid_level_resumes_to_the_same_record(streamed_run, folder,
+                                                                   tmp_path):
+    _, reference = streamed_run  # the uninterrupted run, on one device too
     run_dir = tmp_path / "crashed"
     # level 0 runs 3 chunks (0 -> 24), level 1 two (8 -> 24): chunk 5 ends level 1 at step
     # 24, before it is recorded; the rerun resumes from the checkpoint at step 16
@@ -160,5 +161,6 @@ def test_a_streamed_run_killed_mid_level_resumes_to_the_same_record(folder, tmp_
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = lottery_process(folder, run_dir)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
+    assert "resuming" in resumed.stdout and "at step 16 of level 1" in resumed.stdout, \
+        resumed.stdout
     assert timeless(run_dir) == timeless(reference)
