@@ -12,7 +12,7 @@ import jax
 
 from lottery.branches import BRANCHES, branch_of, members_of
 from lottery.config import ConfigError, RunConfig, unit_groups
-from lottery.data import Dataset, load_dataset
+from lottery.data import STREAMED, Dataset, StreamedDataset, load_dataset
 from lottery.level_start import LevelPrograms, level_programs
 from lottery.mesh import MeshError
 from lottery.models import ModelSpec, build_model
@@ -29,7 +29,7 @@ from lottery.train import Trainer
 @dataclass(frozen=True)
 class Setup:
     cfg: RunConfig  # every duration in steps
-    data: Dataset
+    data: Dataset | StreamedDataset
     model: ModelSpec
     plan: PrunePlan
     units: Weights | Structures  # what a level prunes: weights, neurons or channels
@@ -71,13 +71,25 @@ def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Struc
     return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
 
 
+def _check_streamable(cfg: RunConfig) -> None:
+    """Refuse what a run on a streamed dataset (`lottery.data.stream`) cannot do yet."""
+    if "instability" in cfg.branches:  # its error barrier reads a resident test set
+        raise ConfigError(f"branches=instability is not supported on the streamed dataset "
+                          f"{cfg.dataset['name']} yet: drop it from branches, or use a "
+                          "dataset held in memory")
+
+
 def build(cfg: RunConfig, devices=None) -> Setup:
     """Load the data and build everything a run needs, on `devices` (default: all of the
     run's); refuses impossible schedules."""
+    if cfg.dataset["name"] in STREAMED:
+        _check_streamable(cfg)  # before reading the folder
     data = load_dataset(cfg.dataset["name"], **_options(cfg.dataset))
-    if cfg.train.batch_size > len(data.x_train):
+    streamed = isinstance(data, StreamedDataset)
+    train_size = data.train_size if streamed else len(data.x_train)
+    if cfg.train.batch_size > train_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
-                          f"{len(data.x_train)} training examples of {data.name}")
+                          f"{train_size} training examples of {data.name}")
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
     params = Network(*jax.eval_shape(model.init, jax.random.key(0))).params
@@ -86,7 +98,7 @@ def build(cfg: RunConfig, devices=None) -> Setup:
         counts = plan.counts(units.shapes(params), cfg.prune.levels)
     except PlanError as error:
         raise ConfigError(str(error)) from None
-    steps_per_epoch = len(data.x_train) // cfg.train.batch_size
+    steps_per_epoch = train_size // cfg.train.batch_size
     cfg = cfg.in_steps(steps_per_epoch)
     chunk = math.gcd(cfg.train.eval_every, cfg.train.steps, cfg.rewind.step)
     try:

@@ -3,7 +3,9 @@
 A *member* is one (branch, replicate) network: params, masks and optimizer state. The stack
 of all members is trained by one compiled program: the members of each device batched by
 `vmap` or run one after another (`lottery.platform.member_mode`), `lax.scan` over the
-steps of a chunk, data resident on the device and shuffled there. The stack axis
+steps of a chunk, data resident on the device and shuffled there, or streamed (a
+`StreamedDataset`: uint8 batches decoded on the host in the same order, normalised on the
+device, `stream_steps` steps per compiled call). The stack axis
 is sharded over the `stack` axis of the run's mesh (padded to a multiple of its size), and
 each member's batch over its `data` axis (`lottery.mesh`): the members of a device never
 communicate; a batch split over `data` devices has its gradients reduced by the compiler.
@@ -21,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lottery import platform
 from lottery.distributed import to_devices, to_host
-from lottery.data import Dataset
+from lottery.data import Dataset, StreamedDataset
 from lottery.data.order import batch_indices
 from lottery.mesh import make_mesh, mesh_shape
 from lottery.precision import to_precision
@@ -36,19 +38,28 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def batched_metrics(logits_of, split):
-    """Mean loss and accuracy of `logits_of(x)` on a split of padded batches `(x, y, weight)`
-    (`padded_batches`): batch by batch, the padding weighted 0. A target with a sequence
-    axis (a language model's next bytes) counts each example as the mean over its tokens."""
+STREAM_STEPS = 4  # most training steps per compiled call on a streamed dataset
+SAMPLE_BATCHES = 10  # a streamed dataset's resident sample (`train_data`): this many batches
+
+
+def batch_sums(logits, y, w):
+    """The weighted sums of the loss and of the correct predictions of one batch. A target
+    with a sequence axis (a language model's next bytes) counts each example as the mean
+    over its tokens."""
     def per_example(values):
         return values.reshape(values.shape[0], -1).mean(axis=1)
 
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return (jnp.sum(per_example(cross_entropy(logits, y)) * w),
+            jnp.sum(per_example(correct) * w))
+
+
+def batched_metrics(logits_of, split):
+    """Mean loss and accuracy of `logits_of(x)` on a split of padded batches `(x, y, weight)`
+    (`padded_batches`): batch by batch (`batch_sums`), the padding weighted 0."""
     def batch(args):
         x, y, w = args
-        logits = logits_of(x)
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return (jnp.sum(per_example(cross_entropy(logits, y)) * w),
-                jnp.sum(per_example(correct) * w))
+        return batch_sums(logits_of(x), y, w)
 
     losses, corrects = jax.lax.map(batch, split)
     _, _, weights = split
@@ -119,13 +130,25 @@ class Trainer:
         self.replicated = replicated = NamedSharding(self.mesh, PartitionSpec())
         self.optimizer = optimizer
         self.chunk = chunk
-        if len(data.x_train) < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(data.x_train)} "
+        self.streamed = streamed = isinstance(data, StreamedDataset)
+        train_size = data.train_size if streamed else len(data.x_train)
+        if train_size < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {train_size} "
                              "training examples")
-        self.train_data = to_devices((data.x_train, data.y_train), replicated)
-        self.eval_data = to_devices(
-            tuple(padded_batches(x, y, eval_batch_size, shape.data)
-                  for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test))), replicated)
+        if streamed:  # batches come with each call; a fixed sample stays for the scores
+            self.data, self.batch_size, self.eval_batch_size = data, batch_size, eval_batch_size
+            self.stream_steps = math.gcd(chunk, STREAM_STEPS)
+            self.share = batch_share(self.mesh)
+            self.train_data = to_devices(data.sample(min(SAMPLE_BATCHES * batch_size,
+                                                         train_size)), replicated)
+            self.eval_data = None
+            mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
+        else:
+            self.train_data = to_devices((data.x_train, data.y_train), replicated)
+            self.eval_data = to_devices(
+                tuple(padded_batches(x, y, eval_batch_size, shape.data)
+                      for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test))),
+                replicated)
         compute = to_precision(precision)
 
         def split_batch(x):
@@ -134,36 +157,38 @@ class Trainer:
                 return x
             return jax.lax.with_sharding_constraint(x, PartitionSpec("data"))
 
+        def normalised(x):
+            """A streamed uint8 batch as the resident path's float32 inputs."""
+            return (x.astype(jnp.float32) - mean) / std
+
         def logits_of(params, model_state, x, train=False, key=None):
             logits, model_state = model.apply(compute(params), model_state,
                                               compute(split_batch(x)), train=train, key=key)
             return logits.astype(jnp.float32), model_state
 
-        augment = data.augment
+        augment = None if streamed else data.augment  # a streamed dataset's: on the host
 
         def loss_fn(params, model_state, x, y, key):
             logits, model_state = logits_of(params, model_state, x, train=True, key=key)
             return cross_entropy(logits, y).mean(), model_state
 
-        def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
-                         train_data, controls):
-            x_all, y_all = train_data
-            key = jax.random.wrap_key_data(key_data)
-            steps = start_step + jnp.arange(chunk)
-            batches = batch_indices(key, steps, len(x_all), batch_size)
+        def train_steps(params, model_state, opt_state, masks, key, steps, batches, batch_of,
+                        controls):
+            """`steps` (global step numbers) of training, step s on `batch_of(batches[s])`."""
             step_keys = jax.random.fold_in(key, name_id("step"))
             prune_keys = jax.random.fold_in(key, name_id("prune"))
 
             def step(carry, inputs):
                 params, model_state, opt_state, masks = carry
-                at, idx = inputs
+                at, batch = inputs
                 if prune_step is not None:
                     masks = prune_step(params, masks, at, controls, prune_keys)
                     params = apply_masks(params, masks)
                 augment_key, dropout_key = jax.random.split(jax.random.fold_in(step_keys, at))
-                x = x_all[idx] if augment is None else augment(augment_key, x_all[idx])
+                x, y = batch_of(batch)
+                x = x if augment is None else augment(augment_key, x)
                 (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                    params, model_state, x, y_all[idx], dropout_key)
+                    params, model_state, x, y, dropout_key)
                 updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state,
                                                       params, at, controls["lr"])
                 params = apply_masks(optax.apply_updates(params, updates), masks)
@@ -177,12 +202,33 @@ class Trainer:
                 masks = given
             return params, model_state, opt_state, masks, losses.mean()
 
+        def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
+                         train_data, controls):
+            x_all, y_all = train_data
+            key = jax.random.wrap_key_data(key_data)
+            steps = start_step + jnp.arange(chunk)
+            batches = batch_indices(key, steps, len(x_all), batch_size)
+            return train_steps(params, model_state, opt_state, masks, key, steps, batches,
+                               lambda idx: (x_all[idx], y_all[idx]), controls)
+
+        def member_stream(params, model_state, opt_state, masks, key_data, start_step, xs, ys,
+                          controls):
+            """`stream_steps` steps on the member's streamed batches xs (steps, batch, ...)."""
+            steps = start_step + jnp.arange(xs.shape[0])
+            return train_steps(params, model_state, opt_state, masks,
+                               jax.random.wrap_key_data(key_data), steps, (xs, ys),
+                               lambda batch: (normalised(batch[0]), batch[1]), controls)
+
         def member_eval(params, model_state, eval_data):
             (val_loss, val_acc), (test_loss, test_acc) = (
                 batched_metrics(lambda x: logits_of(params, model_state, x)[0], split)
                 for split in eval_data)
             return {"val_loss": val_loss, "val_accuracy": val_acc,
                     "test_loss": test_loss, "test_accuracy": test_acc}
+
+        def member_eval_batch(params, model_state, x, y, w):
+            """The member's weighted (loss, correct) sums on one streamed batch."""
+            return batch_sums(logits_of(params, model_state, normalised(x))[0], y, w)
 
         def per_device(fn, batched):
             """`fn` over the members of each device's shard of the stack."""
@@ -193,9 +239,20 @@ class Trainer:
                                  in_specs=specs, out_specs=PartitionSpec("stack"),
                                  axis_names=frozenset(manual), check_vma=False)
 
-        self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False,) * 3),
-                              donate_argnums=(0, 1, 2), out_shardings=self.stacked)
-        self._eval = jax.jit(per_device(member_eval, (True, True, False)))
+        if streamed:
+            self._train = jax.jit(per_device(member_stream, (True,) * 5 + (False, True, True,
+                                                                           False)),
+                                  donate_argnums=(0, 1, 2), out_shardings=self.stacked)
+            self._eval = jax.jit(per_device(member_eval_batch, (True, True) + (False,) * 3))
+            self._mean = jax.jit(lambda losses: sum(losses) / len(losses),
+                                 out_shardings=self.stacked)
+            # a batch's examples over `data` (members' batches also over `stack`)
+            self.batches = NamedSharding(self.mesh, PartitionSpec("stack", None, "data"))
+            self.eval_batches = NamedSharding(self.mesh, PartitionSpec("data"))
+        else:
+            self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False,) * 3),
+                                  donate_argnums=(0, 1, 2), out_shardings=self.stacked)
+            self._eval = jax.jit(per_device(member_eval, (True, True, False)))
         self._opt_init = jax.jit(jax.vmap(optimizer.init), out_shardings=self.stacked)
 
     def pad(self, tree):
@@ -218,10 +275,106 @@ class Trainer:
         docstring (default: the schedule's learning rate). The input params, model state and
         optimizer state are donated."""
         controls = {"lr": np.float32(0.0)} if controls is None else controls
+        if self.streamed:
+            return self._train_streamed(state, keys, start_step, controls)
         *state, loss = self._train(*state, keys, np.int32(start_step), self.train_data, controls)
         return MemberState(*state), loss
 
+    def _train_streamed(self, state: MemberState, keys, start_step: int, controls):
+        """`train_chunk` on a streamed dataset: `chunk // stream_steps` compiled calls, the
+        next call's batches decoded while the device trains the current one."""
+        host_keys = np.asarray(to_host(keys))[: self.stack_size]
+        size, losses = self.stream_steps, []
+        batches = self._stream_batches(host_keys, start_step, size)
+        for first in range(start_step, start_step + self.chunk, size):
+            *state, loss = self._train(*state, keys, np.int32(first), *batches, controls)
+            losses.append(loss)
+            if first + size < start_step + self.chunk:  # dispatched: decode the next call's
+                batches = self._stream_batches(host_keys, first + size, size)
+        return MemberState(*state), losses[0] if len(losses) == 1 else self._mean(losses)
+
+    def _stream_batches(self, host_keys, first: int, steps: int):
+        """This process's share of steps [first, first + steps) of every member's batches,
+        the member axis padded as `pad` does, placed with `self.batches`."""
+        index, count = self.share
+        x, y = self.data.train_batches(host_keys, int(first), steps, self.batch_size, index,
+                                       count)
+        extra = self.padded_size - self.stack_size
+        if extra:
+            x, y = (np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in (x, y))
+        return (place_share(x, self.batches, 2, index, count),
+                place_share(y, self.batches, 2, index, count))
+
     def evaluate(self, network: Network) -> dict[str, np.ndarray]:
         """Validation and test loss and accuracy of every (unpadded) member."""
+        if self.streamed:
+            return self._evaluate_streamed(network)
         metrics = to_host(self._eval(*network, self.eval_data))
         return {name: value[: self.stack_size] for name, value in metrics.items()}
+
+    def _evaluate_streamed(self, network: Network) -> dict[str, np.ndarray]:
+        """`evaluate` on a streamed dataset: each split's batches through the compiled
+        per-batch program, its (loss, correct) sums accumulated here, divided by the split's
+        size (as `batched_metrics`: weighted means, the padding weighted 0). A batch is
+        decoded while the device evaluates the one before."""
+        index, count = self.share
+        per_process = self.shape.data // count  # the `data` devices of this process
+        local = max(min(self.eval_batch_size, -(-self.data.split_size(split) // count) * count)
+                    // count for split in SPLITS)
+        local = -(-local // per_process) * per_process  # one shape for every batch and split
+        metrics = {}
+        for split in SPLITS:
+            totals, pending = np.zeros((2, self.padded_size)), None
+            for batch in self.data.eval_batches(split, self.eval_batch_size, index, count):
+                placed = (place_share(padded_to(a, local), self.eval_batches, 0, index, count)
+                          for a in batch)
+                sums = self._eval(*network, *placed)
+                if pending is not None:
+                    totals += np.asarray(to_host(pending), np.float64)
+                pending = sums
+            totals += np.asarray(to_host(pending), np.float64)
+            loss, correct = (totals / self.data.split_size(split)).astype(np.float32)
+            metrics[f"{split}_loss"] = loss[: self.stack_size]
+            metrics[f"{split}_accuracy"] = correct[: self.stack_size]
+        return metrics
+
+
+SPLITS = ("val", "test")
+
+
+def padded_to(a: np.ndarray, size: int) -> np.ndarray:
+    """`a` padded with zeros (weight 0 for a weight vector) along its first axis to `size`."""
+    return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
+
+
+def batch_share(mesh) -> tuple[int, int]:
+    """(index, count): this process's devices hold part `index` of a batch split over the
+    mesh's `data` axis in `count` equal, contiguous parts (one part: every process holds the
+    whole batch, its devices spanning `data`). The mesh puts a process's devices side by
+    side on `data` (`lottery.mesh.make_mesh`)."""
+    me = jax.process_index()
+    columns = sorted({column for (_, column), device in np.ndenumerate(mesh.devices)
+                      if device.process_index == me})
+    if columns != list(range(columns[0], columns[0] + len(columns))):
+        raise ValueError(f"process {me}'s devices are not side by side on the mesh's data axis")
+    return columns[0] // len(columns), mesh.devices.shape[1] // len(columns)
+
+
+def place_share(local: np.ndarray, sharding, axis: int, index: int, count: int):
+    """This process's part `index` of `count` along `axis` (`batch_share`) of a global array,
+    placed with `sharding`: each process puts the shards of its own devices, which lie in
+    its part."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    shape = list(local.shape)
+    shape[axis] *= count
+    low = index * local.shape[axis]
+
+    def part(where):
+        where = list(where)
+        s = where[axis]
+        where[axis] = slice((s.start or 0) - low,
+                            (shape[axis] if s.stop is None else s.stop) - low)
+        return local[tuple(where)]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, part)
