@@ -11,13 +11,14 @@ and runs the same programs; the mesh spans them all (`lottery.mesh`).
 Every process computes; only process 0 (`writes()`) writes the run folder: the record,
 level files, checkpoints, W&B and the terminal's lines. Arrays go to the host through
 `to_host`, a collective every process calls; host arrays go to the devices through
-`to_devices`, each process placing its own shards. A process that dies ends the run: the
-others stop within `HEARTBEAT` seconds (the coordinator's heartbeat), and a rerun of the
-same command resumes from the last checkpoint, as a one-process run does.
+`to_devices`, each process placing its own shards. A process that dies or fails ends the run: the
+others stop within `HEARTBEAT` seconds (the coordinator's heartbeat; `stopping_together`),
+and a rerun of the same command resumes from the last checkpoint, as a one-process run does.
 """
 
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 
 import jax
@@ -71,7 +72,8 @@ def initialize() -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**(explicit or {}), initialization_timeout=JOIN,
-                                   heartbeat_timeout_seconds=HEARTBEAT)
+                                   heartbeat_timeout_seconds=HEARTBEAT,
+                                   shutdown_timeout_seconds=HEARTBEAT)
     except Exception as error:  # noqa: BLE001  the runtime's errors have no common type
         where = explicit["coordinator_address"] if explicit else "SLURM's first node"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -127,15 +129,24 @@ def _gone() -> list[int]:
 
 @contextmanager
 def stopping_together(program: str):
-    """In a run of several processes, a runtime error (a peer that died mid-collective)
-    becomes one line on stderr naming the processes that stopped, and this process exits at
-    once with status 1, rather than waiting at the runtime's shutdown for peers that will
-    never come. A one-process run's errors pass through."""
+    """In a run of several processes, an error ends every process promptly, each with one
+    line on stderr: an error of this process's own (its traceback first) says that this
+    process failed; a runtime error (a peer that died mid-collective) names the processes
+    that stopped. Either way this process exits at once with status 1, rather than waiting
+    at the runtime's shutdown for peers that will never come, or keeping its peers waiting
+    in a collective while it shuts down. A one-process run's errors pass through."""
     try:
         yield
-    except jax.errors.JaxRuntimeError as error:
+    except Exception as error:
         if jax.process_count() == 1:
             raise
+        if not isinstance(error, jax.errors.JaxRuntimeError):
+            traceback.print_exc()
+            print(f"{program}: error: process {jax.process_index()} of the run's "
+                  f"{jax.process_count()} failed ({type(error).__name__}: "
+                  f"{(str(error).strip().splitlines() or [''])[0][:200]}); the others stop "
+                  f"within {HEARTBEAT} s", file=sys.stderr, flush=True)
+            os._exit(1)
         gone = [index for index in _gone() if index != jax.process_index()]
         who = (f"process{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
                if gone else "another process")

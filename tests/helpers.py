@@ -9,6 +9,10 @@ import collections
 import contextlib
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,3 +213,27 @@ def assert_same_records(reference: list[dict], other: list[dict], where: str) ->
                     (where, row, key, a[key], b[key])
             else:
                 assert a[key] == b[key], (where, row, key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(out: Path, args: list[str], devices: int = 1, crash_second_at: str = ""
+                  ) -> list[subprocess.CompletedProcess]:
+    """`lottery ARGS hydra.run.dir=OUT` started as two processes of one run (a coordinator
+    on 127.0.0.1), `devices` CPU devices each; `crash_second_at`: the second's
+    `LOTTERY_CRASH_AT`. Both finished, in process order."""
+    port, started = free_port(), []
+    for index in range(2):
+        env = {**os.environ, "LOTTERY_COORDINATOR": f"127.0.0.1:{port}",
+               "LOTTERY_NUM_PROCESSES": "2", "LOTTERY_PROCESS_ID": str(index),
+               "JAX_NUM_CPU_DEVICES": str(devices),
+               "LOTTERY_CRASH_AT": crash_second_at if index == 1 else ""}
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "lottery.cli", *args, f"hydra.run.dir={out}"], env=env,
+            cwd=out.parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate())
+            for p in started]

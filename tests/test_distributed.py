@@ -4,13 +4,10 @@ process killed with SIGKILL ends the run in one line from the other; the same co
 again on both resumes from the last checkpoint; and the record is one process's."""
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_records, overrides, records, run_config
+from helpers import assert_same_records, overrides, records, run_config, two_processes
 
 from lottery import distributed, imp
 from lottery.distributed import DistributedError, _from_environment
@@ -53,7 +50,8 @@ def test_slurm_tasks_join_and_a_shell_in_an_allocation_does_not(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     assert distributed.initialize() is True
     assert calls == [{"initialization_timeout": distributed.JOIN,
-                      "heartbeat_timeout_seconds": distributed.HEARTBEAT}]
+                      "heartbeat_timeout_seconds": distributed.HEARTBEAT,
+                      "shutdown_timeout_seconds": distributed.HEARTBEAT}]
 
 
 def test_the_multinode_launcher_submits_one_job_of_a_task_per_gpu(tmp_path, monkeypatch):
@@ -85,30 +83,12 @@ def test_the_multinode_launcher_submits_one_job_of_a_task_per_gpu(tmp_path, monk
     assert "\nsrun " in script
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(out: Path, devices: int, crash_second_at: str = ""
-                   ) -> list[subprocess.CompletedProcess]:
-    """The same `lottery` command started twice, `devices` CPU devices each, as one run whose
-    every batch is split over 2 devices (`train.mesh.data=2`): with 1 device each, over the
-    two processes (1 x 2); with 2 each, within each process, the members spread over the
-    two (2 x 2)."""
-    port, started = _free_port(), []
-    for index in range(2):
-        env = {**os.environ, "LOTTERY_COORDINATOR": f"127.0.0.1:{port}",
-               "LOTTERY_NUM_PROCESSES": "2", "LOTTERY_PROCESS_ID": str(index),
-               "JAX_NUM_CPU_DEVICES": str(devices),
-               "LOTTERY_CRASH_AT": crash_second_at if index == 1 else ""}
-        command = [sys.executable, "-m", "lottery.cli", *overrides(*RUN, "train.mesh.data=2"),
-                   f"hydra.run.dir={out}"]
-        started.append(subprocess.Popen(command, env=env, cwd=out.parent, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate())
-            for p in started]
+def _two_processes(out: Path, devices: int, crash_second_at: str = ""):
+    """The run started as two processes of `devices` CPU devices each, every batch split
+    over 2 devices (`train.mesh.data=2`): with 1 device each, over the two processes (1 x 2);
+    with 2 each, within each process, the members spread over the two (2 x 2)."""
+    return two_processes(out, [*overrides(*RUN), "train.mesh.data=2"], devices,
+                         crash_second_at)
 
 
 def test_two_processes_are_one_run_that_resumes_after_one_is_killed(tmp_path):

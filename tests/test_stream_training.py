@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import lottery.setup
-from helpers import assert_same_records, run_config
+from helpers import assert_same_records, run_config, two_processes
 from lottery import imp
 from lottery.config import ConfigError
 from lottery.data import Dataset
@@ -164,3 +164,16 @@ def test_a_streamed_run_killed_mid_level_resumes_to_the_same_record(streamed_run
     assert "resuming" in resumed.stdout and "at step 16 of level 1" in resumed.stdout, \
         resumed.stdout
     assert timeless(run_dir) == timeless(reference)
+
+
+def test_two_processes_each_decode_their_half_of_every_batch(streamed_run, folder, tmp_path):
+    """The run as two processes of one CPU device each, every batch split over them
+    (`train.mesh.data=2`): each process decodes its half, and the record is the one-process
+    run's."""
+    _, reference = streamed_run
+    args = [f"{k}={v}" for k, v in OPTIONS.items()] + [f"dataset.path={folder}",
+                                                      "train.mesh.data=2"]
+    first, second = two_processes(tmp_path / "two", args)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr[-3000:] + second.stderr[-3000:]
+    assert "in 2 processes (1 x 2" in first.stdout
+    assert_same_records(rows(reference), rows(tmp_path / "two"), "2 processes")

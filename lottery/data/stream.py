@@ -181,7 +181,8 @@ def _order_program(n: int, batch_size: int):
 def example_order(keys: np.ndarray, steps: np.ndarray, n: int, batch_size: int) -> np.ndarray:
     """int32 (members, steps, batch_size): `batch_indices` of each member's key (a row of
     raw key data) at `steps`, computed by JAX on the CPU."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's: in a several-process run
+    #                                             jax.devices' first may be another's
     order = _order_program(n, batch_size)(jax.device_put(np.asarray(keys), cpu),
                                           jax.device_put(np.asarray(steps, np.int32), cpu))
     return np.asarray(order)
