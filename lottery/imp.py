@@ -365,9 +365,14 @@ def run(cfg: RunConfig, out_dir: Path, log=say, setup: Setup | None = None) -> p
             log(f"lottery: {out_dir} holds a run killed before its first checkpoint: "
                 "starting over")
         with out_of_memory_hint(cfg):
+            built = setup is None  # then the data is this function's to close
             setup = setup or build(cfg)
-            announce(setup, out_dir, log)
-            Experiment(setup, out_dir, checkpoint, log).run()
+            try:
+                announce(setup, out_dir, log)
+                Experiment(setup, out_dir, checkpoint, log).run()
+            finally:
+                if built:
+                    setup.data.close()
     return pd.DataFrame(recorded_rows(out_dir / RECORD_NAME, "summary"))
 
 

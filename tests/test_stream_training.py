@@ -177,3 +177,13 @@ def test_two_processes_each_decode_their_half_of_every_batch(streamed_run, folde
     assert (first.returncode, second.returncode) == (0, 0), first.stderr[-3000:] + second.stderr[-3000:]
     assert "in 2 processes (1 x 2" in first.stdout
     assert_same_records(rows(reference), rows(tmp_path / "two"), "2 processes")
+
+
+def test_a_run_that_loads_a_streamed_dataset_stops_its_workers(folder, tmp_path):
+    """`imp.run` closes the data it loaded: its Grain worker processes stop (they, and their
+    shared memory, lived until the interpreter's exit warned of leaked shared memory)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    imp.run(config(folder, "dataset.num_workers=1"), tmp_path / "run", log=lambda *_: None)
+    assert set(multiprocessing.active_children()) <= before

@@ -32,6 +32,9 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def close(self) -> None:
+        """Nothing to release (a `StreamedDataset` stops its decoding workers)."""
+
 
 def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Split a random `size` examples off the training set as the validation set.

@@ -12,6 +12,7 @@ from lottery.data.dataset import DataError
 from lottery.data.fetch import data_root
 from lottery.data.folder import LAYOUT, read_folder
 from lottery.data.stream import StreamedDataset
+from lottery.terminal import plural
 
 GET_IMAGENET = (
     "ImageNet cannot be downloaded automatically: get ILSVRC2012 (the training and "
@@ -60,5 +61,6 @@ def _load(name, folder, resolution, validation_size, augment, num_workers, log):
                            default_workers() if num_workers is None else num_workers)
     log(f"{name}: {len(files.train_paths)} training images in {data.num_classes} classes "
         f"({validation_size} held out for validation), {len(files.test_paths)} test images, "
-        f"from {files.root}; decoded by {data.num_workers or 'no'} worker processes")
+        f"from {files.root}; decoded " + (f"by {plural(data.num_workers, 'worker process', 'worker processes')}"
+                                          if data.num_workers else "in this process"))
     return data
