@@ -19,7 +19,9 @@ from lottery.config import validate
 from lottery.identity import run_id
 from lottery.record import RECORD_NAME, WandbSink
 
-SWEEP = {**TINY, "prune.levels": "1", "replicates": "1", "branches": "[ticket]"}
+# one member, one level, on 8x8 images (the records' rows do not depend on the size)
+SWEEP = {**TINY, "dataset.shape": "[8,8,1]", "prune.levels": "1", "replicates": "1",
+         "branches": "[ticket]"}
 SEEDS = (0, 1)
 STEPS = (0, 20, 40)  # evaluations of each level: train.steps=40, train.eval_every=20
 

@@ -3,8 +3,12 @@
 retraining modes (weight rewinding, learning-rate rewinding, fine-tuning).
 
 Each run is the TINY synthetic LeNet-300-100 config with one method changed; the level
-level loop is driven here, so the tests see what each level started from."""
+level loop is driven here, so the tests see what each level started from. Runs that compile
+programs of their own (every one but ERK's, whose programs are TINY's) take 8x8 inputs
+(`SMALL`): what they check does not depend on the size, and LeNet's 266,200 weights on 28x28
+inputs would cost seconds of training, scoring and saving per run."""
 
+import functools
 from types import SimpleNamespace
 
 import helpers
@@ -26,6 +30,9 @@ from lottery.setup import build
 
 R = 2
 SHAPES = {"fc1": (784, 300), "fc2": (300, 100), "out": (100, 10)}
+SMALL = ("dataset.shape=[8,8,1]",)  # LeNet-300-100 on 8x8 inputs
+SMALL_SHAPES = {"fc1": (64, 300), "fc2": (300, 100), "out": (100, 10)}
+SMALL_WEIGHTS = {"fc1": 64 * 300, "fc2": 300 * 100, "out": 100 * 10}
 
 
 def traced_run(tmp_path_factory, name: str, *overrides: str) -> SimpleNamespace:
@@ -50,7 +57,7 @@ PAI_BRANCHES = ("ticket", "reinit", "shuffle", "inverted")
 
 @pytest.fixture(scope="module")
 def snip_at_init(tmp_path_factory):
-    return traced_run(tmp_path_factory, "snip", "prune.score=snip", "prune.at=init",
+    return traced_run(tmp_path_factory, "snip", *SMALL, "prune.score=snip", "prune.at=init",
                       "prune.schedule=oneshot", "prune.scope=global", "prune.score_batch=50",
                       f"branches=[{','.join(PAI_BRANCHES)}]")
 
@@ -63,9 +70,16 @@ def pooled_snip_scores(run, level: int, r: int) -> np.ndarray:
     key = member_keys(np.uint32(0), R, level, "ticket", "score")[r]
     x, y = trainer.train_data
     index = jax.random.choice(key, len(x), (50,), replace=False)
-    scores = SCORES["snip"](model, *member(init, r), member(base, r),
-                            LAYERS, (x[index], y[index]), key)
+    scores = _snip(model)(*member(init, r), member(base, r), x[index], y[index], key)
     return np.concatenate([np.asarray(scores[layer]).ravel() for layer in LAYERS])
+
+
+@functools.cache
+def _snip(model):
+    """SNIP's score function of one member, jitted once for the 8 calls above (eagerly,
+    each call dispatched op by op: seconds)."""
+    return jax.jit(lambda params, state, masks, x, y, key: SCORES["snip"](
+        model, params, state, masks, LAYERS, (x, y), key))
 
 
 def pooled_kernels(masks) -> np.ndarray:
@@ -91,7 +105,7 @@ def test_pruning_at_init_keeps_the_top_snip_scores_of_the_initial_weights(snip_a
 
 
 def test_pai_densities_follow_the_oneshot_plan(snip_at_init):
-    pool = sum(WEIGHTS.values())
+    pool = sum(SMALL_WEIGHTS.values())
     summaries = snip_at_init.summaries
     plan_counts = snip_at_init.parts.counts
     assert [int(c.pool) for c in plan_counts] == helpers.expected_counts(pool, 0.2, 2)
@@ -180,13 +194,13 @@ def test_an_erk_run_prunes_each_layer_to_its_erk_count(erk_run):
 
 @pytest.fixture(scope="module")
 def lr_rewinding(tmp_path_factory):
-    return traced_run(tmp_path_factory, "lr", "rewind.mode=lr", "rewind.step=20",
+    return traced_run(tmp_path_factory, "lr", *SMALL, "rewind.mode=lr", "rewind.step=20",
                       "optimizer.milestones=[10,30]")
 
 
 @pytest.fixture(scope="module")
 def finetuning(tmp_path_factory):
-    return traced_run(tmp_path_factory, "finetune", "rewind.mode=finetune",
+    return traced_run(tmp_path_factory, "finetune", *SMALL, "rewind.mode=finetune",
                       "rewind.finetune_lr=1e-4")
 
 
@@ -250,13 +264,13 @@ def test_cubic_schedule_counts():
 def test_gradual_prune_step_hits_its_targets_at_the_scheduled_steps():
     plan = PrunePlan({"fc1": 0.2, "fc2": 0.2, "out": 0.2})
     units = Weights(LAYERS)
-    counts = plan.counts(SHAPES, 2)
+    counts = plan.counts(SMALL_SHAPES, 2)
     prune_step = jax.jit(gradual_pruning(units, plan, counts[0], start=10, end=40, every=10))
-    model = helpers.setup(helpers.run_config()).model
+    model = helpers.setup(helpers.run_config(*SMALL)).model
     params = model.init(jax.random.key(0))[0]
     masks = jax.tree.map(np.ones_like, params)
     controls = {"lr": np.float32(0), "counts": counts[2]}
-    full = dict(WEIGHTS)
+    full = dict(SMALL_WEIGHTS)
     for step in range(0, 45):
         new = prune_step(params, masks, np.int32(step), controls, jax.random.key(step))
         if step in (10, 20, 30, 40):
@@ -278,22 +292,23 @@ def test_gradual_prune_step_hits_its_targets_at_the_scheduled_steps():
 
 @pytest.fixture(scope="module")
 def gradual_run(tmp_path_factory):
-    return traced_run(tmp_path_factory, "gradual", "prune.schedule=gradual", "branches=[ticket]",
-                      "train.eval_every=10", "prune.gradual.start=0", "prune.gradual.end=30",
-                      "prune.gradual.every=10")
+    return traced_run(tmp_path_factory, "gradual", *SMALL, "prune.schedule=gradual",
+                      "branches=[ticket]", "train.eval_every=10", "prune.gradual.start=0",
+                      "prune.gradual.end=30", "prune.gradual.every=10")
 
 
 def test_a_gradual_run_records_the_schedules_densities(gradual_run):
     evals = load(gradual_run.dir, kind="eval")
     counts = gradual_run.parts.counts
-    total = sum(WEIGHTS.values())
+    total = sum(SMALL_WEIGHTS.values())
     for level in (0, 1, 2):
         final = {layer: int(n) for layer, n in counts[level].layers.items()}
         for step in (0, 10, 20, 30, 40):
             # the evaluation at step s (after steps s - 10 .. s - 1) has seen the pruning
             # events at 0, 10, ..., s - 10; none before step 0
             fraction = 1 if step == 0 else 1 - (step - 10) / 30
-            expected = sum(round(final[layer] + (WEIGHTS[layer] - final[layer]) * fraction**3)
+            expected = sum(round(final[layer] + (SMALL_WEIGHTS[layer] - final[layer])
+                                 * fraction**3)
                            for layer in LAYERS)
             rows = evals[(evals.level == level) & (evals.step == step)]
             assert len(rows) == R
@@ -350,7 +365,7 @@ def test_keep_top_of_negated_scores_is_the_lowest():
 
 @pytest.fixture(scope="module")
 def neuron_run(tmp_path_factory):
-    return traced_run(tmp_path_factory, "neurons", "prune.structure=neurons")
+    return traced_run(tmp_path_factory, "neurons", *SMALL, "prune.structure=neurons")
 
 
 def test_neuron_pruning_removes_whole_units_at_exact_counts(neuron_run):
@@ -372,7 +387,7 @@ def test_neuron_pruning_removes_whole_units_at_exact_counts(neuron_run):
             remaining = fc1.sum() + fc2.sum() + out.sum()
             rows = summaries[(summaries.level == level) & (summaries.replicate == r)
                              & (summaries.branch == "ticket")]
-            assert rows.density.item() == pytest.approx(remaining / sum(WEIGHTS.values()))
+            assert rows.density.item() == pytest.approx(remaining / sum(SMALL_WEIGHTS.values()))
             assert rows.units_fc1.item() == units["fc1"][level]
             assert rows.units_fc2.item() == units["fc2"][level]
 
@@ -390,7 +405,7 @@ def test_structured_controls_keep_each_groups_unit_count(neuron_run):
             ticket_kept = np.asarray(member(ticket_masks, r)["fc1"]["kernel"]).any(axis=0)
             assert kept.sum() == ticket_kept.sum() and not np.array_equal(kept, ticket_kept)
             np.testing.assert_array_equal(np.asarray(random["fc1"]["kernel"]),
-                                          np.outer(np.ones(784, bool), kept))
+                                          np.outer(np.ones(64, bool), kept))
 
 
 def test_structured_pruning_refuses_a_dimension_the_model_lacks():
@@ -418,9 +433,9 @@ def test_a_structured_tickets_masks_compact_into_a_smaller_equal_model(neuron_ru
                      for leaf in ("kernel", "bias")} for layer in LAYERS}
     unit_masks = units_alive(masks, units.groups)
     small = compact(model, params, {}, unit_masks)
-    assert small.params["fc1"]["kernel"].shape == (784, 192)
+    assert small.params["fc1"]["kernel"].shape == (64, 192)
     assert small.params["fc2"]["kernel"].shape == (192, 64)
-    x = jax.random.normal(jax.random.key(3), (16, 28, 28, 1))
+    x = jax.random.normal(jax.random.key(3), (16, 8, 8, 1))
     np.testing.assert_allclose(small.spec.logits(small.params, small.state, x),
                                model.logits(apply_masks(params, masks), {}, x),
                                rtol=1e-5, atol=1e-5)

@@ -102,6 +102,10 @@ def test_every_branch_under_every_score_in_several_rounds(score):
     ticket_masks, masks = begun.ticket_masks, begun.masks
     assert begun.finite.all()
     count = int(parts.counts[1].pool)
+    # the score function, jitted once for every call below (eagerly, each of its 12 calls
+    # dispatched op by op: seconds); the same one-member function as eagerly, not `begin`'s
+    score_fn = jax.jit(lambda p, s, masks, batch, key: SCORES[score](
+        parts.model, p, s, masks, LAYERS, batch, key))
     for r in range(R):
         key = member_keys(np.uint32(0), R, 1, "ticket", "score")[r]
         batch = score_batch(parts, key)
@@ -112,8 +116,7 @@ def test_every_branch_under_every_score_in_several_rounds(score):
             for layer in LAYERS:
                 masks[layer]["kernel"] = jnp.asarray(selection[layer], jnp.float32)
             with Method(score).precision:
-                return jax.device_get(
-                    SCORES[score](parts.model, p, s, masks, LAYERS, batch, key))
+                return jax.device_get(score_fn(p, s, masks, batch, key))
 
         base = {layer: np.ones(parts.units.shapes(p)[layer]) for layer in LAYERS}
         ties = jax.random.fold_in(key, name_id("ties"))

@@ -79,10 +79,11 @@ def test_the_same_process_cannot_take_it_twice(tmp_path):
         pass
 
 
-# test_resume.py's config (3 branches x 1 replicate, 2 levels of 40 steps on synthetic data),
-# so that in a whole session its programs are already in the compilation cache.
-CONFIG = ["dataset=synthetic", "dataset.train_size=600", "dataset.validation_size=100",
-          "dataset.test_size=100", "train.steps=40", "train.eval_every=10",
+# test_resume.py's config (3 branches x 1 replicate, 2 levels of 40 steps on 8x8 synthetic
+# data), so that in a whole session its programs are already in the compilation cache.
+CONFIG = ["dataset=synthetic", "dataset.shape=[8,8,1]", "dataset.train_size=600",
+          "dataset.validation_size=100", "dataset.test_size=100", "train.steps=40",
+          "train.eval_every=10",
           "train.batch_size=20", "prune.levels=2", "replicates=1", "rewind.step=10",
           "train.checkpoint_every=20"]
 BRANCHES = ("ticket", "reinit", "random_prune")
