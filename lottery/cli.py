@@ -57,7 +57,7 @@ def hydra_main(cfg: DictConfig) -> None:
                   f"{setup.data.name}, {describe(setup)}; {run_cfg.stack_size} members")
             return
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        with distributed.stopping_together(PROGRAM):
+        with distributed.stopping_together(PROGRAM), distributed.voiced():
             summaries = imp.run(run_cfg, out_dir)
     except USER_ERRORS as error:
         overrides.refuse_job(str(error), PROGRAM)

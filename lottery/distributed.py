@@ -19,7 +19,7 @@ and a rerun of the same command resumes from the last checkpoint, as a one-proce
 import os
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import jax
 import numpy as np
@@ -85,6 +85,12 @@ def initialize() -> bool:
 def writes() -> bool:
     """Whether this process writes the run folder (process 0 alone)."""
     return jax.process_index() == 0
+
+
+def voiced():
+    """A block whose standard output only process 0 shows (the data's, the run's lines);
+    errors still go to every process's stderr."""
+    return nullcontext() if writes() else redirect_stdout(open(os.devnull, "w"))
 
 
 def to_host(tree):

@@ -175,7 +175,8 @@ def test_two_processes_each_decode_their_half_of_every_batch(streamed_run, folde
                                                       "train.mesh.data=2"]
     first, second = two_processes(tmp_path / "two", args)
     assert (first.returncode, second.returncode) == (0, 0), first.stderr[-3000:] + second.stderr[-3000:]
-    assert "in 2 processes (1 x 2" in first.stdout
+    assert "in 2 processes (1 x 2" in first.stdout and "image_folder: 36 training" in first.stdout
+    assert "image_folder" not in second.stdout  # process 0 speaks for the run
     assert_same_records(rows(reference), rows(tmp_path / "two"), "2 processes")
 
 
