@@ -554,7 +554,7 @@ def _train(section: dict) -> TrainConfig:
         checkpoint_every=duration(train["checkpoint_every"], "train.checkpoint_every", 0),
         members=choice(train["members"], "train.members", MEMBER_MODES),
         precision=choice(train["precision"], "train.precision", PRECISIONS),
-        mesh=_mesh(train["mesh"]))
+        mesh=_mesh(train.get("mesh", {})))  # a plain dict may leave the section out
 
 
 def _mesh(section) -> MeshConfig:

@@ -166,6 +166,7 @@ def test_a_plain_dict_takes_the_schema_defaults():
     assert (cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (5000, 60, 500)
     assert (cfg.train.eval_batch_size, cfg.train.checkpoint_every) == (1000, "5ep")
     assert (cfg.train.save_weights, cfg.train.members) == (False, "auto")
+    assert (cfg.train.precision, cfg.train.mesh.data) == ("fp32", "auto")
     assert (cfg.prune.levels, cfg.prune.rate, cfg.prune.scope) == (3, 0.2, "layerwise")
     assert (cfg.prune.score, cfg.prune.at, cfg.prune.schedule) == ("magnitude", "trained",
                                                                    "iterative")
@@ -180,7 +181,7 @@ def test_a_plain_dict_takes_the_schema_defaults():
 @pytest.mark.parametrize("text, message", [
     ("train:\n  stepz: 5\n", "experiment/typo.yaml: train.stepz is not a config key (did you "
      "mean train.steps?); the keys of train are steps, batch_size, eval_every, "
-     "eval_batch_size, save_weights, checkpoint_every, members"),
+     "eval_batch_size, save_weights, checkpoint_every, members, precision, mesh"),
     ("task: lm\n", "experiment/typo sets task, so it is a config of another command (task: lm: "
      "`lottery lm`), not of the IMP command: run `lottery lm experiment=typo` instead"),
 ])
