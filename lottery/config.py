@@ -32,7 +32,7 @@ from lottery.durations import to_steps
 from lottery.models import MODELS, ModelError, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.options import (ConfigError, boolean, choice, duration, fraction, integer,
-                             override)
+                             number, override)
 from lottery.platform import MEMBER_MODES
 from lottery.precision import PRECISIONS
 from lottery.pruning.prune import PrunePlan
@@ -46,7 +46,9 @@ __all__ = ["ConfigError", "RunConfig", "validate"]  # ConfigError lives in lotte
 
 SCOPES = ("layerwise", "global", "erk")
 PRUNE_AT = ("trained", "init")
-STRUCTURES = ("weights", "neurons", "channels")
+STRUCTURES = ("weights", "neurons", "channels", "nm")
+DST_INITS = ("erk", "uniform")
+STE = (False, True, "sr")
 OPTIMIZERS = ("adam", "sgd")
 MAX_STEPS = 2**31 - 1  # the device counts steps in int32
 MAX_LEVELS = 1000  # each level trains the network again: more is a typo (and would spin the
@@ -102,6 +104,18 @@ class GradualConfig:
 
 
 @dataclass(frozen=True)
+class DstConfig:
+    """Dynamic sparse training (prune.schedule=set|rigl, Mocanu et al. 2018, Evci et al.
+    2020) and its static baseline (static); checked by `schedules.DynamicSparse`."""
+
+    every: int | str = 100  # steps between mask updates (ΔT)
+    fraction: float = 0.3  # α: an update at step t drops α (1 + cos(π t / stop)) / 2 of
+    #                        each layer's active weights and grows as many
+    stop: int | str | None = None  # no update from this step on (null: 75% of train.steps)
+    init: str = "erk"  # erk | uniform: how the level's density is split over the layers
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Pruning (`prune.*`): which units (structure), scored how (score, at), how many per
     layer (scope, rate, layer_rates), and when (schedule). Defaults: iterative magnitude
@@ -130,6 +144,13 @@ class PruneConfig:
     score_rounds: int | None = None  # scoring rounds per pruning, density falling
     #   geometrically (null: the score's own, 100 for synflow as in its paper, 1 otherwise)
     gradual: GradualConfig = field(default_factory=GradualConfig)
+    nm: tuple[int, int] = (2, 4)  # prune.structure=nm: keep N of every M consecutive weights
+    #   along each kernel's input dimension (convolutions: input channels)
+    ste: bool | str = False  # true: straight-through pruning (the forward pass uses the pruned
+    #   weights, the dense weights take the gradient; masks chosen again at every step);
+    #   sr: SR-STE (Zhou et al. 2021), which also decays the pruned weights by sr_decay
+    sr_decay: float = 2e-4  # SR-STE's λ_W
+    dst: DstConfig = field(default_factory=DstConfig)
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,7 @@ class RunConfig:
         def steps(value):
             return None if value is None else to_steps(value, steps_per_epoch)
 
-        train, gradual = self.train, self.prune.gradual
+        train, gradual, dst = self.train, self.prune.gradual, self.prune.dst
         run = replace(
             self,
             train=replace(train, steps=steps(train.steps), eval_every=steps(train.eval_every),
@@ -207,7 +228,8 @@ class RunConfig:
             rewind=replace(self.rewind, step=steps(self.rewind.step)),
             prune=replace(self.prune, gradual=replace(
                 gradual, start=steps(gradual.start), end=steps(gradual.end),
-                every=steps(gradual.every))))
+                every=steps(gradual.every)),
+                dst=replace(dst, every=steps(dst.every), stop=steps(dst.stop))))
         _check_durations(run.train.steps, run.train.eval_every, run.rewind.step,
                          steps_per_epoch)
         _check_methods(run)
@@ -591,6 +613,9 @@ def _prune(section: dict, model: str) -> PruneConfig:
         raise ConfigError(f"prune.levels={levels} must be at most {MAX_LEVELS}: each level "
                           "trains the network again")
     return PruneConfig(
+        nm=_nm(prune["nm"]), ste=_ste(prune["ste"]),
+        sr_decay=number(prune["sr_decay"], "prune.sr_decay", 0, float("inf"), "[)"),
+        dst=_dst(prune.get("dst")),
         levels=levels, rate=fraction(prune["rate"], "prune.rate", RATE),
         scope=choice(prune["scope"], "prune.scope", SCOPES), layer_rates=rates,
         layers=tuple(layers) if layers else None,
@@ -599,6 +624,34 @@ def _prune(section: dict, model: str) -> PruneConfig:
         schedule=choice(prune["schedule"], "prune.schedule", SCHEDULES), structure=structure,
         score_batch=prune["score_batch"], score_rounds=prune["score_rounds"],
         gradual=GradualConfig(**filled(GradualConfig, gradual, "prune.gradual")))
+
+
+def _nm(value) -> tuple[int, int]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"prune.nm={value!r} must be [N, M], e.g. prune.nm=[2,4]")
+    n, m = integer(value[0], "prune.nm", 1, " (N of [N, M])"), integer(value[1], "prune.nm", 2,
+                                                                     " (M of [N, M])")
+    if n >= m:
+        raise ConfigError(f"prune.nm=[{n},{m}] must keep fewer than all: N < M, e.g. [2,4]")
+    return n, m
+
+
+def _ste(value):
+    if value not in STE or isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f"prune.ste={value!r} must be false, true or sr")
+    return value
+
+
+def _dst(section) -> DstConfig:
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(f"prune.dst={section!r} must map every, fraction, stop and init")
+    dst = filled(DstConfig, section, "prune.dst")
+    return DstConfig(every=duration(dst["every"], "prune.dst.every", 1),
+                     fraction=number(dst["fraction"], "prune.dst.fraction", 0, 1, "(]"),
+                     stop=None if dst["stop"] is None else duration(dst["stop"],
+                                                                    "prune.dst.stop", 1),
+                     init=choice(dst["init"], "prune.dst.init", DST_INITS))
 
 
 def _rewind(section: dict) -> RewindConfig:

@@ -32,9 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 RESOLVER = "lottery_id"
 IGNORED = ("hydra", "logger")  # top-level keys that cannot change a run's results
 PLACEMENT = ("mesh",)  # train.* keys that say where a run computes (devices), not what
-# train.* keys added after run ids were first published, hashed only when they differ from
-# their default: a run that does not use them keeps the id it always had
-LATER = {"precision": "fp32"}
+# keys added after run ids were first published, by section, hashed only when they differ
+# from their default: a run that does not use them keeps the id it always had
+LATER = {"train": {"precision": "fp32"},
+         "prune": {"nm": [2, 4], "ste": False, "sr_decay": 2e-4,
+                   "dst": {"every": 100, "fraction": 0.3, "stop": None, "init": "erk"}}}
 LENGTH = 10  # hex digits: 40 bits, no collision in any realistic number of runs
 
 
@@ -61,9 +63,11 @@ def run_id(config) -> str:
     """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`,
     empty mappings as null."""
     content = {k: _normal(v) for k, v in _resolved(config).items() if k not in IGNORED}
-    if isinstance(content.get("train"), dict):
-        content["train"] = {k: v for k, v in content["train"].items()
-                            if k not in PLACEMENT and not (k in LATER and v == LATER[k])}
+    for section, later in LATER.items():
+        if isinstance(content.get(section), dict):
+            content[section] = {k: v for k, v in content[section].items()
+                                if not (section == "train" and k in PLACEMENT)
+                                and not (k in later and _normal(v) == _normal(later[k]))}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]
