@@ -71,8 +71,8 @@ def unpool(flat, like: dict) -> dict:
 def plain_rounds(score_fn, base: dict, end: int, invert: bool, ties) -> dict:
     """Synaptic-Flow's prune loop, global scope, exponential schedule: before round j the
     survivors are scored, inverted if asked, and the top round(n0 * (end/n0)**((j+1)/R))
-    kept. Equal scores are ordered by the random permutation the engine draws for round j
-    from the derived key `ties` (inverted SynFlow ties at exactly 0: weights cut off from
+    kept. Equal scores are ordered by the random 32-bit draws the engine makes for round j
+    from the derived key `ties`, the higher first (equal draws: by position) (inverted SynFlow ties at exactly 0: weights cut off from
     the output by earlier rounds)."""
     selection = {layer: np.asarray(base[layer], np.float64) for layer in LAYERS}
     first = int(pooled(selection).sum())
@@ -82,7 +82,8 @@ def plain_rounds(score_fn, base: dict, end: int, invert: bool, ties) -> dict:
         scores = -scores if invert else scores
         alive = pooled(selection) > 0
         pool_key = jax.random.fold_in(jax.random.fold_in(ties, j), name_id("global pool"))
-        tiebreak = np.asarray(jax.random.permutation(pool_key, alive.size))
+        tiebreak = -np.asarray(jax.random.bits(pool_key, (alive.size,), jnp.uint32),
+                               np.int64)
         order = np.lexsort((tiebreak, np.where(alive, -scores, np.inf)))
         kept = np.zeros(alive.size)
         kept[order[:target]] = 1
