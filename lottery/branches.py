@@ -46,7 +46,7 @@ from lottery.options import ConfigError, override
 from lottery.pruning.masks import apply_masks
 from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
-from lottery.state import MemberState, Network
+from lottery.state import LevelAddition, LevelHooks, MemberState, Network
 
 
 class LevelStart(NamedTuple):
@@ -55,27 +55,6 @@ class LevelStart(NamedTuple):
     selection: dict  # the ticket's kept units, {name: 0/1}
     candidates: dict  # the units random_prune draws from, {name: 0/1}
     inverted: dict | None  # the selection of the method run with inverted scores
-
-
-class LevelAddition(NamedTuple):
-    """What a branch adds to a level's record: rows, values for its members' summary rows
-    (by (branch, replicate)), and words for the level's log line."""
-
-    rows: list
-    summary: dict
-    log: str
-
-
-class LevelHooks:
-    """A branch's hooks into the level loop; the default does nothing."""
-
-    def at_rewind_point(self, state: MemberState) -> MemberState:
-        """Called at step k of level 0, after the rewind point is taken."""
-        return state
-
-    def after_level(self, state: MemberState, level: int, density) -> LevelAddition:
-        """Called when the level has trained (`density`: each member's)."""
-        return LevelAddition([], {}, "")
 
 
 def _purpose(key, purpose: str):
@@ -173,7 +152,8 @@ class Pair(LevelHooks):
             fresh = jax.vmap(trainer.optimizer.init)(
                 jax.tree.map(lambda x: x[targets], network.params))
             opt_state = jax.tree.map(lambda x, f: x.at[targets].set(f), state.opt_state, fresh)
-            return MemberState(*network, opt_state, state.masks)
+            return state._replace(params=network.params, model_state=network.model_state,
+                                  opt_state=opt_state)
 
         def errors(network: Network):
             ends = [jax.tree.map(lambda x, rows=rows: x[rows], network) for rows in (first, second)]

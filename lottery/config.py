@@ -36,7 +36,7 @@ from lottery.options import (ConfigError, boolean, choice, duration, fraction, i
 from lottery.platform import MEMBER_MODES
 from lottery.precision import PRECISIONS
 from lottery.pruning.prune import PrunePlan
-from lottery.pruning.schedules import SCHEDULES
+from lottery.pruning.schedules import SCHEDULES, StraightThroughSchedule
 from lottery.pruning.scores import SCORES
 from lottery.pruning.select import Method
 from lottery.pruning.structured import StructureError, model_groups
@@ -243,11 +243,12 @@ class RunConfig:
         rates, layers = _resolve(prune.layer_rates, prune.layers, names, self.model["name"],
                                  prune.structure)
         layers = layers or names
-        if prune.scope == "layerwise":
+        scope = SCHEDULES[prune.schedule].scope(prune)  # dynamic sparse training: dst.init
+        if scope == "layerwise":
             return PrunePlan({layer: rates.get(layer, prune.rate) for layer in layers})
         own = {layer: rate for layer, rate in rates.items() if layer in layers}
         return PrunePlan(own, tuple(layer for layer in layers if layer not in own), prune.rate,
-                         erk=prune.scope == "erk")
+                         erk=scope == "erk")
 
 
 def keys(cls) -> tuple[str, ...]:
@@ -525,6 +526,7 @@ def _check_methods(cfg: RunConfig) -> None:
     day it is used); the chosen one also checks them against the rest of the config."""
     for name, schedule in SCHEDULES.items():
         schedule.check(cfg, chosen=name == cfg.prune.schedule)
+    StraightThroughSchedule.check(cfg, chosen=bool(cfg.prune.ste))
     for name, mode in REWINDS.items():
         mode.check(cfg, chosen=name == cfg.rewind.mode)
     Method.check(cfg)

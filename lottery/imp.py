@@ -32,6 +32,7 @@ from lottery.distributed import barrier, to_host, writes
 from lottery.history import LevelHistory, recorded
 from lottery.identity import run_id
 from lottery.level_start import LevelInputs
+from lottery.pruning.schedules import in_words
 from lottery.record import (RECORD_NAME, JsonlSink, Record, WandbSink, level_file, recorded_rows,
                             rewind_file, save_arrays, trained_file)
 from lottery.rundir import exclusive
@@ -404,9 +405,7 @@ def layout(shape) -> str:
 def method(cfg: RunConfig) -> str:
     """The pruning method in a few words (`lottery.setup.describe` says it in full)."""
     prune, rewind = cfg.prune, cfg.rewind
-    return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
-            + ("" if prune.structure == "weights" else f" of {prune.structure}")
-            + (" at init" if prune.at == "init" else "") + ", "
+    return (in_words(prune) + ", "
             + {"weights": f"rewind to step {rewind.step}",
                "lr": f"learning rate rewind to step {rewind.step}"}.get(rewind.mode, rewind.mode))
 

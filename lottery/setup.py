@@ -18,7 +18,7 @@ from lottery.mesh import MeshError
 from lottery.models import ModelSpec, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PlanError, PrunePlan
-from lottery.pruning.schedules import SCHEDULES, Schedule
+from lottery.pruning.schedules import Schedule, in_words, schedule_of
 from lottery.pruning.select import Method
 from lottery.pruning.units import Structures, Weights
 from lottery.rewind import REWINDS
@@ -50,8 +50,9 @@ class Setup:
 
     @cached_property
     def hooks(self) -> list:
-        """The hooks of the branches that have them, made once."""
-        return [hook for hook in (BRANCHES[b].hooks(self) for b in self.cfg.branches) if hook]
+        """The hooks of the branches and the schedule that have them, made once."""
+        hooks = [BRANCHES[b].hooks(self) for b in self.cfg.branches]
+        return [hook for hook in hooks + [self.schedule.level_hooks(self)] if hook]
 
     @property
     def uses_inverted(self) -> bool:
@@ -105,12 +106,12 @@ def build(cfg: RunConfig, devices=None) -> Setup:
         optimizer = build_optimizer(**cfg.optimizer, steps_per_epoch=steps_per_epoch)
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
-    schedule = SCHEDULES[cfg.prune.schedule].from_config(cfg)
+    schedule = schedule_of(cfg)
     train = cfg.train
     try:
         trainer = Trainer(model, optimizer, data, train.batch_size, chunk, cfg.stack_size,
                           train.eval_batch_size, train.members,
-                          schedule.prune_step(units, plan, counts), train.mesh.data,
+                          schedule.step_hooks(units, plan, counts, optimizer), train.mesh.data,
                           train.precision, devices)
     except MeshError as error:
         raise ConfigError(str(error)) from None
@@ -119,12 +120,14 @@ def build(cfg: RunConfig, devices=None) -> Setup:
                  plan.layers if cfg.prune.structure == "weights" else model.prunable, chunk,
                  trainer,
                  Layout(members_of(cfg.branches), cfg.replicates), schedule,
-                 Method.from_config(cfg), rewind)
+                 schedule.method(Method.from_config(cfg)), rewind)
 
 
 def describe(setup: Setup) -> str:
     """The pruning method in words, for the log."""
     prune = setup.cfg.prune
+    if setup.schedule.own_words:  # not scored pruning: its own words
+        return f"{in_words(prune)}; {setup.rewind.describe()}"
     return (f"{prune.schedule} {prune.scope} pruning of {prune.structure} by {prune.score} "
             f"scores of the {'initial' if prune.at == 'init' else 'trained'} network; "
             f"{setup.rewind.describe()}")

@@ -5,6 +5,7 @@
 - `LevelEntry`: what a level starts from (the rewind point, the ticket's masks, the ticket
   trained at the last level, the dense network trained at level 0), kept in checkpoints.
 - `Layout`: which rows of the stack are which branch and replicate.
+- `LevelHooks`: what a branch or schedule adds to the level loop (rows for the record).
 
 All but `Layout` are pytrees (NamedTuples), so they go through `jit`, `vmap` and
 checkpoints as they are; their leaves are stacked on axis 0 (members or replicates).
@@ -21,12 +22,14 @@ class Network(NamedTuple):
 
 class MemberState(NamedTuple):
     """A member's training state: the optimizer sees only `params`; `model_state` is carried
-    through training and used at evaluation; `masks` keep pruned weights at zero."""
+    through training and used at evaluation; `masks` keep pruned weights at zero; `extra` is
+    the pruning schedule's own state (`lottery.pruning.step_hooks`; none for most)."""
 
     params: Any
     model_state: Any
     opt_state: Any
     masks: Any
+    extra: Any = ()
 
     @property
     def network(self) -> Network:
@@ -72,3 +75,24 @@ class Layout:
     @property
     def ticket(self) -> slice:
         return self.rows("ticket")
+
+
+class LevelAddition(NamedTuple):
+    """What a branch or schedule adds to a level's record: rows, values for its members'
+    summary rows (by (branch, replicate)), and words for the level's log line."""
+
+    rows: list
+    summary: dict
+    log: str
+
+
+class LevelHooks:
+    """A branch's or schedule's hooks into the level loop; the default does nothing."""
+
+    def at_rewind_point(self, state: MemberState) -> MemberState:
+        """Called at step k of level 0, after the rewind point is taken."""
+        return state
+
+    def after_level(self, state: MemberState, level: int, density) -> LevelAddition:
+        """Called when the level has trained (`density`: each member's)."""
+        return LevelAddition([], {}, "")

@@ -29,7 +29,7 @@ from lottery.mesh import make_mesh, mesh_shape
 from lottery.precision import to_precision
 from lottery.models import ModelSpec
 from lottery.optim import Optimizer
-from lottery.pruning.masks import apply_masks
+from lottery.pruning.step_hooks import StepHooks
 from lottery.seeds import name_id
 from lottery.state import MemberState, Network
 
@@ -107,19 +107,19 @@ def over_members(fn, batched: tuple[bool, ...], mode: str):
 class Trainer:
     """Compiled `train_chunk` and `evaluate` for a stack of `stack_size` members.
 
-    A member's training state is a `MemberState` (`lottery.state`).
-    `prune_step(params, masks, step, controls, key) -> masks`, if given, runs before every
-    step (a schedule's per-step hook, `lottery.pruning.schedules`; `key`: the member's
-    pruning key, for ties); `controls` are the traced values shared by all members that
-    `train_chunk` passes on (`lr`: a constant learning rate where positive, else the
-    schedule's; a schedule's own, e.g. gradual pruning's `counts`).
+    A member's training state is a `MemberState` (`lottery.state`). `hooks` are the pruning
+    schedule's per-step hooks (`lottery.pruning.step_hooks`; default: fixed masks);
+    `controls` are the traced values shared by all members that `train_chunk` passes on
+    (`lr`: a constant learning rate where positive, else the schedule's; a schedule's own,
+    e.g. gradual pruning's `counts`).
     """
 
     def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000,
-                 members: str = "auto", prune_step=None, mesh_data: int | str = "auto",
+                 members: str = "auto", hooks: StepHooks | None = None, mesh_data: int | str = "auto",
                  precision: str = "fp32", devices=None):
         devices = jax.devices() if devices is None else devices
+        self.hooks = hooks = StepHooks() if hooks is None else hooks
         self.shape = shape = mesh_shape(len(devices), stack_size, batch_size, mesh_data)
         self.mesh = make_mesh(shape, devices)
         self.stack_size = stack_size
@@ -172,50 +172,52 @@ class Trainer:
             logits, model_state = logits_of(params, model_state, x, train=True, key=key)
             return cross_entropy(logits, y).mean(), model_state
 
-        def train_steps(params, model_state, opt_state, masks, key, steps, batches, batch_of,
-                        controls):
+        def train_steps(params, model_state, opt_state, masks, extra, key, steps, batches,
+                        batch_of, controls):
             """`steps` (global step numbers) of training, step s on `batch_of(batches[s])`."""
             step_keys = jax.random.fold_in(key, name_id("step"))
             prune_keys = jax.random.fold_in(key, name_id("prune"))
 
             def step(carry, inputs):
-                params, model_state, opt_state, masks = carry
+                params, model_state, opt_state, masks, extra = carry
                 at, batch = inputs
-                if prune_step is not None:
-                    masks = prune_step(params, masks, at, controls, prune_keys)
-                    params = apply_masks(params, masks)
+                params, masks, extra = hooks.before(params, masks, extra, at, controls,
+                                                    prune_keys)
                 augment_key, dropout_key = jax.random.split(jax.random.fold_in(step_keys, at))
                 x, y = batch_of(batch)
                 x = x if augment is None else augment(augment_key, x)
                 (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                     params, model_state, x, y, dropout_key)
-                updates, opt_state = optimizer.update(apply_masks(grads, masks), opt_state,
-                                                      params, at, controls["lr"])
-                params = apply_masks(optax.apply_updates(params, updates), masks)
-                return (params, model_state, opt_state, masks), loss
 
-            if prune_step is None:  # fixed masks, read at every step: as bools, 1/4 the bytes
+                def optimize(grads, opt_state, weights):
+                    return optimizer.update(grads, opt_state, weights, at, controls["lr"])
+
+                params, opt_state, masks, extra = hooks.update(
+                    optimize, grads, params, opt_state, masks, extra, at, controls, prune_keys)
+                return (params, model_state, opt_state, masks, extra), loss
+
+            if hooks.fixed_masks:  # read at every step: as bools, 1/4 the bytes
                 given, masks = masks, jax.tree.map(lambda m: m != 0, masks)
-            (params, model_state, opt_state, masks), losses = jax.lax.scan(
-                step, (params, model_state, opt_state, masks), (steps, batches))
-            if prune_step is None:
+            (params, model_state, opt_state, masks, extra), losses = jax.lax.scan(
+                step, (params, model_state, opt_state, masks, extra), (steps, batches))
+            if hooks.fixed_masks:
                 masks = given
-            return params, model_state, opt_state, masks, losses.mean()
+            return params, model_state, opt_state, masks, extra, losses.mean()
 
-        def member_chunk(params, model_state, opt_state, masks, key_data, start_step,
+        def member_chunk(params, model_state, opt_state, masks, extra, key_data, start_step,
                          train_data, controls):
             x_all, y_all = train_data
             key = jax.random.wrap_key_data(key_data)
             steps = start_step + jnp.arange(chunk)
             batches = batch_indices(key, steps, len(x_all), batch_size)
-            return train_steps(params, model_state, opt_state, masks, key, steps, batches,
-                               lambda idx: (x_all[idx], y_all[idx]), controls)
+            return train_steps(params, model_state, opt_state, masks, extra, key, steps,
+                               batches, lambda idx: (x_all[idx], y_all[idx]), controls)
 
-        def member_stream(params, model_state, opt_state, masks, key_data, start_step, xs, ys,
-                          controls):
+        def member_stream(params, model_state, opt_state, masks, extra, key_data, start_step,
+                          xs, ys, controls):
             """`stream_steps` steps on the member's streamed batches xs (steps, batch, ...)."""
             steps = start_step + jnp.arange(xs.shape[0])
-            return train_steps(params, model_state, opt_state, masks,
+            return train_steps(params, model_state, opt_state, masks, extra,
                                jax.random.wrap_key_data(key_data), steps, (xs, ys),
                                lambda batch: (normalised(batch[0]), batch[1]), controls)
 
@@ -240,9 +242,9 @@ class Trainer:
                                  axis_names=frozenset(manual), check_vma=False)
 
         if streamed:
-            self._train = jax.jit(per_device(member_stream, (True,) * 5 + (False, True, True,
+            self._train = jax.jit(per_device(member_stream, (True,) * 6 + (False, True, True,
                                                                            False)),
-                                  donate_argnums=(0, 1, 2), out_shardings=self.stacked)
+                                  donate_argnums=(0, 1, 2, 4), out_shardings=self.stacked)
             self._eval = jax.jit(per_device(member_eval_batch, (True, True) + (False,) * 3))
             self._mean = jax.jit(lambda losses: sum(losses) / len(losses),
                                  out_shardings=self.stacked)
@@ -250,10 +252,11 @@ class Trainer:
             self.batches = NamedSharding(self.mesh, PartitionSpec("stack", None, "data"))
             self.eval_batches = NamedSharding(self.mesh, PartitionSpec("data"))
         else:
-            self._train = jax.jit(per_device(member_chunk, (True,) * 5 + (False,) * 3),
-                                  donate_argnums=(0, 1, 2), out_shardings=self.stacked)
+            self._train = jax.jit(per_device(member_chunk, (True,) * 6 + (False,) * 3),
+                                  donate_argnums=(0, 1, 2, 4), out_shardings=self.stacked)
             self._eval = jax.jit(per_device(member_eval, (True, True, False)))
         self._opt_init = jax.jit(jax.vmap(optimizer.init), out_shardings=self.stacked)
+        self._extra_init = jax.jit(jax.vmap(hooks.start), out_shardings=self.stacked)
 
     def pad(self, tree):
         """Pad the stack axis to a multiple of the device count by repeating the last member
@@ -265,8 +268,9 @@ class Trainer:
 
     def start(self, network: Network, masks) -> MemberState:
         """The training state for a padded, placed stack of networks and masks: a fresh
-        optimizer state."""
-        return MemberState(*network, self._opt_init(network.params), masks)
+        optimizer state, the schedule's `extra` (`StepHooks.start`)."""
+        return MemberState(*network, self._opt_init(network.params), masks,
+                           self._extra_init(network.params, masks))
 
     def train_chunk(self, state: MemberState, keys, start_step: int, controls=None):
         """Train every member `chunk` steps from global step `start_step`; returns the new

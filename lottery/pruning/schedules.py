@@ -9,6 +9,10 @@ equal densities.
 - oneshot: each level prunes the dense network trained at level 0 straight to its counts.
 - gradual (Zhu & Gupta 2017): each level trains from the dense network and prunes while it
   trains, by magnitude, on a cubic schedule between `start` and `end` every `every` steps.
+- static, set, rigl: each level trains once from a random mask at its density (ERK or
+  uniform); SET and RigL drop and grow weights as it trains (`lottery.pruning.dynamic`).
+- `prune.ste` (with oneshot or gradual): each level trains its dense weights straight through
+  masks chosen again at every step (`lottery.pruning.ste`); SR-STE with `sr`.
 
 To add one: subclass `Schedule`, override the hooks that differ (and `check` and
 `from_config` where it has options, `prune.<its name>.*`), add it to `SCHEDULES`.
@@ -21,12 +25,18 @@ import jax.numpy as jnp
 
 from lottery.options import ConfigError, duration, override
 from lottery.pruning.prune import Counts, PrunePlan, interpolate, keep_counts
+from lottery.pruning.select import Method
+from lottery.pruning.dynamic import DynamicSparse, UpdateRecord
+from lottery.pruning.step_hooks import PruneBefore, StepHooks
+from lottery.pruning.ste import StraightThrough
 from lottery.state import LevelEntry
 
 
 @dataclass(frozen=True)
 class Schedule:
     """The hooks, with the one-shot behaviour as the default."""
+
+    own_words = False  # described by `words` alone (its masks are not chosen by a score)
 
     @classmethod
     def check(cls, cfg, chosen: bool) -> None:
@@ -57,8 +67,30 @@ class Schedule:
         """Traced values the level's per-step hook reads (none by default)."""
         return {}
 
-    def prune_step(self, units, plan: PrunePlan, counts: list[Counts]):
-        """The Trainer's per-step hook (`lottery.train.Trainer`), or None."""
+    def step_hooks(self, units, plan: PrunePlan, counts: list[Counts],
+                   optimizer) -> StepHooks:
+        """What the level does inside the training step (`lottery.pruning.step_hooks`)."""
+        return StepHooks()
+
+    @classmethod
+    def scope(cls, prune) -> str:
+        """How the level's counts are allocated over the layers (`prune.scope`'s values)."""
+        return prune.scope
+
+    @classmethod
+    def words(cls, prune) -> str:
+        """The method in a few words, for the run's first log line."""
+        return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
+                + ("" if prune.structure == "weights" else f" of {prune.structure}")
+                + (" at init" if prune.at == "init" else ""))
+
+    def method(self, method: Method) -> Method:
+        """How the level's starting masks are chosen (`lottery.pruning.select.Method`)."""
+        return method
+
+    def level_hooks(self, setup):
+        """Hooks into the level loop (`lottery.state.LevelHooks`: rows for the record), or
+        None."""
         return None
 
 
@@ -137,8 +169,9 @@ class Gradual(Schedule):
     def controls(self, counts, level):
         return {"counts": counts[level]}
 
-    def prune_step(self, units, plan, counts):
-        return gradual_pruning(units, plan, counts[0], self.start, self.end, self.every)
+    def step_hooks(self, units, plan, counts, optimizer):
+        return PruneBefore(gradual_pruning(units, plan, counts[0], self.start, self.end,
+                                           self.every))
 
 
 def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, every: int):
@@ -164,4 +197,180 @@ def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, 
     return prune_step
 
 
-SCHEDULES = {"iterative": Iterative, "oneshot": OneShot, "gradual": Gradual}
+def trains_once(cfg, what: str) -> None:
+    """Refuse what a schedule whose level trains once, from the rewind point, cannot build:
+    another branch than ticket, and learning-rate rewinding or fine-tuning."""
+    if list(cfg.branches) != ["ticket"]:
+        raise ConfigError(f"{what} trains each level once, so branches={list(cfg.branches)} "
+                          "cannot be built: use branches=[ticket]", key="branches",
+                          fix="branches=[ticket]")
+    if cfg.rewind.mode != "weights":
+        raise ConfigError(f"{what} trains each level from the rewind point's weights: use "
+                          "rewind.mode=weights", key="rewind.mode", fix="rewind.mode=weights")
+
+
+@dataclass(frozen=True)
+class Static(Schedule):
+    """Static sparse training: each level trains once from the rewind point under a random
+    mask at the level's density, split over the layers by ERK or uniformly
+    (`prune.dst.init`); the baseline of the dynamic methods (Evci et al. 2020)."""
+
+    own_words = True
+
+    @classmethod
+    def check(cls, cfg, chosen):
+        if not chosen:
+            return
+        name = f"prune.schedule={cfg.prune.schedule}"
+        trains_once(cfg, name)
+        prune = cfg.prune
+        if prune.structure != "weights" or prune.ste:
+            fix = "prune.structure=weights" if prune.structure != "weights" else "prune.ste=false"
+            raise ConfigError(f"{name} drops and grows single weights: use {fix}",
+                              key=fix.split("=")[0], fix=fix)
+        unused = [override(key, want) for key, have, want in (
+            ("prune.score", prune.score, "magnitude"), ("prune.at", prune.at, "trained"),
+            ("prune.scope", prune.scope, "layerwise")) if have != want]
+        if unused:
+            raise ConfigError(f"{name} starts each level from a random mask split over the "
+                              "layers by prune.dst.init, so prune.score, prune.at and "
+                              f"prune.scope are not used: leave them at their defaults "
+                              f"({' '.join(unused)})", key=unused[0].split("=")[0],
+                              fix=" ".join(unused))
+
+    @classmethod
+    def scope(cls, prune):
+        return "erk" if prune.dst.init == "erk" else "layerwise"
+
+    @classmethod
+    def words(cls, prune):
+        return f"{prune.schedule} sparse training ({prune.dst.init} densities)"
+
+    def method(self, method):
+        return Method("random", method.score_batch, 1, "init")
+
+
+@dataclass(frozen=True)
+class SET(Static):
+    """SET (Mocanu et al. 2018): static sparse training whose masks drop their smallest
+    weights and grow as many at random every `every` steps until `stop`
+    (`lottery.pruning.dynamic`)."""
+
+    every: int = 100
+    fraction: float = 0.3
+    stop: int = 0
+    grow = "random"
+
+    @classmethod
+    def check(cls, cfg, chosen):
+        super().check(cfg, chosen)
+        known = (cfg.train.steps, cfg.rewind.step, cfg.prune.dst.every, cfg.prune.dst.stop)
+        if chosen and all(isinstance(v, int) for v in known if v is not None):
+            cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """`stop` defaults to 75% of train.steps (Evci et al. 2020)."""
+        dst, steps, rewind = cfg.prune.dst, cfg.train.steps, cfg.rewind.step
+        stop = int(0.75 * steps) if dst.stop is None else dst.stop
+        if not rewind < stop <= steps:
+            fix = f"prune.dst.stop={steps}"
+            raise ConfigError(f"prune.dst.stop={stop} (steps) must satisfy rewind.step={rewind} "
+                              f"< stop <= train.steps={steps}: use e.g. {fix}",
+                              key="prune.dst.stop", fix=fix)
+        first = -(-(rewind + 1) // dst.every) * dst.every  # the level's first update
+        if first >= stop:
+            fix = f"prune.dst.every={max(1, (stop - rewind - 1) // 4)}"
+            raise ConfigError(f"prune.dst.every={dst.every} makes no mask update between "
+                              f"rewind.step={rewind} and prune.dst.stop={stop}: use a smaller "
+                              f"every, e.g. {fix}, or a later stop", key="prune.dst.every",
+                              fix=fix)
+        return cls(dst.every, dst.fraction, stop)
+
+    def step_hooks(self, units, plan, counts, optimizer):
+        return DynamicSparse(units, optimizer, self.grow, self.every, self.fraction, self.stop)
+
+    def level_hooks(self, setup):
+        return UpdateRecord(setup.layout, self.every)
+
+
+@dataclass(frozen=True)
+class RigL(SET):
+    """RigL (Evci et al. 2020): SET whose grown weights are those of largest dense gradient."""
+
+    grow = "gradient"
+
+
+@dataclass(frozen=True)
+class StraightThroughSchedule(Schedule):
+    """`prune.ste`: a level trains once from the rewind point, dense weights under masks
+    chosen again at every step by magnitude (`lottery.pruning.ste`), at the level's counts
+    from its first step (`base` oneshot) or on gradual pruning's cubic schedule (`base`
+    gradual); `decay`: SR-STE's λ_W (0 for plain straight-through)."""
+
+    base: Schedule
+    decay: float = 0.0
+    own_words = True
+
+    @classmethod
+    def check(cls, cfg, chosen):
+        if not chosen:
+            return
+        prune, name = cfg.prune, f"prune.ste={str(cfg.prune.ste).lower()}"
+        if prune.schedule not in ("oneshot", "gradual"):
+            raise ConfigError(f"{name} prunes each level as it trains: use "
+                              "prune.schedule=oneshot (at the level's density from its first "
+                              "step) or gradual (on the cubic schedule)", key="prune.schedule",
+                              fix="prune.schedule=oneshot")
+        trains_once(cfg, name)
+        wrong = [override(key, want) for key, have, want in (
+            ("prune.score", prune.score, "magnitude"), ("prune.at", prune.at, "trained"))
+            if have != want]
+        if wrong:
+            raise ConfigError(f"{name} chooses masks by the magnitude of the dense weights as "
+                              f"they train: use {' '.join(wrong)}", key=wrong[0].split("=")[0],
+                              fix=" ".join(wrong))
+
+    @classmethod
+    def from_config(cls, cfg):
+        base = SCHEDULES[cfg.prune.schedule].from_config(cfg)
+        return cls(base, cfg.prune.sr_decay if cfg.prune.ste == "sr" else 0.0)
+
+    def start_counts(self, counts, level):
+        return counts[0]  # dense weights; the first step chooses the masks
+
+    def controls(self, counts, level):
+        return {"counts": counts[level]}
+
+    def step_hooks(self, units, plan, counts, optimizer):
+        full, base = counts[0], self.base
+
+        def count_at(step, controls):
+            if not isinstance(base, Gradual):
+                return controls["counts"]
+            last = base.start + jnp.clip((step - base.start) // base.every * base.every, 0,
+                                         base.end - base.start)
+            remaining = 1 - jnp.clip((last - base.start) / max(base.end - base.start, 1), 0, 1)
+            remaining = jnp.where(step < base.start, 1.0, remaining)
+            return interpolate(full, controls["counts"], remaining)
+
+        return StraightThrough(units, plan, count_at, self.decay)
+
+
+SCHEDULES = {"iterative": Iterative, "oneshot": OneShot, "gradual": Gradual, "static": Static,
+             "set": SET, "rigl": RigL}
+
+
+def in_words(prune) -> str:
+    """The run's pruning method in a few words (`prune`: the config's `prune` section)."""
+    words = SCHEDULES[prune.schedule].words(prune)
+    return ({True: "straight-through ", "sr": "SR-STE "}[prune.ste] + words) if prune.ste \
+        else words
+
+
+def schedule_of(cfg) -> Schedule:
+    """The run's schedule (`cfg`: a `RunConfig` in steps): `prune.schedule`, trained
+    straight-through where `prune.ste` says so."""
+    if cfg.prune.ste:
+        return StraightThroughSchedule.from_config(cfg)
+    return SCHEDULES[cfg.prune.schedule].from_config(cfg)
