@@ -123,9 +123,9 @@ def compress(kernel, mask, n: int, m: int) -> Compressed:
     positions = np.argsort(~keep, axis=-1, kind="stable")[..., :n]  # kept, in order
     values = np.take_along_axis(groups_of(kernel, m), positions, axis=-1)
     out_shape = (*shape[:-2], shape[-2] // m * n, shape[-1])
-    values = kernel_of(values, out_shape)
-    positions = kernel_of(positions, out_shape).astype(np.uint8).ravel()
-    bits = (positions[:, None] >> np.arange(index_bits(m), dtype=np.uint8)) & 1
+    values = np.ascontiguousarray(kernel_of(values, out_shape))
+    positions = kernel_of(positions, out_shape).ravel()
+    bits = ((positions[:, None] >> np.arange(index_bits(m))) & 1).astype(np.uint8)
     return Compressed(values, np.packbits(bits.ravel(), bitorder="little"), shape, n, m)
 
 
