@@ -13,12 +13,14 @@ this level and branch; a branch folds in a purpose name for each use.
 - ticket: the start weights under the ticket's masks (Frankle & Carbin 2019).
 - reinit: the ticket's masks on fresh weights (and fresh model state) from the init
   distribution.
-- random_prune: random masks with exactly the ticket's per-layer (per-group) counts, start
-  weights. With weight rewinding the random units are drawn from the whole layer (Frankle &
-  Carbin's random pruning); when a level starts from the trained weights (rewind.mode lr or
-  finetune) they are drawn among the units the ticket was chosen from, so the control is
-  random pruning of the trained network and no weight pruned earlier comes back at 0.
-- shuffle: the ticket's masks permuted at random within each layer (group), start weights:
+- random_prune: random masks with exactly the ticket's per-layer (per-group) counts (N:M:
+  a random N:M mask), start weights. With weight rewinding the random units are drawn from
+  the whole layer (Frankle & Carbin's random pruning); when a level starts from the trained
+  weights (rewind.mode lr or finetune) they are drawn among the units the ticket was chosen
+  from, so the control is random pruning of the trained network and no weight pruned
+  earlier comes back at 0.
+- shuffle: the ticket's masks permuted at random within each layer (group; N:M: within
+  each group of M, which makes it a random N:M mask like random_prune's), start weights:
   the layerwise-shuffling sanity check of Frankle et al. 2021 (refused by the config where
   it would revive pruned trained weights: iterative pruning from trained weights).
 - inverted: the units the same method keeps with its scores inverted: every scoring round
@@ -44,7 +46,6 @@ from lottery.history import recorded
 from lottery.instability import POINTS, barrier, interpolation_errors
 from lottery.options import ConfigError, override
 from lottery.pruning.masks import apply_masks
-from lottery.pruning.prune import random_like, shuffled
 from lottery.seeds import name_id
 from lottery.state import LevelAddition, LevelHooks, MemberState, Network
 
@@ -89,13 +90,13 @@ class Reinit(Branch):
 
 class RandomPrune(Branch):
     def start(self, model, units, level, key):
-        selection = random_like(_purpose(key, "mask"), level.selection, level.candidates)
+        selection = units.random_like(_purpose(key, "mask"), level.selection, level.candidates)
         return _with_masks(level.start, units.expand(level.masks, selection))
 
 
 class Shuffle(Branch):
     def start(self, model, units, level, key):
-        selection = shuffled(_purpose(key, "shuffle"), level.selection)
+        selection = units.shuffled(_purpose(key, "shuffle"), level.selection)
         return _with_masks(level.start, units.expand(level.masks, selection))
 
     def check(self, cfg):

@@ -21,6 +21,7 @@ from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from typing import Any, Dict
 
+import jax
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING as REQUIRED
 from omegaconf import DictConfig, OmegaConf
@@ -35,7 +36,8 @@ from lottery.options import (ConfigError, boolean, choice, duration, fraction, i
                              number, override)
 from lottery.platform import MEMBER_MODES
 from lottery.precision import PRECISIONS
-from lottery.pruning.prune import PrunePlan
+from lottery.pruning.masks import kernels
+from lottery.pruning.prune import PlanError, PrunePlan
 from lottery.pruning.schedules import SCHEDULES, StraightThroughSchedule
 from lottery.pruning.scores import SCORES
 from lottery.pruning.select import Method
@@ -139,13 +141,19 @@ class PruneConfig:
     #   gradual: level l trains once, pruning as it trains (Zhu & Gupta 2017)
     structure: str = "weights"  # weights | neurons (of dense layers) | channels (of
     #   convolutions): whole units scored by the norm of their weights; `layers` then names
-    #   structure groups (a producing layer, or stageS.stream in a ResNet)
+    #   structure groups (a producing layer, or stageS.stream in a ResNet) | nm: N:M
+    #   sparsity of the weights (see `nm`)
     score_batch: int = 100  # training examples seen by snip and grasp
     score_rounds: int | None = None  # scoring rounds per pruning, density falling
     #   geometrically (null: the score's own, 100 for synflow as in its paper, 1 otherwise)
     gradual: GradualConfig = field(default_factory=GradualConfig)
     nm: tuple[int, int] = (2, 4)  # prune.structure=nm: keep N of every M consecutive weights
-    #   along each kernel's input dimension (convolutions: input channels)
+    #   along each kernel's input dimension (convolutions: input channels), for each output
+    #   unit and position, ranked by any `score` within each group (lottery.pruning.nm).
+    #   Level 1 prunes to N:M and a level cannot go below it: levels must be at most 1
+    #   (gradual: N':M states from M:M down to N:M). `rate` is unused; scope must be
+    #   layerwise; a layer_rates rate may only be 0 (the layer stays dense). Every pruned
+    #   layer's inputs must be a multiple of M (else: leave it dense, or another M).
     ste: bool | str = False  # true: straight-through pruning (the forward pass uses the pruned
     #   weights, the dense weights take the gradient; masks chosen again at every step);
     #   sr: SR-STE (Zhou et al. 2021), which also decays the pruned weights by sr_decay
@@ -240,9 +248,14 @@ class RunConfig:
         Layerwise: every chosen name at `rate` unless `layer_rates` names it. Global and ERK:
         the chosen names not in `layer_rates` form one pool at `rate`."""
         prune = self.prune
+        nm = prune.structure == "nm"
         rates, layers = _resolve(prune.layer_rates, prune.layers, names, self.model["name"],
-                                 prune.structure)
+                                 "weights" if nm else prune.structure)
         layers = layers or names
+        if nm:  # N of every M in each chosen layer; a rate of 0 leaves one dense (unpruned)
+            n, m = prune.nm
+            return PrunePlan({layer: 1 - n / m for layer in layers if rates.get(layer) != 0},
+                             nm=prune.nm)
         scope = SCHEDULES[prune.schedule].scope(prune)  # dynamic sparse training: dst.init
         if scope == "layerwise":
             return PrunePlan({layer: rates.get(layer, prune.rate) for layer in layers})
@@ -401,6 +414,7 @@ def with_defaults(raw: dict, cls) -> dict:
 
 _SPECS = {}  # (model, input shape, classes, options) -> its abstract ModelSpec: a command
 #               validates twice
+_KERNELS = {}  # the same keys -> the shapes of its prunable kernels (prune.structure=nm)
 
 
 def unit_groups(structure: str, model) -> tuple:
@@ -437,7 +451,17 @@ def _check_inputs(cfg: RunConfig) -> None:
                                       **options)
         except ModelError as error:
             raise ConfigError(str(error)) from None
-    if cfg.prune.structure != "weights":  # the weights' names were matched by `_prune`
+    if cfg.prune.structure == "nm":  # every N:M layer's inputs in groups of M
+        spec = _SPECS[key]
+        if key not in _KERNELS:
+            params = jax.eval_shape(spec.init, jax.random.key(0))[0]
+            _KERNELS[key] = {layer: tuple(k.shape)
+                             for layer, k in kernels(params, spec.prunable).items()}
+        try:
+            cfg.prune_plan(spec.prunable).counts(_KERNELS[key], cfg.prune.levels)
+        except PlanError as error:
+            raise ConfigError(str(error), key="prune.nm") from None
+    elif cfg.prune.structure != "weights":  # the weights' names were matched by `_prune`
         groups = unit_groups(cfg.prune.structure, _SPECS[key])
         cfg.prune_plan(tuple(group.name for group in groups))
 
@@ -535,8 +559,12 @@ def _check_methods(cfg: RunConfig) -> None:
 
 
 def _check_structure(prune: PruneConfig) -> None:
-    """Refuse pruning whole units by a score or allocation that has no meaning for them."""
+    """Refuse pruning whole units (or N:M groups) by a score, an allocation or a number of
+    levels that has no meaning for them."""
     if prune.structure == "weights":
+        return
+    if prune.structure == "nm":
+        _check_nm(prune)
         return
     if prune.score not in ("magnitude", "random"):
         raise ConfigError(f"prune.structure={prune.structure} scores whole units by the norm "
@@ -545,6 +573,26 @@ def _check_structure(prune: PruneConfig) -> None:
     if prune.scope == "erk":
         raise ConfigError(f"prune.scope=erk allocates weights per layer; with "
                           f"prune.structure={prune.structure} use layerwise or global")
+
+
+def _check_nm(prune: PruneConfig) -> None:
+    n, m = prune.nm
+    if prune.scope != "layerwise":
+        raise ConfigError(f"prune.scope={prune.scope} allocates a density over the layers, but "
+                          f"prune.structure=nm keeps {n} of every {m} weights in every pruned "
+                          "layer: use prune.scope=layerwise", key="prune.scope",
+                          fix="prune.scope=layerwise")
+    for layer, rate in prune.layer_rates.items():
+        if rate != 0:
+            raise ConfigError(f"prune.layer_rates gives {layer} the rate {rate}, but with "
+                              f"prune.structure=nm every pruned layer keeps {n} of every {m} "
+                              f"weights: a rate can only be 0 (the layer stays dense); use "
+                              f"+prune.layer_rates.{layer}=0 or drop it with "
+                              f"~prune.layer_rates.{layer}", key="prune.layer_rates")
+    if prune.levels > 1:
+        raise ConfigError(f"prune.levels={prune.levels}: with prune.structure=nm level 1 prunes "
+                          f"to {n}:{m} and a level cannot go below N:M: use prune.levels=1",
+                          key="prune.levels", fix="prune.levels=1")
 
 
 def resolved(cfg) -> dict:
@@ -608,7 +656,7 @@ def _prune(section: dict, model: str) -> PruneConfig:
         raise ConfigError("prune.layers=[] names no layer: give layer names, or null for all")
     rates = {pattern: fraction(rate, f"prune.layer_rates.{pattern}", RATE)
              for pattern, rate in _flatten(layer_rates).items()}  # nested keys: dotted names
-    if structure == "weights":  # structure groups are known once the model is built
+    if structure in ("weights", "nm"):  # layers; structure groups: once the model is built
         rates, layers = _resolve(rates, layers, MODELS[model].prunable, model)
     levels = integer(prune["levels"], "prune.levels", 0, " (the number of pruning levels)")
     if levels > MAX_LEVELS:

@@ -266,8 +266,8 @@ class Experiment:
                    "diverged_step": int(history.diverged[m]) if gone else None,
                    **{f"density_{layer}": float(alive[layer][m] / setup.weights[layer])
                       for layer in setup.measured},
-                   **({f"units_{name}": int(kept[name][m]) for name in setup.units.names}
-                      if setup.units.records_units else {}),
+                   **setup.units.summary({name: kept[name][m] for name in setup.units.names},
+                                         setup.weights),
                    **extras.get((branch, replicate), {}),
                    **{name: (recorded(values[m]) if values.dtype.kind == "f"
                              else values[m].item()) for name, values in summary.items()}}

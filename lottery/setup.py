@@ -20,7 +20,7 @@ from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PlanError, PrunePlan
 from lottery.pruning.schedules import Schedule, in_words, schedule_of
 from lottery.pruning.select import Method
-from lottery.pruning.units import Structures, Weights
+from lottery.pruning.units import NM, Structures, Weights
 from lottery.rewind import REWINDS
 from lottery.state import Layout, Network
 from lottery.train import Trainer
@@ -32,7 +32,8 @@ class Setup:
     data: Dataset | StreamedDataset
     model: ModelSpec
     plan: PrunePlan
-    units: Weights | Structures  # what a level prunes: weights, neurons or channels
+    units: Weights | NM | Structures  # what a level prunes: weights, N:M groups of them,
+    #                                  neurons or channels
     counts: list  # Counts of units kept at each level 0..levels
     weights: dict[str, int]  # prunable weights per layer
     measured: tuple[str, ...]  # the layers whose remaining weights make up `density`
@@ -63,13 +64,21 @@ def _options(section: dict) -> dict:
     return {key: value for key, value in section.items() if key != "name"}
 
 
-def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, Weights | Structures]:
-    if cfg.prune.structure == "weights":
+def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, object, tuple[str, ...]]:
+    """The plan, the units it prunes (`Weights`, `NM` or `Structures`), and the layers whose remaining weights make up
+    `density`: the pruned ones (N:M: with those it leaves dense), or every prunable layer
+    where whole units go (their consumers lose inputs)."""
+    prune = cfg.prune
+    if prune.structure == "weights":
         plan = cfg.prune_plan(model.prunable)
-        return plan, Weights(plan.layers)
-    groups = unit_groups(cfg.prune.structure, model)
+        return plan, Weights(plan.layers), plan.layers
+    if prune.structure == "nm":
+        plan = cfg.prune_plan(model.prunable)
+        return plan, NM(plan.layers, *prune.nm), prune.layers or model.prunable
+    groups = unit_groups(prune.structure, model)
     plan = cfg.prune_plan(tuple(group.name for group in groups))
-    return plan, Structures(tuple(group for group in groups if group.name in plan.layers))
+    return (plan, Structures(tuple(group for group in groups if group.name in plan.layers)),
+            model.prunable)
 
 
 def _check_streamable(cfg: RunConfig) -> None:
@@ -94,7 +103,7 @@ def build(cfg: RunConfig, devices=None) -> Setup:
     model = build_model(cfg.model["name"], data.input_shape, data.num_classes,
                         **_options(cfg.model))
     params = Network(*jax.eval_shape(model.init, jax.random.key(0))).params
-    plan, units = _units(cfg, model)
+    plan, units, measured = _units(cfg, model)
     try:
         counts = plan.counts(units.shapes(params), cfg.prune.levels)
     except PlanError as error:
@@ -116,9 +125,8 @@ def build(cfg: RunConfig, devices=None) -> Setup:
     except MeshError as error:
         raise ConfigError(str(error)) from None
     rewind = REWINDS[cfg.rewind.mode].from_config(cfg)
-    return Setup(cfg, data, model, plan, units, counts, model.param_counts(params),
-                 plan.layers if cfg.prune.structure == "weights" else model.prunable, chunk,
-                 trainer,
+    return Setup(cfg, data, model, plan, units, counts, model.param_counts(params), measured,
+                 chunk, trainer,
                  Layout(members_of(cfg.branches), cfg.replicates), schedule,
                  schedule.method(Method.from_config(cfg)), rewind)
 
@@ -128,6 +136,7 @@ def describe(setup: Setup) -> str:
     prune = setup.cfg.prune
     if setup.schedule.own_words:  # not scored pruning: its own words
         return f"{in_words(prune)}; {setup.rewind.describe()}"
-    return (f"{prune.schedule} {prune.scope} pruning of {prune.structure} by {prune.score} "
+    structure = "{}:{} weights".format(*prune.nm) if prune.structure == "nm" else prune.structure
+    return (f"{prune.schedule} {prune.scope} pruning of {structure} by {prune.score} "
             f"scores of the {'initial' if prune.at == 'init' else 'trained'} network; "
             f"{setup.rewind.describe()}")

@@ -12,7 +12,10 @@ already pruned) share the cut fairly. Counts are traced values: changing them ne
 rate), global (one pool, one threshold) or ERK (the pool's total split over its layers by
 the Erdős–Rényi-Kernel rule). Iterative pruning removes `round(rate * surviving)` per level;
 one-shot and gradual pruning reach the same counts, so every schedule compares at equal
-densities.
+densities. An N:M plan (`nm`, `lottery.pruning.nm`) keeps N of every M weights along each of
+its layers' inputs: G·N of a layer's G groups from level 1 on, and `keep_counts` keeps the
+top `round(count / G)` of each group, so a count between the levels' (gradual pruning,
+rounds) goes through N':M states.
 """
 
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottery.pruning.masks import MASK_DTYPE
+from lottery.pruning.nm import keep_groups
 from lottery.seeds import name_id
 
 
@@ -41,12 +45,15 @@ class Counts(NamedTuple):
 class PrunePlan:
     """Which units are pruned how: each of `layer_rates` on its own at its rate, and the
     `global_layers` together as one pool at `global_rate` per level: by one threshold, or
-    (`erk`) split over its layers by the ERK rule and then pruned layer by layer."""
+    (`erk`) split over its layers by the ERK rule and then pruned layer by layer. `nm`
+    (N, M): every layer of `layer_rates` keeps N of every M weights along its inputs from
+    level 1 on (its rate unused; no pool)."""
 
     layer_rates: dict[str, float]
     global_layers: tuple[str, ...] = ()
     global_rate: float = 0.0
     erk: bool = False
+    nm: tuple[int, int] | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -59,10 +66,13 @@ class PrunePlan:
 
     def counts(self, shapes: dict[str, tuple[int, ...]], levels: int) -> list[Counts]:
         """Units kept at levels 0..`levels` (`shapes`: each name's unit array shape); raises
-        `PlanError` when a level would empty a layer or the pool."""
+        `PlanError` when a level would empty a layer or the pool, or when an N:M layer's
+        inputs do not split into groups of M."""
         from lottery.pruning.erk import erk_counts
 
         sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+        if self.nm:
+            return self._nm_counts(shapes, sizes, levels)
         own = {layer: sizes[layer] for layer in self.layer_rates}
         pool_size = sum(sizes[layer] for layer in self.global_layers)
         pool = pool_size
@@ -90,6 +100,19 @@ class PrunePlan:
             plan.append(Counts({k: np.int32(v) for k, v in layer_counts.items()},
                                np.int32(0 if self.erk else pool)))
         return plan
+
+    def _nm_counts(self, shapes, sizes, levels):
+        n, m = self.nm
+        for layer in self.layer_rates:
+            inputs = shapes[layer][-2] if len(shapes[layer]) > 1 else 1
+            if inputs % m:
+                raise PlanError(f"prune.nm=[{n},{m}] keeps {n} of every {m} inputs of a layer, "
+                                f"but layer {layer} has {inputs} inputs, not a multiple of {m}: "
+                                f"leave it dense with +prune.layer_rates.{layer}=0 (or out of "
+                                f"prune.layers), or use an M that divides {inputs}")
+        return [Counts({layer: np.int32(sizes[layer] if level == 0 else sizes[layer] // m * n)
+                        for layer in self.layer_rates}, np.int32(0))
+                for level in range(levels + 1)]
 
 
 def number_to_keep(surviving, rate):
@@ -143,11 +166,16 @@ def threshold(keys, where, k):
 
 def keep_counts(plan: PrunePlan, scores: dict, base: dict, counts: Counts, key) -> dict:
     """The selection keeping, among the survivors of `base`, `counts` of the highest `scores`:
-    per name for the names in `counts.layers`, over the pool for `plan.pooled`; ties broken
-    at random from `key` (one draw per name, one for the pool)."""
-    new = {name: keep_top(scores[name], base[name], count,
-                          jax.random.fold_in(key, name_id(name)))
-           for name, count in counts.layers.items()}
+    per name for the names in `counts.layers` (an N:M plan: `round(count / G)` in each of
+    a layer's G groups), over the pool for `plan.pooled`; ties broken at random from `key`
+    (one draw per name, one for the pool)."""
+    def keep(name, count):
+        name_key = jax.random.fold_in(key, name_id(name))
+        if plan.nm:
+            return keep_groups(scores[name], base[name], count, plan.nm[1], name_key)
+        return keep_top(scores[name], base[name], count, name_key)
+
+    new = {name: keep(name, count) for name, count in counts.layers.items()}
     if plan.pooled:
         flat_scores = jnp.concatenate([scores[name].ravel() for name in plan.pooled])
         flat_base = jnp.concatenate([base[name].ravel() for name in plan.pooled])
