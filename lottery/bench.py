@@ -17,6 +17,12 @@ conv channels on 32x32x3; the units with the largest L2 norms kept): training st
 a jitted Adam step (value_and_grad) at batch 60 and evaluation-mode inference examples/s at
 batches 100 and 1000, medians of repeated timings, and their ratios to the dense model.
 
+    lottery-bench --section sparse
+
+measures the per-step cost of each sparse-training method (fixed masks, static, SET, RigL,
+gradual pruning, straight-through and SR-STE 2:4) against dense training, paired in one
+process (`lottery.sparse_bench`).
+
     lottery-bench --section gpu [--precision bf16]
 
 runs the GPU check (`lottery.gpu_check`: ResNet-20 stacks of 1, 4 and 16 members and a
@@ -432,11 +438,13 @@ def main(argv=None) -> None:
     parser.add_argument("--replicates", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--members", choices=("auto", "vmap", "map"), default="auto",
                         help="how each device runs its members (train.members)")
-    parser.add_argument("--section", choices=("training", "compact", "input", "gpu", "all"),
+    parser.add_argument("--section",
+                        choices=("training", "compact", "input", "sparse", "gpu", "all"),
                         default="training",
                         help="training: replica-steps/s and compilations (the default); "
                         "compact: compacted models after structured pruning vs dense; "
                         "input: the streaming input pipeline vs the in-memory path; "
+                        "sparse: the per-step cost of each sparse-training method vs dense; "
                         "gpu: ResNet-20 stacks and data-parallel ResNet-50 on this machine's "
                         "accelerator (lottery/gpu_check.py; not part of all)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -464,6 +472,11 @@ def main(argv=None) -> None:
         print_compact(compact_rates(repeats=args.repeats), BATCH, args.repeats)
     if args.section in ("input", "all"):
         print_input(input_rates(args.workers, repeats=args.repeats), args.repeats)
+    if args.section in ("sparse", "all"):
+        from lottery.sparse_bench import print_sparse, sparse_rates
+
+        steps = min(args.steps, 200)  # straight-through training is slow on a CPU
+        print_sparse(sparse_rates(steps, args.repeats), steps, args.repeats)
 
 
 def _run_worker(env, *options) -> dict:

@@ -45,14 +45,23 @@ def kernel_of(grouped, shape):
 def group_ranks(scores, mask, m: int, key):
     """Each entry's rank in its group (0: best), grouped as `groups_of` gives: survivors of
     `mask` by score, highest first, then NaN scores, then pruned entries; equal scores in
-    the order of random 32-bit draws from `key` (as `lottery.pruning.prune.keep_top`)."""
-    tiebreak = jax.random.bits(key, scores.shape, jnp.uint32)
+    the order of random 32-bit draws from `key` (as `lottery.pruning.prune.keep_top`), then
+    of position. Counted by comparing every pair in a group (m² comparisons per group, no
+    sort: fast for the small m of N:M sparsity)."""
     alive = mask > 0
     category = jnp.where(alive, jnp.where(jnp.isnan(scores), 1, 0), 2)
     value = jnp.where(category == 0, scores, 0)
-    keys = [groups_of(x, m) for x in (tiebreak, -value, category)]
-    order = jnp.lexsort(keys, axis=-1)  # the last key first: category, score, tiebreak
-    return jnp.argsort(order, axis=-1)
+    draws = jax.random.bits(key, scores.shape, jnp.uint32)
+    position = jnp.broadcast_to(jnp.arange(m), groups_of(category, m).shape)
+    # sort keys, the first deciding: category, score (highest first), draw, position
+    keys = (groups_of(category, m), -groups_of(value, m), groups_of(draws, m), position)
+    before = jnp.zeros(keys[0].shape + (m,), bool)  # [..., i, j]: j ranks before i
+    equal = jnp.ones_like(before)
+    for k in keys:
+        mine, other = k[..., :, None], k[..., None, :]
+        before = before | (equal & (other < mine))
+        equal = equal & (other == mine)
+    return jnp.sum(before, axis=-1)
 
 
 def keep_groups(scores, mask, count, m: int, key):
