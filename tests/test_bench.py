@@ -12,8 +12,8 @@ import pytest
 from lottery import bench
 
 
-def fake_clock(monkeypatch, durations):
-    """`bench`'s `time.perf_counter` reads start/end pairs `durations` seconds apart (and
+def fake_clock(monkeypatch, durations, module=bench):
+    """`module`'s `time.perf_counter` reads start/end pairs `durations` seconds apart (and
     the test sees how many readings were taken)."""
     readings, now = [], 0.0
     for duration in durations:
@@ -25,7 +25,7 @@ def fake_clock(monkeypatch, durations):
         taken.append(readings[len(taken)])
         return taken[-1]
 
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=perf_counter))
     return taken
 
 
@@ -119,3 +119,19 @@ def test_the_input_table_names_each_path(capsys):
     assert re.search(r"^\s+64\s+64x64\s+in-memory x\[batch_indices\]\s+250,000\s*$", out,
                      re.MULTILINE)
     assert re.search(r"^\s+64\s+64x64\s+stream, 2 workers\s+1,234\s+4.2$", out, re.MULTILINE)
+
+
+def test_the_sparse_section_times_each_method_in_turns_against_dense(monkeypatch, capsys):
+    """Each round times every method once, in order; the ratio is the median of the rounds'
+    own ratios (here dense 1 s and RigL 2 s, then 3 s and 3 s: ratios 2 and 1, median 2 of
+    the sorted [1, 2]), not the ratio of medians."""
+    from lottery import sparse_bench
+
+    taken = fake_clock(monkeypatch, [1.0, 2.0, 3.0, 3.0], sparse_bench)
+    rows = sparse_bench.sparse_rates(steps=2, repeats=2, methods=("dense", "RigL"))
+    assert len(taken) == 8
+    assert [row["method"] for row in rows] == ["dense", "RigL"]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] == 2.0
+    assert rows[1]["ms_per_step"] == 1e3 * 3.0 / 2  # the upper median of 2 s and 3 s
+    sparse_bench.print_sparse(rows, 2, 2)
+    assert re.search(r"^RigL\s+1500\.00\s+2\.00$", capsys.readouterr().out, re.MULTILINE)

@@ -263,20 +263,69 @@ METHODS = {
     "rigl": ("prune.schedule=rigl", "prune.dst.every=10", "prune.dst.init=uniform"),
     "ste": ("prune.schedule=oneshot", "prune.ste=true"),
     "sr-ste gradual": ("prune.schedule=gradual", "prune.ste=sr", "prune.gradual.every=10"),
+    "sr-ste 2:4": ("prune.schedule=oneshot", "prune.ste=sr", "prune.structure=nm",
+                   "prune.levels=1"),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_compiles_once_and_keeps_every_level_at_its_counts(method, tmp_path):
-    """A 2-level run: one compilation of the training and evaluation functions; each
-    level's final ticket masks keep exactly the plan's per-layer counts."""
-    cfg = helpers.run_config(*METHODS[method], "branches=[ticket]", "prune.rate=0.5")
+    """A 2-level run (2:4: one level): one compilation of the training and evaluation
+    functions; each level's final ticket masks keep exactly the plan's per-layer counts, and
+    under 2:4 exactly 2 of every 4 consecutive inputs of every output."""
+    cfg = helpers.run_config("branches=[ticket]", "prune.rate=0.5", *METHODS[method])
     run = helpers.spied_run(cfg, tmp_path)
     assert run.compilations["jit(member_chunk)"] == 1
     assert run.compilations["jit(member_eval)"] == 1
     built = helpers.setup(cfg)
-    for level in (1, 2):
+    for level in range(1, cfg.prune.levels + 1):
         masks = helpers.load_npz(level_file(tmp_path, level))
         for name, count in built.counts[level].layers.items():
-            kept = masks[f"{name}/kernel"].reshape(cfg.replicates, -1).sum(1)
-            np.testing.assert_array_equal(kept, count)
+            kernel = masks[f"{name}/kernel"]
+            np.testing.assert_array_equal(kernel.reshape(cfg.replicates, -1).sum(1), count)
+            if cfg.prune.structure == "nm":  # (replicate, in, out): groups of 4 inputs
+                groups = kernel.reshape(cfg.replicates, -1, 4, kernel.shape[-1]).sum(2)
+                assert (groups == 2).all()
+
+
+def test_a_rigl_run_killed_mid_level_resumes_to_the_same_record(tmp_path):
+    """The members' extra state (weights ever active, the update records) goes through the
+    in-level checkpoint: a RigL run killed after its last chunk (level 1 resumes from its
+    step-30 checkpoint, past the updates at t = 15, 20 and 25) writes the record of a run never
+    killed. 2 devices: the stack of one member is padded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = [*helpers.overrides("dataset.shape=[8,8,1]", "replicates=1", "prune.levels=1",
+                                 "branches=[ticket]", "prune.schedule=rigl",
+                                 "prune.dst.every=5", "rewind.step=10", "train.eval_every=10",
+                                 "train.checkpoint_every=20")]
+
+    def lottery(run_dir, crash=None):
+        env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
+        env.pop("LOTTERY_CRASH_AT", None)
+        if crash:
+            env["LOTTERY_CRASH_AT"] = crash
+        return subprocess.run([sys.executable, "-m", "lottery.cli", *config,
+                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    def rows(run_dir):
+        lines = (run_dir / "record.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert lottery(tmp_path / "reference").returncode == 0
+    # level 0: chunks 1-4 (to step 40); level 1: 5 (-> 20), 6 (-> 30, checkpoint), 7 (-> 40)
+    crashed = lottery(tmp_path / "run", "chunk:7")
+    assert crashed.returncode != 0
+    resumed = lottery(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 30 of level 1" in resumed.stdout + resumed.stderr
+    reference = rows(tmp_path / "reference")
+    assert rows(tmp_path / "run") == reference
+    updates = [row for row in reference if row["kind"] == "mask_update"]
+    assert [row["step"] for row in updates] == [15, 20, 25]
+    summary = [row for row in reference if row["kind"] == "summary" and row["level"] == 1]
+    assert summary[0]["itop_rate"] > summary[0]["density"]

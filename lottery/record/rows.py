@@ -2,7 +2,8 @@
 
 Row kinds: `eval` (one per level, branch, replicate and evaluation step), `summary` (one per
 level, branch and replicate: final values and the early-stop step, the minimum validation
-loss), `instability` (one per level and replicate of the instability branch) and `run` (the
+loss), `instability` (one per level and replicate of the instability branch),
+`mask_update` (one per level, member and mask update of RigL or SET) and `run` (the
 resolved config and parameter counts, first line). `record.jsonl` is the source of truth;
 W&B is a mirror that may fail without losing anything. Every reader of a record goes through
 `read_rows`.
