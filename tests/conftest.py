@@ -8,6 +8,14 @@ programs are compiled once instead of once per run), and the platform tuning as 
 applies it (`lottery.platform.configure`: XLA's CPU matmuls, the CPU path's kernels and
 member mode), so that tests calling the engine directly train as the command does. Set
 `$JAX_COMPILATION_CACHE_DIR` yourself to keep that cache between sessions.
+
+The suite runs in two pytest-xdist worker processes (pyproject's addopts: `-n 2 --dist
+loadfile`, each test file whole on one worker, so a module fixture is made once). Every
+process imports this file: each worker has its own temporary folder, W&B folders and data
+cache, while the compilation cache is the controlling process's (it imports this file before
+it starts the workers, which inherit its environment), so the workers share their compiled
+programs; it is removed when the controlling process ends. A session fixture (`main_run`) is
+made once in each worker whose files use it. `pytest -n 0` runs everything in one process.
 """
 
 import http.server
