@@ -265,6 +265,9 @@ METHODS = {
     "sr-ste gradual": ("prune.schedule=gradual", "prune.ste=sr", "prune.gradual.every=10"),
     "sr-ste 2:4": ("prune.schedule=oneshot", "prune.ste=sr", "prune.structure=nm",
                    "prune.levels=1"),
+    "2:4 imp": ("prune.structure=nm", "prune.levels=1"),
+    "2:4 gradual": ("prune.schedule=gradual", "prune.structure=nm", "prune.levels=1",
+                    "prune.gradual.every=10"),
 }
 
 
@@ -329,3 +332,38 @@ def test_a_rigl_run_killed_mid_level_resumes_to_the_same_record(tmp_path):
     assert [row["step"] for row in updates] == [15, 20, 25]
     summary = [row for row in reference if row["kind"] == "summary" and row["level"] == 1]
     assert summary[0]["itop_rate"] > summary[0]["density"]
+
+
+def test_a_nan_weight_is_dropped_first_and_a_nan_gradient_grown_last():
+    """A diverged weight (NaN) ranks below every magnitude: dropped before the 0.1; a NaN
+    gradient ranks below every gradient: the inactive position with |g| = 0.2 is grown."""
+    active = jnp.array([[1, 1, 1, 0, 0]], jnp.float32)
+    weights = jnp.array([[jnp.nan, 0.1, 0.9, 0.0, 0.0]])
+    grads = jnp.array([[0.0, 0.0, 0.0, jnp.nan, 0.2]])
+    new = drop_and_grow(active, jnp.abs(weights), jnp.abs(grads), 1 / 3, jax.random.key(0))
+    np.testing.assert_array_equal(new, [[0, 1, 1, 0, 1]])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("prune.schedule=rigl", "branches=[ticket]", "prune.dst.every=40"),
+     "prune.dst.every=40 makes no mask update between rewind.step=0 and prune.dst.stop=30"),
+    (("prune.schedule=set", "branches=[ticket]", "prune.dst.stop=41"),
+     "prune.dst.stop=41 .* must satisfy"),
+    (("prune.schedule=rigl", "branches=[ticket,reinit]"), "use branches=\\[ticket\\]"),
+    (("prune.schedule=static", "branches=[ticket]", "prune.scope=global"),
+     "prune.scope are not used"),
+    (("prune.schedule=rigl", "branches=[ticket]", "rewind.mode=lr"), "rewind.mode=weights"),
+    (("prune.schedule=rigl", "branches=[ticket]", "prune.structure=nm", "prune.levels=1"),
+     "drops and grows single weights"),
+    (("prune.schedule=iterative", "branches=[ticket]", "prune.ste=true"),
+     "use prune.schedule=oneshot"),
+    (("prune.schedule=oneshot", "branches=[ticket]", "prune.ste=maybe"),
+     "prune.ste='maybe' must be false, true or sr"),
+])
+def test_sparse_training_configs_that_cannot_run_are_refused_in_one_line(overrides, message):
+    from lottery.config import ConfigError
+    from lottery.setup import build
+
+    with pytest.raises(ConfigError, match=message) as error:
+        build(helpers.run_config(*overrides))
+    assert "\n" not in str(error.value)
