@@ -457,10 +457,17 @@ def _check_inputs(cfg: RunConfig) -> None:
             params = jax.eval_shape(spec.init, jax.random.key(0))[0]
             _KERNELS[key] = {layer: tuple(k.shape)
                              for layer, k in kernels(params, spec.prunable).items()}
+        plan = cfg.prune_plan(spec.prunable)
         try:
-            cfg.prune_plan(spec.prunable).counts(_KERNELS[key], cfg.prune.levels)
+            plan.counts(_KERNELS[key], cfg.prune.levels)
         except PlanError as error:
-            raise ConfigError(str(error), key="prune.nm") from None
+            fitting = [layer for layer in plan.layers
+                       if _KERNELS[key][layer][-2] % cfg.prune.nm[1] == 0]
+            if not fitting:
+                raise ConfigError(str(error), key="prune.nm") from None
+            fix = f"prune.layers=[{','.join(fitting)}]"
+            raise ConfigError(f"{error}; {fix} prunes the layers that fit", key="prune.layers",
+                              fix=fix) from None
     elif cfg.prune.structure != "weights":  # the weights' names were matched by `_prune`
         groups = unit_groups(cfg.prune.structure, _SPECS[key])
         cfg.prune_plan(tuple(group.name for group in groups))
@@ -587,8 +594,9 @@ def _check_nm(prune: PruneConfig) -> None:
             raise ConfigError(f"prune.layer_rates gives {layer} the rate {rate}, but with "
                               f"prune.structure=nm every pruned layer keeps {n} of every {m} "
                               f"weights: a rate can only be 0 (the layer stays dense); use "
-                              f"+prune.layer_rates.{layer}=0 or drop it with "
-                              f"~prune.layer_rates.{layer}", key="prune.layer_rates")
+                              f"prune.layer_rates.{layer}=0, or prune.layer_rates=null to "
+                              "prune every layer N:M", key="prune.layer_rates",
+                              fix="prune.layer_rates=null")
     if prune.levels > 1:
         raise ConfigError(f"prune.levels={prune.levels}: with prune.structure=nm level 1 prunes "
                           f"to {n}:{m} and a level cannot go below N:M: use prune.levels=1",
@@ -770,10 +778,10 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     except OptimizerError as error:
         raise ConfigError(str(error)) from None
     prune = _prune(section_of(raw, "prune", {}), model["name"])
-    _check_structure(prune)
     run = RunConfig(dataset=dataset, model=model, optimizer=optimizer, prune=prune,
                     rewind=rewind, logger=logger, train=train,
                     resolved=with_defaults(raw, RunConfig), **top)
-    _check_methods(run)
+    _check_methods(run)  # first: a schedule that cannot prune the structure says so
+    _check_structure(prune)
     _check_inputs(run)
     return run

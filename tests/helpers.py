@@ -67,14 +67,16 @@ def run_config(*args: str, base: dict | None = TINY) -> RunConfig:
     return validate(compose_config(*args, base=base))
 
 
-def check_reachable(plan, weights: dict[str, int], levels: int) -> None:
-    """`ConfigError` where `plan` would empty a layer (or the pool) of a dense-layer model
-    with `weights` per layer within `levels` levels, as `imp.build` refuses it."""
+def check_reachable(plan, weights: dict, levels: int) -> None:
+    """`ConfigError` where `plan` would empty a layer (or the pool) of a model with `weights`
+    per layer (a count, or the kernel's shape: an N:M plan needs the inputs) within `levels`
+    levels, as `imp.build` refuses it."""
     from lottery.config import ConfigError
     from lottery.pruning.prune import PlanError
 
     try:
-        plan.counts({layer: (count,) for layer, count in weights.items()}, levels)
+        plan.counts({layer: count if isinstance(count, tuple) else (count,)
+                     for layer, count in weights.items()}, levels)
     except PlanError as error:
         raise ConfigError(str(error)) from None
 

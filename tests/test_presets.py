@@ -12,6 +12,7 @@ from lottery.config import NoLogger, validate
 from lottery.identity import run_id
 from lottery.models import MODELS, build_model
 from lottery.optim import build_optimizer
+from lottery.pruning.masks import kernels
 
 # transformer presets (a top-level `task: lm`) are `lottery lm`'s: tests/test_lm_budget.py
 PRESETS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml")
@@ -43,8 +44,10 @@ def test_preset_composes_validates_and_is_reachable(name):
         shape, classes = INPUTS[cfg.dataset["name"]]
     model = build_model(cfg.model["name"], shape, classes,
                         **{k: v for k, v in cfg.model.items() if k != "name"})
-    weights = model.param_counts(jax.eval_shape(model.init, jax.random.key(0))[0])
-    check_reachable(cfg.prune_plan(model.prunable), weights, cfg.prune.levels)  # raises if not
+    params = jax.eval_shape(model.init, jax.random.key(0))[0]
+    shapes = {layer: tuple(kernel.shape) for layer, kernel in kernels(params,
+                                                                     model.prunable).items()}
+    check_reachable(cfg.prune_plan(model.prunable), shapes, cfg.prune.levels)  # raises if not
 
 
 def preset(name: str):
