@@ -324,17 +324,21 @@ def test_one_compilation_of_each_program_across_levels(main_run):
         assert compiled.get(f"jit({name})") == 1, (name, compiled)
     # the ticket's rows of two trees: networks (rewind point, trained) and masks
     assert compiled.get("jit(ticket_rows)") == 2, compiled
+    # each dispatch cache holds at most its one entry (none once a test in the same worker
+    # process has switched the CPU path, which clears JAX's caches: pytest-xdist orders the
+    # files of a worker as it likes)
     trainer = main_run.trainer
-    assert trainer._eval._cache_size() == 1
-    assert trainer._opt_init._cache_size() == 1
+    assert trainer._eval._cache_size() <= 1
+    assert trainer._opt_init._cache_size() <= 1
     for program in (main_run.programs.begin, main_run.programs.initial,
                     main_run.programs.measure):
-        assert program._cache_size() == 1
-    assert main_run.programs.ticket_of._cache_size() == 2
+        assert program._cache_size() <= 1
+    assert main_run.programs.ticket_of._cache_size() <= 2
 
 
 def test_train_dispatch_cache_has_one_entry_after_a_run(main_run):
-    assert main_run.trainer._train._cache_size() == 1
+    assert main_run.trainer._train._cache_size() <= 1  # 0: cleared (above)
+    assert main_run.compilations["jit(member_chunk)"] == 1
 
 
 def test_training_lowers_the_loss_in_a_run(main_run):
