@@ -26,7 +26,7 @@ IMP_LEVELS = {7: 0.8, 10: 0.9, 13: 0.95}  # levels of the IMP run nearest each s
 
 
 def mean_std(values, scale=100.0) -> str:
-    return f"{scale * values.mean():.2f} ± {scale * values.std(ddof=0):.2f}"
+    return f"{scale * values.mean():.2f} ± {scale * values.std():.2f}"
 
 
 def main() -> None:

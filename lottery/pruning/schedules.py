@@ -80,8 +80,10 @@ class Schedule:
     @classmethod
     def words(cls, prune) -> str:
         """The method in a few words, for the run's first log line."""
+        structure = "{}:{} weights".format(*prune.nm) if prune.structure == "nm" \
+            else prune.structure
         return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
-                + ("" if prune.structure == "weights" else f" of {prune.structure}")
+                + ("" if prune.structure == "weights" else f" of {structure}")
                 + (" at init" if prune.at == "init" else ""))
 
     def method(self, method: Method) -> Method:
