@@ -138,7 +138,9 @@ class PruneConfig:
     #   init: score the rewind weights (pruning at initialisation)
     schedule: str = "iterative"  # iterative: level l prunes level l-1's ticket by `rate`;
     #   oneshot: level l prunes the dense network straight to level l's density;
-    #   gradual: level l trains once, pruning as it trains (Zhu & Gupta 2017)
+    #   gradual: level l trains once, pruning as it trains (Zhu & Gupta 2017);
+    #   static | set | rigl: level l trains once at its density from a random mask, fixed
+    #   (static) or dropping and growing weights as it trains (SET, RigL; prune.dst)
     structure: str = "weights"  # weights | neurons (of dense layers) | channels (of
     #   convolutions): whole units scored by the norm of their weights; `layers` then names
     #   structure groups (a producing layer, or stageS.stream in a ResNet) | nm: N:M
