@@ -65,9 +65,9 @@ def _options(section: dict) -> dict:
 
 
 def _units(cfg: RunConfig, model: ModelSpec) -> tuple[PrunePlan, object, tuple[str, ...]]:
-    """The plan, the units it prunes (`Weights`, `NM` or `Structures`), and the layers whose remaining weights make up
-    `density`: the pruned ones (N:M: with those it leaves dense), or every prunable layer
-    where whole units go (their consumers lose inputs)."""
+    """The plan, the units it prunes (`Weights`, `NM` or `Structures`), and the layers
+    whose remaining weights make up `density`: the pruned ones (N:M: with those it leaves
+    dense), or every prunable layer where whole units go (their consumers lose inputs)."""
     prune = cfg.prune
     if prune.structure == "weights":
         plan = cfg.prune_plan(model.prunable)

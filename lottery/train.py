@@ -116,7 +116,8 @@ class Trainer:
 
     def __init__(self, model: ModelSpec, optimizer: Optimizer, data: Dataset,
                  batch_size: int, chunk: int, stack_size: int, eval_batch_size: int = 1000,
-                 members: str = "auto", hooks: StepHooks | None = None, mesh_data: int | str = "auto",
+                 members: str = "auto", hooks: StepHooks | None = None,
+                 mesh_data: int | str = "auto",
                  precision: str = "fp32", devices=None):
         devices = jax.devices() if devices is None else devices
         self.hooks = hooks = StepHooks() if hooks is None else hooks
