@@ -18,7 +18,7 @@ from lottery.mesh import MeshError
 from lottery.models import ModelSpec, build_model
 from lottery.optim import OptimizerError, build_optimizer
 from lottery.pruning.prune import PlanError, PrunePlan
-from lottery.pruning.schedules import Schedule, in_words, schedule_of
+from lottery.pruning.schedules import Schedule, in_words, schedule_of, structure_words
 from lottery.pruning.select import Method
 from lottery.pruning.units import NM, Structures, Weights
 from lottery.rewind import REWINDS
@@ -136,7 +136,6 @@ def describe(setup: Setup) -> str:
     prune = setup.cfg.prune
     if setup.schedule.own_words:  # not scored pruning: its own words
         return f"{in_words(prune)}; {setup.rewind.describe()}"
-    structure = "{}:{} weights".format(*prune.nm) if prune.structure == "nm" else prune.structure
-    return (f"{prune.schedule} {prune.scope} pruning of {structure} by {prune.score} "
+    return (f"{prune.schedule} {prune.scope} pruning of {structure_words(prune)} by {prune.score} "
             f"scores of the {'initial' if prune.at == 'init' else 'trained'} network; "
             f"{setup.rewind.describe()}")

@@ -29,12 +29,12 @@ CONFIG = ["dataset=synthetic", "dataset.shape=[8,8,1]", "dataset.train_size=600"
           "train.checkpoint_every=20"]
 
 
-def lottery(run_dir: Path, crash: str | None = None, devices: int = 2):
+def lottery(run_dir: Path, crash: str | None = None, devices: int = 2, config=CONFIG):
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
     env.pop("LOTTERY_CRASH_AT", None)
     if crash:
         env["LOTTERY_CRASH_AT"] = crash
-    return subprocess.run([sys.executable, "-m", "lottery.cli", *CONFIG,
+    return subprocess.run([sys.executable, "-m", "lottery.cli", *config,
                            f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
                           env=env, timeout=300)
 

@@ -296,10 +296,7 @@ def test_a_rigl_run_killed_mid_level_resumes_to_the_same_record(tmp_path):
     in-level checkpoint: a RigL run killed after its last chunk (level 1 resumes from its
     step-30 checkpoint, past the updates at t = 15, 20 and 25) writes the record of a run never
     killed. 2 devices: the stack of one member is padded."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from test_resume import lottery as run, rows
 
     config = [*helpers.overrides("dataset.shape=[8,8,1]", "replicates=1", "prune.levels=1",
                                  "branches=[ticket]", "prune.schedule=rigl",
@@ -307,17 +304,7 @@ def test_a_rigl_run_killed_mid_level_resumes_to_the_same_record(tmp_path):
                                  "train.checkpoint_every=20")]
 
     def lottery(run_dir, crash=None):
-        env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
-        env.pop("LOTTERY_CRASH_AT", None)
-        if crash:
-            env["LOTTERY_CRASH_AT"] = crash
-        return subprocess.run([sys.executable, "-m", "lottery.cli", *config,
-                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
-                              env=env, timeout=300)
-
-    def rows(run_dir):
-        lines = (run_dir / "record.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+        return run(run_dir, crash, config=config)
 
     assert lottery(tmp_path / "reference").returncode == 0
     # level 0: chunks 1-4 (to step 40); level 1: 5 (-> 20), 6 (-> 30, checkpoint), 7 (-> 40)

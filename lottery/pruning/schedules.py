@@ -80,10 +80,8 @@ class Schedule:
     @classmethod
     def words(cls, prune) -> str:
         """The method in a few words, for the run's first log line."""
-        structure = "{}:{} weights".format(*prune.nm) if prune.structure == "nm" \
-            else prune.structure
         return (f"{prune.schedule} {prune.scope} {prune.score} pruning"
-                + ("" if prune.structure == "weights" else f" of {structure}")
+                + ("" if prune.structure == "weights" else f" of {structure_words(prune)}")
                 + (" at init" if prune.at == "init" else ""))
 
     def method(self, method: Method) -> Method:
@@ -132,9 +130,8 @@ class Gradual(Schedule):
             raise ConfigError(f"prune.schedule=gradual prunes while one network trains, so "
                               f"branches={list(cfg.branches)} cannot be built: use "
                               "branches=[ticket]", key="branches", fix="branches=[ticket]")
-        wrong = [override(key, want) for key, have, want in (
-            ("prune.score", cfg.prune.score, "magnitude"), ("prune.at", cfg.prune.at, "trained"))
-            if have != want]
+        wrong = needed(("prune.score", cfg.prune.score, "magnitude"),
+                       ("prune.at", cfg.prune.at, "trained"))
         if wrong:
             fix = " ".join(wrong)
             raise ConfigError("prune.schedule=gradual prunes by the magnitude of the weights as "
@@ -199,6 +196,16 @@ def gradual_pruning(units, plan: PrunePlan, full: Counts, start: int, end: int, 
     return prune_step
 
 
+def needed(*settings) -> list[str]:
+    """The overrides `key=want` of the (key, have, want) settings whose value is not wanted."""
+    return [override(key, want) for key, have, want in settings if have != want]
+
+
+def structure_words(prune) -> str:
+    """What `prune.structure` removes, in words ("2:4 weights" for N:M)."""
+    return "{}:{} weights".format(*prune.nm) if prune.structure == "nm" else prune.structure
+
+
 def trains_once(cfg, what: str) -> None:
     """Refuse what a schedule whose level trains once, from the rewind point, cannot build:
     another branch than ticket, and learning-rate rewinding or fine-tuning."""
@@ -230,9 +237,9 @@ class Static(Schedule):
             fix = "prune.structure=weights" if prune.structure != "weights" else "prune.ste=false"
             raise ConfigError(f"{name} drops and grows single weights: use {fix}",
                               key=fix.split("=")[0], fix=fix)
-        unused = [override(key, want) for key, have, want in (
-            ("prune.score", prune.score, "magnitude"), ("prune.at", prune.at, "trained"),
-            ("prune.scope", prune.scope, "layerwise")) if have != want]
+        unused = needed(("prune.score", prune.score, "magnitude"),
+                        ("prune.at", prune.at, "trained"),
+                        ("prune.scope", prune.scope, "layerwise"))
         if unused:
             raise ConfigError(f"{name} starts each level from a random mask split over the "
                               "layers by prune.dst.init, so prune.score, prune.at and "
@@ -325,9 +332,8 @@ class StraightThroughSchedule(Schedule):
                               "step) or gradual (on the cubic schedule)", key="prune.schedule",
                               fix="prune.schedule=oneshot")
         trains_once(cfg, name)
-        wrong = [override(key, want) for key, have, want in (
-            ("prune.score", prune.score, "magnitude"), ("prune.at", prune.at, "trained"))
-            if have != want]
+        wrong = needed(("prune.score", prune.score, "magnitude"),
+                       ("prune.at", prune.at, "trained"))
         if wrong:
             raise ConfigError(f"{name} chooses masks by the magnitude of the dense weights as "
                               f"they train: use {' '.join(wrong)}", key=wrong[0].split("=")[0],
