@@ -1,0 +1,19 @@
+"""Pretrained language models (GPT-2, the Llama family) pruned one-shot: `lottery llm`.
+
+  spec.py        config.json <-> ModelSpec (the architecture; options not implemented are
+                 refused), RoPE's frequencies with its scaling types
+  gpt2.py        GPT-2's decoder in flax.nnx (transformers' module names)
+  llama.py       the Llama family's decoder (Llama 2/3, Qwen2, SmolLM, TinyLlama): RoPE,
+                 RMSNorm, SwiGLU, grouped-query attention, tied or untied head
+  model.py       one interface over both: the whole model, or embed / block / head apart
+  hf.py          the Hugging Face model folder (config.json, sharded safetensors,
+                 tokenizer files): located (path or hub name), read lazily, written back
+  text.py        the model's tokenizer; calibration and evaluation windows
+  perplexity.py  perplexity as the Wanda / SparseGPT evaluation code computes it
+  rules.py       the per-layer pruning rules: magnitude, Wanda, SparseGPT; N:M
+  oneshot.py     layer-by-layer pruning on calibration text (activations through the
+                 already-pruned blocks)
+  config.py      the `lottery llm` config: schema and validate() -> LLMConfig
+  run.py         one run: dense and pruned perplexity, record rows, the saved model
+  cli.py         `lottery llm ...` (Hydra app, conf/llm.yaml)
+"""
