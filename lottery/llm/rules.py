@@ -232,7 +232,7 @@ def sparsegpt(kernel, gram, sparsity, block: int = 128, damp: float = 0.01, key=
         raise NotPositiveDefinite(
             f"SparseGPT: the damped Hessian of this {inputs}x{outputs} layer is not positive "
             f"definite (its Cholesky factor is not finite): raise damp (now {damp}), e.g. to "
-            f"{damp * 10:g}, or check the calibration inputs for NaN or inf")
+            f"{max(damp * 10, 0.1):g}, or check the calibration inputs for NaN or inf")
     return new, mask
 
 
