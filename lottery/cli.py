@@ -91,6 +91,11 @@ def main() -> None:
         from lottery.analysis.report import main as report
 
         sys.exit(report(sys.argv[2:]))
+    if sys.argv[1:2] == ["llm"]:  # one-shot pruning of pretrained LMs (its own Hydra config)
+        from lottery.llm.cli import main as llm
+
+        llm(sys.argv[2:])
+        return
     if sys.argv[1:2] == ["lm"]:  # the transformer prune-to-budget app (its own Hydra config)
         from lottery.lm.cli import main as lm
 
