@@ -241,3 +241,31 @@ def test_bad_requests_stop_with_one_line(args, words, tmp_path, monkeypatch, cap
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and err[0].startswith("lottery llm: error")
+
+
+def test_report_tabulates_and_plots_perplexity_by_method_and_sparsity(tmp_path):
+    """Two runs of a sweep written by hand, each with the dense model's row: one table line
+    per (model, method, sparsity), the dense line once (the mean of equal values), N:M after
+    the fractions, and the plot."""
+    from lottery.analysis.report import write_report
+
+    def run(name, method, sparsity, ppl):
+        folder = tmp_path / "sweep" / name
+        folder.mkdir(parents=True)
+        config = {"task": "llm", "name": "x", "prune": {"method": method, "sparsity": sparsity}}
+        rows = [{"kind": "run", "name": "x", "config": config},
+                {"kind": "summary", "level": 0, "branch": "dense", "replicate": 0,
+                 "model": "/m/tiny", "sparsity": "0", "density": 1.0, "perplexity": 10.0},
+                {"kind": "summary", "level": 0, "branch": method, "replicate": 0,
+                 "model": "/m/tiny", "sparsity": sparsity, "density": 0.5,
+                 "perplexity": ppl, "prune_seconds": 2.0}]
+        (folder / "record.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run("a", "wanda", "2:4", 30.0)
+    run("b", "magnitude", "0.5", 20.0)
+    report, plot = write_report(tmp_path / "sweep")
+    lines = [line for line in report.read_text().splitlines() if line.startswith("| tiny")]
+    assert lines == ["| tiny | dense | 0 | 100.0% | 10.000 |  |",
+                     "| tiny | magnitude | 0.5 | 50.0% | 20.000 | 2.0 |",
+                     "| tiny | wanda | 2:4 | 50.0% | 30.000 | 2.0 |"]
+    assert plot.name == "perplexity_vs_sparsity.png" and plot.stat().st_size > 0

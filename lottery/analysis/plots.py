@@ -229,6 +229,34 @@ def plot_metric_vs_density(summaries: pd.DataFrame, path: Path, metric: str,
     return _save(figure, path, title)
 
 
+def plot_perplexity_vs_sparsity(summaries: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """`lottery llm` runs: perplexity (log axis) against sparsity, one line per method, one
+    panel per model; sparsities in order, unstructured ones then N:M patterns (a category
+    axis: 50% and 2:4 prune as many weights, in different patterns); the dense model's
+    perplexity as a dashed line."""
+    from lottery.llm.table import llm_summary, sparsity_order
+
+    table = llm_summary(summaries)
+    groups = list(table.groupby("model", sort=False))
+    figure, axes = _grid(len(groups), sharey=False)
+    colours = _colours(table["branch"])
+    for ax, (model, rows) in zip(axes, groups):
+        order = sorted(set(rows["sparsity"]) - {"0"}, key=sparsity_order)
+        place = {value: i for i, value in enumerate(order)}
+        for method, lines in rows[rows["branch"] != "dense"].groupby("branch", sort=False):
+            lines = lines.assign(x=lines["sparsity"].map(place)).sort_values("x")
+            ax.plot(lines["x"], lines["perplexity"], "o-", label=method, color=colours[method])
+        for value in rows.loc[rows["branch"] == "dense", "perplexity"].drop_duplicates():
+            ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xticks(range(len(order)), order)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (fraction pruned, or N:M kept)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title(Path(str(model)).name, fontsize=9)
+    _legend(figure)
+    return _save(figure, path, title)
+
+
 def plot_accuracy_vs_density(summaries: pd.DataFrame, path: Path, panels=(),
                              accuracy: str = "early_stop", title: str = "") -> Path:
     """Test accuracy at early stop (or `accuracy="final"`) against percent of weights

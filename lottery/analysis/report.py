@@ -14,7 +14,9 @@ id, counted once and named in one line), `accuracy_vs_density.png`, `early_stop_
 bits per byte, then next-byte accuracy and the int8 model's bits per byte; under it, when
 models pruned from the dense one beat it, the line saying why), and the plots are
 `bits_per_byte_vs_density.png`, `early_stop_vs_density.png` and the learning curves of bits
-per byte. A missing directory or one without a record stops with one line on stderr and
+per byte. For `lottery llm` runs (one-shot pruning of a pretrained model) the table is
+`lottery.llm.table.markdown_table` (per model, method and sparsity: density, perplexity,
+seconds) and the plot `perplexity_vs_sparsity.png`. A missing directory or one without a record stops with one line on stderr and
 exit status 2. Members whose training diverged are left out of every table and plot;
 report.md says how many and which.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from lottery.analysis import plots, results
+from lottery.llm import table as llm_table
 from lottery.lm import table as lm_table
 from lottery.record import diverged, markdown_table
 
@@ -123,6 +126,8 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
     summaries = results.load(path, kind="summary", keys=by)
     columns = results.split(summaries, by)
     lm = lm_table.is_lm(summaries)
+    if llm_table.is_llm(summaries):  # one-shot pruning: no training, no learning curves
+        return _llm_report(path, out, summaries)
     written = [
         plots.plot_metric_vs_density(
             summaries, out / "bits_per_byte_vs_density.png", f"{accuracy}_bits_per_byte",
@@ -141,6 +146,27 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
         others = [c for c in columns if c != REWIND]
         written.append(plots.plot_rewind_sweep(summaries, out / "rewind_sweep.png", level,
                                                others, accuracy))
+    return _written(out, path, summaries, written, accuracy, by)
+
+
+def _llm_report(path: Path, out: Path, summaries) -> list[Path]:
+    """A `lottery llm` run or sweep: one table (model, method and sparsity are its rows,
+    not panels) and the perplexity plot."""
+    plot = plots.plot_perplexity_vs_sparsity(summaries, out / "perplexity_vs_sparsity.png")
+    models = summaries[summaries["branch"] != "dense"]
+    report = out / "report.md"
+    report.write_text(
+        f"# Report: {path}\n\n{summaries['run'].nunique()} run(s), {len(models)} pruned "
+        "model(s). Perplexity (lower is better) on the evaluation windows; one line per "
+        "model, method and sparsity (the mean where several runs evaluated the same); "
+        "density: the kept fraction of the blocks' linear weights; seconds: pruning, "
+        "calibration passes included.\n\n" + llm_table.markdown_table(summaries)
+        + f"\n## Plots\n\n![perplexity vs sparsity]({plot.name})\n")
+    return [report, plot]
+
+
+def _written(out: Path, path: Path, summaries, written: list[Path], accuracy, by) -> list[Path]:
+    """report.md (header, tables, the plots' images) beside the plots; all the files."""
     images = "\n".join(f"![{file.stem.replace('_', ' ')}]({file.name})" for file in written)
     report = out / "report.md"
     report.write_text(_header(path, summaries, accuracy, by)

@@ -91,6 +91,9 @@ class LLMRun:
             calibration = self.windows(cfg.calibration.path, cfg.calibration.length,
                                        samples=cfg.calibration.samples)
         self.record = self.open_record()
+        self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
+                           "model": str(self.folder), "model_type": spec.model_type,
+                           "linear_weights": model.linear_weights(spec)})
         try:
             if evaluation is not None and cfg.eval.dense:
                 dense = hf.load(self.folder)[1]
