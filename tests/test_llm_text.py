@@ -90,3 +90,21 @@ def test_a_byte_level_lm_model_exports_to_gpt2_exactly(tmp_path):
     compacted = gpt.GPTConfig(256, 16, 32, 8, (4, 2), (128, 128))
     with pytest.raises(ValueError, match="every layer the same size"):
         export(compacted, gpt.init(compacted, jax.random.key(0)), tmp_path / "no")
+
+
+def test_json_lines_files_give_their_documents_text(tmp_path):
+    """C4's shards are gzipped JSON lines with a "text" field per document."""
+    import gzip
+    import json
+
+    docs = [{"text": "first doc", "url": "a"}, {"text": "second\nline", "url": "b"},
+            {"text": "third", "url": "c"}]
+    file = tmp_path / "c4-train.00000-of-01024.json.gz"
+    with gzip.open(file, "wt", encoding="utf-8") as out:
+        out.write("".join(json.dumps(d) + "\n" for d in docs) + "\n")
+    assert text.read_text(str(file)) == "first doc\n\nsecond\nline\n\nthird"
+    assert text.read_text(str(file), max_chars=12) == "first doc\n\ns"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(text.TextError, match="bad.jsonl:2 is not a JSON object"):
+        text.read_text(str(bad))

@@ -53,7 +53,8 @@ class LLMRun:
 
     def windows(self, source: str, length: int | None, **options) -> np.ndarray:
         try:
-            ids = text.encode(self.folder, source)
+            ids = text.encode(self.folder, source,
+                              text.CALIBRATION_CHARS if "samples" in options else None)
             length = length or self.spec.context
             if length > self.spec.context:
                 raise text.TextError(f"windows of {length} tokens exceed the model's context "
