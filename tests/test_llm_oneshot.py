@@ -269,3 +269,19 @@ def test_report_tabulates_and_plots_perplexity_by_method_and_sparsity(tmp_path):
                      "| tiny | magnitude | 0.5 | 50.0% | 20.000 | 2.0 |",
                      "| tiny | wanda | 2:4 | 50.0% | 30.000 | 2.0 |"]
     assert plot.name == "perplexity_vs_sparsity.png" and plot.stat().st_size > 0
+
+
+def test_llm_presets_compose_and_validate():
+    """Every `task: llm` preset is a valid `lottery llm` config (the model and text are the
+    user's to fetch, so only the config is checked)."""
+    import re
+
+    from lottery.llm.cli import CONF_DIR, compose
+    from lottery.llm.config import validate
+
+    presets = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")
+                     if re.search(r"^task: llm\b", p.read_text(), re.MULTILINE))
+    assert "wanda_llama2_7b" in presets
+    for preset in presets:
+        cfg = validate(compose([f"experiment={preset}"]))
+        assert cfg.task == "llm" and cfg.calibration.samples == 128

@@ -1,6 +1,7 @@
 """Presets: every `conf/experiment/*.yaml` composes and validates, its pruning schedule is
 reachable, and lenet_mnist carries the paper's values (Frankle & Carbin 2019)."""
 
+import re
 from pathlib import Path
 
 import jax
@@ -14,9 +15,10 @@ from lottery.models import MODELS, build_model
 from lottery.optim import build_optimizer
 from lottery.pruning.masks import kernels
 
-# transformer presets (a top-level `task: lm`) are `lottery lm`'s: tests/test_lm_budget.py
+# presets of the other apps (a top-level `task: lm` or `task: llm`) are theirs:
+# tests/test_lm_budget.py, tests/test_llm_oneshot.py
 PRESETS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml")
-                 if "\ntask: lm" not in "\n" + path.read_text())
+                 if not re.search(r"^task: (lm|llm)\b", path.read_text(), re.MULTILINE))
 # input shape and classes of the file datasets (an image folder's classes are its own: 10)
 INPUTS = {"mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
           "cifar10": ((32, 32, 3), 10), "mnist1d": ((40,), 10),

@@ -18,6 +18,7 @@ import pytest
 from lottery import cli
 from lottery.analysis import report
 from lottery.identity import run_id
+from lottery.llm import cli as llm_cli
 from lottery.lm import cli as lm_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,8 @@ def commands(kind: str, code: str) -> list[list[str]]:
         for part in line.split("&&"):
             words = shlex.split(part, comments=True)
             if (words and words[0] in ("lottery", "lottery-bench") and not PLACEHOLDER.search(part)
-                    and words not in (["lottery"], ["lottery", "report"], ["lottery", "lm"])):
+                    and words not in (["lottery"], ["lottery", "report"], ["lottery", "lm"],
+                                      ["lottery", "llm"])):
                 out.append(words)
     return out
 
@@ -81,7 +83,8 @@ def walk():
         for words in commands(kind, code):
             yield kind, code, words, set(folders)
             args = words[1:]
-            if words[0] == "lottery" and args[:1] not in (["report"], ["lm"], ["check"]):
+            if words[0] == "lottery" and args[:1] not in (["report"], ["lm"], ["llm"],
+                                                          ["check"]):
                 folders.update(written(args))
 
 
@@ -90,8 +93,8 @@ STEPS = list(walk())
 
 def test_the_readme_has_commands_of_each_kind():
     firsts = {tuple(words[:2]) for _, _, words, _ in STEPS if words}
-    assert {("lottery", "report"), ("lottery", "lm"), ("lottery", "experiment=lenet_mnist"),
-            ("lottery", "-m")} <= firsts
+    assert {("lottery", "report"), ("lottery", "lm"), ("lottery", "llm"),
+            ("lottery", "experiment=lenet_mnist"), ("lottery", "-m")} <= firsts
     assert any(kind == "python" for kind, *_ in STEPS)
 
 
@@ -100,16 +103,19 @@ COMMANDS = [words for _, _, words, _ in STEPS if words and words[:2] != ["lotter
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words)[:80])
 def test_each_command_passes_its_checks(words, capsys):
-    """The pre-check of `lottery` / `lottery lm` accepts it (it exits 2 on anything bad)."""
+    """The pre-check of `lottery` / `lottery lm` / `lottery llm` accepts it (it exits 2 on
+    anything bad)."""
     if words[0] == "lottery-bench":
         from lottery.bench import main
 
         with pytest.raises(SystemExit) as stop:
             main([*words[1:], "--help"])  # parses the options, runs nothing
         assert stop.value.code == 0
-    elif words[1] == "lm":
-        lm_cli.overrides.check_overrides(words[2:], lm_cli.CONF_DIR, lm_cli.CONFIG_NAME,
-                                         lm_cli.validate, lm_cli.LMConfig, lm_cli.PROGRAM)
+    elif words[1] in ("lm", "llm"):
+        app, root = (lm_cli, lm_cli.LMConfig) if words[1] == "lm" else (llm_cli,
+                                                                       llm_cli.LLMConfig)
+        app.overrides.check_overrides(words[2:], app.CONF_DIR, app.CONFIG_NAME, app.validate,
+                                      root, app.PROGRAM)
     else:
         cli.check_overrides([w for w in words[1:] if w != "check"])
     assert "error" not in capsys.readouterr().err

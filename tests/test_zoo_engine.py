@@ -53,6 +53,7 @@ from omegaconf import OmegaConf
 from plain_loop import data_key, hand_schedule, initial_weights, ones_like, plain_training
 from test_cli_errors import check_failure, launch
 from test_models import EXPECTED, draw
+from test_presets import PRESETS
 
 import lottery.cli
 from lottery import imp
@@ -67,9 +68,6 @@ from lottery.state import MemberState, Network
 from lottery.train import Trainer
 
 CONF = Path(lottery.cli.CONF_DIR)
-# transformer presets (a top-level `task: lm`) are `lottery lm`'s: tests/test_lm_budget.py
-PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml")
-                 if "\ntask: lm" not in "\n" + path.read_text())
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
           "mnist1d": (40,), "imagenet": (224, 224, 3),
           "image_folder": (64, 64, 3)}  # the real input shape of each file dataset
