@@ -258,16 +258,16 @@ def test_report_tabulates_and_plots_perplexity_by_method_and_sparsity(tmp_path):
                  "model": "/m/tiny", "sparsity": "0", "density": 1.0, "perplexity": 10.0},
                 {"kind": "summary", "level": 0, "branch": method, "replicate": 0,
                  "model": "/m/tiny", "sparsity": sparsity, "density": 0.5,
-                 "perplexity": ppl, "prune_seconds": 2.0}]
+                 "perplexity": ppl, "prune_seconds": 2.0, "rule_seconds": 0.5}]
         (folder / "record.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     run("a", "wanda", "2:4", 30.0)
     run("b", "magnitude", "0.5", 20.0)
     report, plot = write_report(tmp_path / "sweep")
     lines = [line for line in report.read_text().splitlines() if line.startswith("| tiny")]
-    assert lines == ["| tiny | dense | 0 | 100.0% | 10.000 |  |",
-                     "| tiny | magnitude | 0.5 | 50.0% | 20.000 | 2.0 |",
-                     "| tiny | wanda | 2:4 | 50.0% | 30.000 | 2.0 |"]
+    assert lines == ["| tiny | dense | 0 | 100.0% | 10.000 |  |  |",
+                     "| tiny | magnitude | 0.5 | 50.0% | 20.000 | 2.0 | 0.5 |",
+                     "| tiny | wanda | 2:4 | 50.0% | 30.000 | 2.0 | 0.5 |"]
     assert plot.name == "perplexity_vs_sparsity.png" and plot.stat().st_size > 0
 
 

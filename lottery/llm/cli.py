@@ -55,19 +55,23 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def print_table(summaries) -> None:
-    """The dense and pruned models: method, sparsity, density, perplexity, seconds."""
+    """The dense and pruned models: method, sparsity, density, perplexity, seconds (and of
+    them the pruning rules')."""
     from rich.console import Console
     from rich.table import Table
 
     view = Table(title="one-shot pruning: perplexity, lower is better")
-    for column in ("model", "method", "sparsity", "density", "perplexity", "seconds"):
+    for column in ("model", "method", "sparsity", "density", "perplexity", "seconds",
+                   "of which rules"):
         view.add_column(column, justify="left" if column in ("model", "method") else "right")
+    def cell(row, key, form):
+        value = row.get(key)
+        return "" if value is None or value != value else format(value, form)
+
     for row in summaries.to_dict("records"):
-        ppl, seconds = row.get("perplexity"), row.get("prune_seconds")
         view.add_row(Path(row["model"]).name, row["branch"], row["sparsity"],
-                     f"{row['density']:.1%}",
-                     "" if ppl is None or ppl != ppl else f"{ppl:.3f}",
-                     "" if seconds is None or seconds != seconds else f"{seconds:.1f}")
+                     cell(row, "density", ".1%"), cell(row, "perplexity", ".3f"),
+                     cell(row, "prune_seconds", ".1f"), cell(row, "rule_seconds", ".1f"))
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)

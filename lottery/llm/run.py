@@ -10,7 +10,8 @@ Record rows (record.jsonl, and W&B where configured): `kind: "layer"` per linear
 sparsity, reconstruction error, seconds) and `kind: "summary"` per model: `branch` the
 method ("dense" for the unpruned model), `sparsity` as asked ("0.5", "2:4"), `density` the
 kept fraction of the blocks' linear weights, `perplexity`, `loss` (nats per token),
-`prune_seconds` (calibration forward passes included).
+`prune_seconds` (calibration forward passes included), `rule_seconds` (the pruning rules
+alone, summed over the linear layers: first calls include their compilation).
 """
 
 import sys
@@ -114,6 +115,7 @@ class LLMRun:
                 self.record.write({"kind": "layer", "branch": cfg.prune.method, **row})
             kept = sum((1 - r["sparsity"]) * r["inputs"] * r["outputs"] for r in rows)
             values = {"density": kept / model.linear_weights(spec), "prune_seconds": seconds,
+                      "rule_seconds": sum(r["seconds"] for r in rows),
                       **self.evaluate(pruned, evaluation)}
             self.summary(cfg.prune.method, values)
             log(f"{cfg.prune.method} {cfg.prune.sparsity}: {seconds:.1f} s"

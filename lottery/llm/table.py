@@ -1,6 +1,7 @@
 """`lottery llm`'s summary rows as a table and for `lottery report`: per model, method and
-sparsity, the perplexity (lower is better), the density of the blocks' linear weights and
-the seconds pruning took; several runs of the same (a sweep that evaluated the dense model
+sparsity, the perplexity (lower is better), the density of the blocks' linear weights, the
+seconds pruning took and of them the pruning rules' (the rest: calibration passes); several
+runs of the same (a sweep that evaluated the dense model
 in each job) are one line, their mean."""
 
 from pathlib import Path
@@ -27,12 +28,14 @@ def sparsity_order(value: str) -> tuple:
 def llm_summary(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, sparsity): mean perplexity, density, prune seconds."""
     frame = summaries.copy()
-    if "prune_seconds" not in frame.columns:
-        frame["prune_seconds"] = float("nan")
+    for column in ("prune_seconds", "rule_seconds"):
+        if column not in frame.columns:
+            frame[column] = float("nan")
     frame["sparsity"] = frame["sparsity"].astype(str)
     table = (frame.groupby(["model", "branch", "sparsity"], sort=False)
              .agg(perplexity=("perplexity", "mean"), density=("density", "mean"),
-                  seconds=("prune_seconds", "mean"), runs=("perplexity", "size"))
+                  seconds=("prune_seconds", "mean"), rule_seconds=("rule_seconds", "mean"),
+                  runs=("perplexity", "size"))
              .reset_index())
     rank = {name: i for i, name in enumerate(ORDER)}
     table["_s"] = table["sparsity"].map(sparsity_order)
@@ -45,10 +48,10 @@ def markdown_table(summaries: pd.DataFrame, accuracy: str | None = None) -> str:
     def cell(value, form):
         return "" if value != value else format(value, form)
 
-    lines = ["| model | method | sparsity | density | perplexity | seconds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | method | sparsity | density | perplexity | seconds | of which rules |",
+             "|---|---|---|---|---|---|---|"]
     for row in llm_summary(summaries).to_dict("records"):
         lines.append(f"| {Path(str(row['model'])).name} | {row['branch']} | {row['sparsity']} | "
                      f"{cell(row['density'], '.1%')} | {cell(row['perplexity'], '.3f')} | "
-                     f"{cell(row['seconds'], '.1f')} |")
+                     f"{cell(row['seconds'], '.1f')} | {cell(row['rule_seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
