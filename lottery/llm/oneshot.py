@@ -113,22 +113,24 @@ def prune(checkpoint: hf.Checkpoint, windows: np.ndarray | None, method: Method,
     error columns); `progress(layer)` is called after each block."""
     spec = checkpoint.spec
     key = jax.random.key(0) if key is None else key
-    outer = hf.load_outer(checkpoint)
+    outer = jax.device_put(hf.load_outer(checkpoint))
     if windows is None and method.name != "magnitude":
         raise ValueError(f"{method.name} needs calibration windows")
     x = None if windows is None else np.concatenate(
         [np.asarray(model.embed(spec, outer, jnp.asarray(part)))
          for _, part in _batches(windows, batch)])
     blocks, rows = {}, []
-    for layer in range(spec.layers):
-        params = hf.load_block(checkpoint, layer)
+    for layer in range(spec.layers):  # each block's weights go to the device once, twice
+        params = jax.device_put(hf.load_block(checkpoint, layer))  # if pruned
         params, layer_rows = prune_block(spec, params, x, method,
                                          jax.random.fold_in(key, layer), batch, layer)
         rows += layer_rows
+        params = jax.device_put(params)
         for start, part in _batches(x if x is not None else (), batch):
             x[start:start + len(part)] = np.asarray(model.block(spec, params, jnp.asarray(part)))
-        blocks[layer] = params
+        blocks[layer] = jax.device_get(params)  # the pruned model is kept on the host
         if progress is not None:
             progress(layer)
     a, b = model.block_path(spec)
+    outer = jax.device_get(outer)
     return {**outer, a: {**outer[a], b: blocks}}, rows

@@ -28,7 +28,7 @@ def window_losses(spec: ModelSpec, params: dict, windows):
 def evaluate(spec: ModelSpec, params: dict, windows: np.ndarray, batch: int = 8) -> dict:
     """{"perplexity", "loss" (mean nats per token), "windows", "tokens"} over `windows`
     (N, T), `batch` windows per forward pass (the last batch padded, its padding dropped)."""
-    losses = []
+    losses, params = [], jax.device_put(params)  # on the device once, not once per batch
     for start in range(0, len(windows), batch):
         part = np.asarray(windows[start:start + batch])
         padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)])
