@@ -52,19 +52,30 @@ class LLMRun:
                                    self.out_dir, self.cfg.logger.init_timeout))
         return Record(sinks)
 
-    def windows(self, source: str, length: int | None, **options) -> np.ndarray:
+    def _windows(self, source: str, length: int | None, cut, max_chars=None) -> np.ndarray:
+        """`cut(ids, length)` of `source`'s tokens; a bad text or length is one line."""
         try:
-            ids = text.encode(self.folder, source,
-                              text.CALIBRATION_CHARS if "samples" in options else None)
             length = length or self.spec.context
             if length > self.spec.context:
                 raise text.TextError(f"windows of {length} tokens exceed the model's context "
                                      f"of {self.spec.context}")
-            if "samples" in options:
-                return text.calibration(ids, options["samples"], length, self.cfg.seed)
-            return text.eval_windows(ids, length, options.get("limit"))
+            return cut(text.encode(self.folder, source, max_chars), length)
         except text.TextError as error:
             raise ConfigError(str(error)) from None
+
+    def calibration_windows(self) -> np.ndarray | None:
+        c = self.cfg.calibration
+        if not c.path:
+            return None
+        return self._windows(c.path, c.length, lambda ids, length: text.calibration(
+            ids, c.samples, length, self.cfg.seed), text.CALIBRATION_CHARS)
+
+    def eval_windows(self) -> np.ndarray | None:
+        e = self.cfg.eval
+        if not e.path:
+            return None
+        return self._windows(e.path, e.length, lambda ids, length: text.eval_windows(
+            ids, length, e.max_windows))
 
     def evaluate(self, params, windows) -> dict:
         if windows is None:
@@ -84,14 +95,7 @@ class LLMRun:
         cfg, spec = self.cfg, self.spec
         log(f"{self.folder}: {spec.model_type}, {spec.layers} blocks, d={spec.d_model}, "
             f"{model.linear_weights(spec):,} weights in the blocks' linear layers")
-        evaluation = None
-        if cfg.eval.path:
-            evaluation = self.windows(cfg.eval.path, cfg.eval.length,
-                                      limit=cfg.eval.max_windows)
-        calibration = None
-        if cfg.calibration.path:
-            calibration = self.windows(cfg.calibration.path, cfg.calibration.length,
-                                       samples=cfg.calibration.samples)
+        evaluation, calibration = self.eval_windows(), self.calibration_windows()
         self.record = self.open_record()
         self.record.write({"kind": "run", "name": cfg.name, "config": cfg.resolved,
                            "model": str(self.folder), "model_type": spec.model_type,
