@@ -13,6 +13,8 @@
   rules.py       the per-layer pruning rules: magnitude, Wanda, SparseGPT; N:M
   oneshot.py     layer-by-layer pruning on calibration text (activations through the
                  already-pruned blocks)
+  compact.py     structured removal: whole layers, attention head groups, FFN channels cut
+                 out, giving a smaller model that transformers' config.json can describe
   config.py      the `lottery llm` config: schema and validate() -> LLMConfig
   run.py         one run: dense and pruned perplexity, record rows, the saved model
   cli.py         `lottery llm ...` (Hydra app, conf/llm.yaml)
