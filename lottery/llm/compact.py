@@ -71,7 +71,7 @@ def compact(spec: ModelSpec, params: dict, request: Request) -> tuple[ModelSpec,
     new_params = {**outer, a: {**outer[a], b: new_blocks}}
     g, c = len(groups[kept[0]]), len(channels[kept[0]])
     new_spec = replace(spec, layers=len(kept), heads=g * spec.groups, kv_heads=g, ffn=c,
-                       raw=_raw(spec, kept, g != spec.kv_heads))
+                       raw=_raw(spec, kept))
     return new_spec, new_params
 
 
@@ -196,14 +196,10 @@ def _copy(tree):
     return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def _raw(spec: ModelSpec, kept: tuple, heads_change: bool) -> str:
+def _raw(spec: ModelSpec, kept: tuple) -> str:
     """The config.json text for the new spec's `raw`: per-layer lists (Qwen2's
-    `layer_types`) cut to the kept layers, and `head_dim` written where the original left
-    it to transformers' default hidden_size / num_attention_heads, which fewer heads would
-    change. `to_config` then adds the new sizes."""
+    `layer_types`) cut to the kept layers; `to_config` then writes the new sizes."""
     config = json.loads(spec.raw)
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = [config["layer_types"][layer] for layer in kept]
-    if heads_change and spec.family == "llama" and config.get("head_dim") is None:
-        config["head_dim"] = spec.head_dim
     return json.dumps(config, sort_keys=True)

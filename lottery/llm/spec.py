@@ -158,9 +158,14 @@ def to_config(spec: ModelSpec, dtype: str | None = None) -> dict:
     model) and its dtype; a size it keeps stays as the original wrote it (or left it out)."""
     config = json.loads(spec.raw)
     original = from_config(config)
+    if spec.family == "gpt2" and spec.heads != original.heads:
+        raise SpecError("GPT-2's head size is n_embd / n_head in transformers: a GPT-2 with "
+                        "fewer heads has no config.json; remove FFN channels or layers")
     for field_name, key in KEYS[spec.family].items():
         if getattr(spec, field_name) != getattr(original, field_name):
             config[key] = getattr(spec, field_name)
+    if spec.family == "llama" and spec.heads != original.heads:
+        config["head_dim"] = spec.head_dim  # else read as hidden_size / num_attention_heads
     key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
     config[key] = dtype or spec.dtype
     return config
