@@ -233,10 +233,13 @@ def plot_perplexity_vs_sparsity(summaries: pd.DataFrame, path: Path, title: str 
     """`lottery llm` runs: perplexity (log axis) against sparsity, one line per method, one
     panel per model; sparsities in order, unstructured ones then N:M patterns (a category
     axis: 50% and 2:4 prune as many weights, in different patterns); the dense model's
-    perplexity as a dashed line."""
+    perplexity as a dashed line. Runs that evaluated nothing (timing only): seconds instead."""
     from lottery.llm.table import llm_summary, sparsity_order
 
     table = llm_summary(summaries)
+    metric, label = (("perplexity", "perplexity (lower is better)")
+                     if table["perplexity"].notna().any() else
+                     ("seconds", "seconds to prune (no evaluation)"))
     groups = list(table.groupby("model", sort=False))
     figure, axes = _grid(len(groups), sharey=False)
     colours = _colours(table["branch"])
@@ -245,13 +248,13 @@ def plot_perplexity_vs_sparsity(summaries: pd.DataFrame, path: Path, title: str 
         place = {value: i for i, value in enumerate(order)}
         for method, lines in rows[rows["branch"] != "dense"].groupby("branch", sort=False):
             lines = lines.assign(x=lines["sparsity"].map(place)).sort_values("x")
-            ax.plot(lines["x"], lines["perplexity"], "o-", label=method, color=colours[method])
+            ax.plot(lines["x"], lines[metric], "o-", label=method, color=colours[method])
         for value in rows.loc[rows["branch"] == "dense", "perplexity"].drop_duplicates():
             ax.axhline(value, color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_xticks(range(len(order)), order)
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (fraction pruned, or N:M kept)")
-        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_ylabel(label)
         ax.set_title(Path(str(model)).name, fontsize=9)
     _legend(figure)
     return _save(figure, path, title)

@@ -12,9 +12,9 @@ ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
 
 
 def is_llm(summaries: pd.DataFrame) -> bool:
-    """Whether summary rows are `lottery llm` rows (perplexity per sparsity, no training)."""
-    return {"perplexity", "sparsity"} <= set(summaries.columns) \
-        and "final_step" not in summaries.columns
+    """Whether summary rows are `lottery llm` rows (a sparsity each, no training; perplexity
+    unless the run evaluated nothing)."""
+    return "sparsity" in summaries.columns and "final_step" not in summaries.columns
 
 
 def sparsity_order(value: str) -> tuple:
@@ -28,14 +28,14 @@ def sparsity_order(value: str) -> tuple:
 def llm_summary(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, sparsity): mean perplexity, density, prune seconds."""
     frame = summaries.copy()
-    for column in ("prune_seconds", "rule_seconds"):
+    for column in ("perplexity", "prune_seconds", "rule_seconds"):
         if column not in frame.columns:
             frame[column] = float("nan")
     frame["sparsity"] = frame["sparsity"].astype(str)
     table = (frame.groupby(["model", "branch", "sparsity"], sort=False)
              .agg(perplexity=("perplexity", "mean"), density=("density", "mean"),
                   seconds=("prune_seconds", "mean"), rule_seconds=("rule_seconds", "mean"),
-                  runs=("perplexity", "size"))
+                  runs=("branch", "size"))
              .reset_index())
     rank = {name: i for i, name in enumerate(ORDER)}
     table["_s"] = table["sparsity"].map(sparsity_order)
