@@ -18,4 +18,5 @@
   config.py      the `lottery llm` config: schema and validate() -> LLMConfig
   run.py         one run: dense and pruned perplexity, record rows, the saved model
   cli.py         `lottery llm ...` (Hydra app, conf/llm.yaml)
+  table.py       its summary rows as a table, for the command's end and `lottery report`
 """
