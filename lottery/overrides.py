@@ -172,3 +172,13 @@ def check_overrides(args: list[str], conf_dir: str, config_name: str, validate, 
             except ConfigError as error:
                 source = preset_source(error.key, trial, config_name, composed)
                 fail(f"{error}{where}{source}", program)
+
+
+def compose(conf_dir: str, config_name: str, args):
+    """The composed config `config_name` of `conf_dir` with `args` (overrides), outside a
+    Hydra app: what each app's `compose` gives tests and scripts."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(args))

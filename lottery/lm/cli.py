@@ -33,11 +33,7 @@ PROGRAM = "lottery lm"  # the messages' prefix: `lottery lm: error: ...`
 
 def compose(args: list[str]) -> DictConfig:
     """The composed `lm` config (tests use it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(CONFIG_NAME, overrides=list(args))
+    return overrides.compose(CONF_DIR, CONFIG_NAME, args)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CONFIG_NAME)
