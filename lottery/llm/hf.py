@@ -119,27 +119,26 @@ class Checkpoint:
         bare = name.removeprefix("transformer.")
         return bare if bare in self.where else None
 
-    def tensor(self, spec: ModelSpec, path: tuple) -> np.ndarray:
-        """The float32 array of params `path`, in our layout."""
-        name, transposed = hf_name(spec, path)
+    def tensor(self, path: tuple, shape: tuple | None = None) -> np.ndarray:
+        """The float32 array of params `path`, in our layout; `shape` (ours) is checked."""
+        name, transposed = hf_name(self.spec, path)
         stored = self.stored(name)
         if stored is None:
             raise CheckpointError(f"{self.folder}: tensor {name} is missing from the "
                                   "checkpoint; is config.json the one of these weights?")
-        value = self._file(stored).get_tensor(stored).astype(np.float32)
+        value = self._file(stored).get_tensor(stored)
+        expected = None if shape is None else tuple(shape[::-1] if transposed else shape)
+        if expected is not None and value.shape != expected:
+            raise CheckpointError(f"{self.folder}: {name} has shape {value.shape} in the "
+                                  f"file, config.json implies {expected}")
+        value = value.astype(np.float32)
         return value.T if transposed else value
 
     def params(self, tree: dict) -> dict:
         """`tree` (a params subtree of `model.shapes(spec)`, same paths) filled from the file,
         shapes checked."""
-        def load(path, leaf):
-            value = self.tensor(self.spec, path)
-            if value.shape != leaf.shape:
-                name = hf_name(self.spec, path)[0]
-                raise CheckpointError(f"{self.folder}: {name} has shape {value.shape[::-1]} "
-                                      f"in the file, config.json implies {leaf.shape[::-1]}")
-            return value
-        return jax.tree_util.tree_map_with_path(lambda p, x: load(_keys(p), x), tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, leaf: self.tensor(_keys(p), leaf.shape), tree)
 
 
 def _keys(path) -> tuple:
