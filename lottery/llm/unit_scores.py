@@ -106,8 +106,8 @@ def _unit_sums(spec: ModelSpec, params: dict, weigh) -> dict:
 def weight_scores(spec: ModelSpec, params: dict) -> dict:
     squares = _unit_sums(spec, params, lambda w, _: w ** 2)
     out = {kind: [np.sqrt(s) for s in squares[kind]] for kind in KINDS}
-    out["layers"] = np.sqrt(np.array([squares["heads"][l].sum() + squares["ffn"][l].sum()
-                                      for l in range(spec.layers)]))
+    out["layers"] = np.sqrt(np.array([squares["heads"][i].sum() + squares["ffn"][i].sum()
+                                      for i in range(spec.layers)]))
     return out
 
 
@@ -166,17 +166,20 @@ def taylor_scores(spec: ModelSpec, params: dict, batches) -> dict:
 
 def input_norms(spec: ModelSpec, params: dict, batches) -> list[dict]:
     """Per layer, {input name: (n_in,) float64}: each linear layer input feature's L2 norm
-    over every token of all batches, the blocks run in order on the dense model."""
+    over every token of all batches; the batches' activations run block by block through
+    the dense model, each block's weights sent to the device once (as oneshot.py does)."""
     outer, blocks = model.outer(spec, params), model.blocks_of(spec, params)
-    squares = [{} for _ in range(spec.layers)]
-    for tokens in batches:
-        x = model.embed(spec, outer, jnp.asarray(tokens, jnp.int32))
-        for layer in range(spec.layers):
-            x, inputs = model.block(spec, blocks[layer], x, True)
+    xs = [model.embed(spec, outer, jnp.asarray(tokens, jnp.int32)) for tokens in batches]
+    norms = []
+    for layer in range(spec.layers):
+        block, squares = jax.device_put(blocks[layer]), {}
+        for i, x in enumerate(xs):
+            xs[i], inputs = model.block(spec, block, x, True)
             for name, value in inputs.items():
                 s = np.asarray(jnp.sum(value ** 2, axis=(0, 1)), np.float64)
-                squares[layer][name] = squares[layer].get(name, 0) + s
-    return [{name: np.sqrt(s) for name, s in layer.items()} for layer in squares]
+                squares[name] = squares.get(name, 0) + s
+        norms.append({name: np.sqrt(s) for name, s in squares.items()})
+    return norms
 
 
 def wanda_scores(spec: ModelSpec, params: dict, batches) -> dict:
