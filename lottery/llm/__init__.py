@@ -15,6 +15,7 @@
                  already-pruned blocks)
   compact.py     structured removal: whole layers, attention head groups, FFN channels cut
                  out, giving a smaller model that transformers' config.json can describe
+  unit_scores.py importance of those units (weight norm, Taylor, Wanda), for compact
   config.py      the `lottery llm` config: schema and validate() -> LLMConfig
   run.py         one run: dense and pruned perplexity, record rows, the saved model
   cli.py         `lottery llm ...` (Hydra app, conf/llm.yaml)
