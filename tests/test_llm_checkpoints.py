@@ -236,3 +236,12 @@ def test_an_unreachable_hub_names_the_local_alternative(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(hf.CheckpointError, match="model.path=DIR"):
         hf.locate(name="meta-llama/Llama-2-7b-hf")
+
+
+def test_a_sequence_longer_than_the_context_is_refused():
+    """GPT-2's position table would give NaN logits past its 64 positions."""
+    spec, params = hf.load(FIXTURES / "gpt2")
+    with pytest.raises(ValueError, match="65 tokens exceed the model's context of 64"):
+        model.apply(spec, params, jnp.zeros((1, 65), jnp.int32))
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        model.embed(spec, model.outer(spec, params), jnp.zeros((1, 65), jnp.int32))

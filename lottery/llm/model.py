@@ -94,6 +94,7 @@ def _whole(spec: ModelSpec, params: dict):
 @functools.partial(jax.jit, static_argnums=0)
 def apply(spec: ModelSpec, params: dict, tokens):
     """Logits (B, T, V) float32 of int tokens (B, T), T <= spec.context."""
+    check_length(spec, tokens.shape[-1])
     model = nnx.merge(graphdef(spec), params)
     x = model.embed(tokens)
     context = model.context(tokens.shape[-1])
@@ -106,7 +107,15 @@ def apply(spec: ModelSpec, params: dict, tokens):
 @functools.partial(jax.jit, static_argnums=0)
 def embed(spec: ModelSpec, outer_params: dict, tokens):
     """The first block's input (B, T, d)."""
+    check_length(spec, tokens.shape[-1])
     return _whole(spec, outer_params).embed(tokens)
+
+
+def check_length(spec: ModelSpec, length: int) -> None:
+    """A sequence longer than the model's context is an error, not NaN logits (GPT-2's
+    position table has `context` rows; out-of-range lookups fill with NaN under jit)."""
+    if length > spec.context:
+        raise ValueError(f"{length} tokens exceed the model's context of {spec.context}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
