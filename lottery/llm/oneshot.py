@@ -73,7 +73,7 @@ def gather(spec, params: dict, x: np.ndarray | None, batch: int) -> dict | None:
         if stats is None:
             stats = {name: rules.calibration(captured[name].shape[-1]) for name in captured}
         stats = {name: rules.accumulate(stats[name], captured[name]) for name in captured}
-    return stats
+    return jax.block_until_ready(stats)  # done here, not inside the first rule's seconds
 
 
 def prune_block(spec, params: dict, x: np.ndarray | None, method: Method, key, batch: int,
