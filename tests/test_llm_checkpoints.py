@@ -11,6 +11,7 @@ fixed text (tests/fixtures/hf/make_fixtures.py; CI needs neither torch nor netwo
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,18 @@ def test_a_sequence_longer_than_the_context_is_refused():
         model.apply(spec, params, jnp.zeros((1, 65), jnp.int32))
     with pytest.raises(ValueError, match="exceed the model's context"):
         model.embed(spec, model.outer(spec, params), jnp.zeros((1, 65), jnp.int32))
+
+
+@pytest.mark.parametrize("name, tensor", [("qwen2", "model.embed_tokens.weight"),
+                                          ("llama", "lm_head.weight")])
+def test_a_shape_mismatch_names_the_shapes_as_the_file_stores_them(name, tensor, tmp_path):
+    """One vocabulary entry too many in config.json: the (tied) embedding, stored as we
+    hold it, and the untied head, stored transposed, are both named in the file's layout,
+    (vocab, d) (the message once reversed the untransposed one)."""
+    wrong = tmp_path / "wrong_vocab"
+    shutil.copytree(FIXTURES / name, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
+    with pytest.raises(hf.CheckpointError, match=re.escape(
+            f"{tensor} has shape (300, 32) in the file, config.json implies (301, 32)")):
+        hf.load(wrong)
