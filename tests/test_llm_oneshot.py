@@ -191,10 +191,24 @@ def test_reconstruction_error_ordering_on_a_trained_model(trained_byte_model, sp
 
 
 def run_cli(args: list[str], tmp_path, monkeypatch):
+    """The command in this process; the log handlers Hydra's job adds (a file in the run
+    folder) are taken off again, so later tests' log lines do not go there."""
+    import logging
+
     from lottery.llm import cli
 
     monkeypatch.chdir(tmp_path)
-    cli.main(args)
+    loggers = [logging.getLogger(), logging.getLogger("lottery")]
+    before = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    try:
+        cli.main(args)
+    finally:
+        for logger, (handlers, level, propagate) in zip(loggers, before):
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.level, logger.propagate = level, propagate
     records = list(tmp_path.glob("outputs/llm/*/*/record.jsonl"))
     assert len(records) == 1
     return [json.loads(line) for line in records[0].read_text().splitlines()]

@@ -8,6 +8,7 @@ is one `ConfigError` line naming the key).
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -108,6 +109,10 @@ def validate(cfg: DictConfig | dict) -> LLMConfig:
     if not model.path and not model.name:
         raise ConfigError("give model.path=DIR (a model folder in the Hugging Face layout) "
                           "or model.name=ID (a hub name)", key="model.path")
+    if model.path and not (Path(model.path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.path={model.path} has no config.json; give a model folder "
+                          "in the Hugging Face layout (config.json, *.safetensors, "
+                          "tokenizer.json)", key="model.path")
     p = filled(PruneConfig, section_of(raw, "prune", {}), "prune")
     try:
         sparsity = rules.parse_sparsity(p["sparsity"])
