@@ -126,8 +126,10 @@ def prune(checkpoint: hf.Checkpoint, windows: np.ndarray | None, method: Method,
                                          jax.random.fold_in(key, layer), batch, layer)
         rows += layer_rows
         params = jax.device_put(params)
-        for start, part in _batches(x if x is not None else (), batch):
-            x[start:start + len(part)] = np.asarray(model.block(spec, params, jnp.asarray(part)))
+        if x is not None:  # the next block's input: through this block, pruned
+            for start, part in _batches(x, batch):
+                x[start:start + len(part)] = np.asarray(
+                    model.block(spec, params, jnp.asarray(part)))
         blocks[layer] = jax.device_get(params)  # the pruned model is kept on the host
         if progress is not None:
             progress(layer)

@@ -133,5 +133,5 @@ class LLMRun:
 
 
 def run(cfg: LLMConfig, out_dir: Path) -> pd.DataFrame:
-    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 on GPUs too (TF32)
-    return LLMRun(cfg, out_dir).run()
+    with jax.default_matmul_precision("highest"):  # fp32 on GPUs too (not TF32), for this
+        return LLMRun(cfg, out_dir).run()          # run only, not the whole process
