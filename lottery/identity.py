@@ -37,6 +37,9 @@ PLACEMENT = ("mesh",)  # train.* keys that say where a run computes (devices), n
 LATER = {"train": {"precision": "fp32"},
          "prune": {"nm": [2, 4], "ste": False, "sr_decay": 2e-4,
                    "dst": {"every": 100, "fraction": 0.3, "stop": None, "init": "erk"}}}
+# the same for one task's configs ("" = top-level keys): `lottery lm`'s pretrained models
+LATER_BY_TASK = {"lm": {"": {"save": None},
+                        "model": {"path": None, "name": None, "revision": None}}}
 LENGTH = 10  # hex digits: 40 bits, no collision in any realistic number of runs
 
 
@@ -59,15 +62,23 @@ def _normal(value):
     return value
 
 
+def _drop_defaults(section: dict, later: dict) -> dict:
+    """`section` without the `later` keys that hold their default."""
+    return {k: v for k, v in section.items()
+            if not (k in later and _normal(v) == _normal(later[k]))}
+
+
 def run_id(config) -> str:
     """10 hex digits of sha256 over the canonical JSON of the resolved config, less `IGNORED`,
     empty mappings as null."""
     content = {k: _normal(v) for k, v in _resolved(config).items() if k not in IGNORED}
-    for section, later in LATER.items():
-        if isinstance(content.get(section), dict):
-            content[section] = {k: v for k, v in content[section].items()
-                                if not (section == "train" and k in PLACEMENT)
-                                and not (k in later and _normal(v) == _normal(later[k]))}
+    later_by_section = {**LATER, **LATER_BY_TASK.get(content.get("task"), {})}
+    content = _drop_defaults(content, later_by_section.get("", {}))
+    for section, later in later_by_section.items():
+        if section and isinstance(content.get(section), dict):
+            content[section] = _drop_defaults(
+                {k: v for k, v in content[section].items()
+                 if not (section == "train" and k in PLACEMENT)}, later)
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]

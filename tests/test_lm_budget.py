@@ -225,7 +225,7 @@ def test_the_schema_holds_the_defaults_and_the_config_keeps_hydras_names():
         "data": {"source": "stdlib", "max_bytes": 4000000, "validation_fraction": 0.05,
                  "eval_windows": 128},
         "model": {"layers": 4, "d_model": 128, "heads": 4, "head_dim": None, "ffn": 512,
-                  "context": 64},
+                  "context": 64, "path": None, "name": None, "revision": None},
         "pretrain": {"steps": 1000, "batch_size": 16, "lr": 0.003, "warmup": 100,
                      "eval_every": 250},
         "prune": {"score": "taylor", "structures": ["heads", "ffn"], "fraction": 0.2,
@@ -235,7 +235,7 @@ def test_the_schema_holds_the_defaults_and_the_config_keeps_hydras_names():
         "budget": {"params_fraction": [0.5, 0.25], "max_params": None,
                    "min_tokens_per_second": None, "exact": True},
         "variants": ["prune", "prune_kd"], "baselines": ["scratch", "ticket"],
-        "quantize": True, "measure": {"batch": 32, "repeats": 5}}
+        "quantize": True, "save": None, "measure": {"batch": 32, "repeats": 5}}
     plain = validate({"task": "lm"})  # a plain dict takes the same defaults
     assert plain.resolved == {"task": "lm"} and replace(plain, resolved=cfg.resolved) == cfg
     tiny = validate(lm_cli.compose(TINY))

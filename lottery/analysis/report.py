@@ -86,8 +86,10 @@ def _header(path: Path, summaries: pd.DataFrame, accuracy: str, by=()) -> str:
             else "the end of training")
     gone = int(diverged(summaries).sum())
     counts = summaries.groupby([*columns, "level", "branch"], dropna=False).size()
-    metric = ("Test bits per byte (lower is better)" if lm_table.is_lm(summaries)
-              else "Test accuracy")
+    metric = ("Test accuracy" if not lm_table.is_lm(summaries) else
+              "Test bits per byte (lower is better)"
+              if lm_table.metric_of(summaries) == "bits_per_byte" else
+              "Test perplexity per token (lower is better)")
     n = (f"{counts.min()}" if counts.min() == counts.max()
          else f"{counts.min()} to {counts.max()}")
     of = "".join(f", {summaries[c].nunique(dropna=False)} values of `{c}` pooled"
@@ -128,11 +130,13 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
     lm = lm_table.is_lm(summaries)
     if llm_table.is_llm(summaries):  # one-shot pruning: no training, no learning curves
         return _llm_report(path, out, summaries)
+    metric = lm_table.metric_of(summaries) if lm else "test_accuracy"
+    words = metric.replace("_", " ")
     written = [
         plots.plot_metric_vs_density(
-            summaries, out / "bits_per_byte_vs_density.png", f"{accuracy}_bits_per_byte",
-            "test bits per byte at early stop" if accuracy == "early_stop"
-            else f"{accuracy} test bits per byte", columns) if lm else
+            summaries, out / f"{metric}_vs_density.png", f"{accuracy}_{metric}",
+            f"test {words} at early stop" if accuracy == "early_stop"
+            else f"{accuracy} test {words}", columns) if lm else
         plots.plot_accuracy_vs_density(summaries, out / "accuracy_vs_density.png", columns,
                                        accuracy),
         plots.plot_early_stop_vs_density(summaries, out / "early_stop_vs_density.png", columns),
@@ -140,8 +144,7 @@ def write_report(path: Path, out: Path | None = None, branch: str = "ticket",
     evals = results.healthy(results.load(path, kind="eval", keys=by), summaries)
     if branch in set(evals["branch"]):
         written.append(plots.plot_learning_curves(
-            evals, out / "learning_curves.png", branch, results.split(evals, by),
-            "bits_per_byte" if lm else "test_accuracy"))
+            evals, out / "learning_curves.png", branch, results.split(evals, by), metric))
     if REWIND in columns:
         others = [c for c in columns if c != REWIND]
         written.append(plots.plot_rewind_sweep(summaries, out / "rewind_sweep.png", level,

@@ -151,12 +151,13 @@ def _same_count(per_layer: tuple, kept: tuple, what: str) -> None:
             f"the same number of {what} in every kept layer (which ones may differ)")
 
 
+GPT2_HEADS = ("GPT-2 cannot lose attention heads: transformers derives its head size as "
+              "n_embd / n_head, so fewer heads is no valid GPT-2 config.json")
+
+
 def _check_heads(spec: ModelSpec, kept_groups: int) -> None:
     if spec.family == "gpt2" and kept_groups != spec.kv_heads:
-        raise RequestError(
-            "GPT-2 cannot lose attention heads: transformers derives its head size as "
-            "n_embd / n_head, so fewer heads is no valid GPT-2 config.json; remove FFN "
-            "channels or layers instead")
+        raise RequestError(f"{GPT2_HEADS}; remove FFN channels or layers instead")
 
 
 def _block(spec: ModelSpec, block: dict, groups: tuple, channels: tuple) -> dict:

@@ -56,6 +56,11 @@ def shapes(spec: ModelSpec) -> dict:
     return nnx.to_pure_dict(nnx.split(_abstract(spec), nnx.Param)[1])
 
 
+def param_count(spec: ModelSpec) -> int:
+    """Parameters of a model of `spec` (every array of its params tree)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes(spec)))
+
+
 def blocks_of(spec: ModelSpec, params: dict) -> dict:
     a, b = block_path(spec)
     return params[a][b]

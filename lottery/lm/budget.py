@@ -86,6 +86,10 @@ def _device_masks(masks):
 class BudgetRun:
     """One `lottery lm` run: everything it trains, measures and records."""
 
+    METRICS = METRICS  # what each evaluation records (`summarise` keeps each at its ends)
+    HEADLINE = ("test_loss", "bits_per_byte", "test_accuracy", "perplexity")  # the summary's
+    #                                                     plain columns: the final values
+
     def __init__(self, cfg: LMConfig, out_dir: Path, data: Data | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
@@ -149,7 +153,7 @@ class BudgetRun:
         """Train `steps` steps, evaluating every `every` and at the end; eval rows carry
         `row` and step = row["step"] + steps done. Returns (params, eval rows)."""
         opt_state, done, history = trainer.init(params), 0, []
-        masks = _device_masks(gpt.full_masks(trainer.config) if masks is None else masks)
+        masks = None if masks is None else _device_masks(masks)  # None: all units
         with progress(steps, desc) as bar:
             while done < steps:
                 count = min(every, steps - done)
@@ -169,12 +173,12 @@ class BudgetRun:
         loss (`lottery.history.early_stop_summary`, the IMP levels' rule; a diverged
         evaluation, recorded as None, is never the minimum)."""
         values = {metric: np.array([[np.nan if h[metric] is None else h[metric]]
-                                    for h in history], np.float64) for metric in METRICS}
+                                    for h in history], np.float64) for metric in self.METRICS}
         ends = early_stop_summary([h["step"] for h in history], values)
         summary = {"kind": "summary", **row}
         for name, value in ends.items():
             summary[name] = int(value[0]) if name.endswith("_step") else recorded(value[0])
-        for metric in ("test_loss", "bits_per_byte", "test_accuracy", "perplexity"):
+        for metric in self.HEADLINE:
             summary[metric] = summary[f"final_{metric}"]
         return summary
 
@@ -334,5 +338,10 @@ class BudgetRun:
 
 
 def run(cfg: LMConfig, out_dir: Path, data: Data | None = None) -> pd.DataFrame:
-    """Run everything `cfg` asks for; returns the summary rows (also in the record)."""
+    """Run everything `cfg` asks for; returns the summary rows (also in the record). A
+    pretrained model (model.path or model.name) runs `lottery.llm.budget`'s loop."""
+    if cfg.model.path or cfg.model.name:
+        from lottery.llm.budget import PretrainedBudgetRun
+
+        return PretrainedBudgetRun(cfg, out_dir, data).run()
     return BudgetRun(cfg, out_dir, data).run()

@@ -60,17 +60,20 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def print_table(summaries) -> None:
     """Every summary row: training steps, size, test bits per byte (the main metric; lower
-    is better) and next-byte accuracy, speed, and the int8 model's; under it, when a model
-    pruned from the dense one beats it, the line saying why (`lottery.lm.table.dense_note`)."""
+    is better; a pretrained model's: perplexity) and next-token accuracy, speed, and the int8
+    model's; under it, when a model pruned from the dense one beats it, the line saying why
+    (`lottery.lm.table.dense_note`)."""
     from rich.console import Console
     from rich.table import Table
 
-    from lottery.lm.table import dense_note, lm_summary
+    from lottery.lm.table import LABELS, dense_note, lm_summary, metric_of
 
-    view = Table(title="transformer pruned to budget: test bits per byte, lower is better "
+    metric = metric_of(summaries)
+    label = LABELS[metric]
+    view = Table(title=f"transformer pruned to budget: test {label}, lower is better "
                        "(int8 = quantized)")
-    columns = ("round", "branch", "steps", "params", "% dense", "bits/byte", "accuracy",
-               "int8 bits/byte", "bytes", "tokens/s", "int8 bytes", "int8 tokens/s")
+    columns = ("round", "branch", "steps", "params", "% dense", label, "accuracy",
+               f"int8 {label}", "bytes", "tokens/s", "int8 bytes", "int8 tokens/s")
     for column in columns:
         view.add_column(column, justify="left" if column == "branch" else "right")
 
@@ -81,8 +84,8 @@ def print_table(summaries) -> None:
     for row in summaries.to_dict("records"):
         view.add_row(str(row["level"]), row["branch"], cell(row, "final_step", ",.0f"),
                      cell(row, "params", ",.0f"), cell(row, "density", ".1%"),
-                     cell(row, "bits_per_byte", ".3f"), cell(row, "test_accuracy", ".1%"),
-                     cell(row, "quantized_bits_per_byte", ".3f"), cell(row, "bytes", ",.0f"),
+                     cell(row, metric, ".3f"), cell(row, "test_accuracy", ".1%"),
+                     cell(row, f"quantized_{metric}", ".3f"), cell(row, "bytes", ",.0f"),
                      cell(row, "tokens_per_second", ",.0f"),
                      cell(row, "quantized_bytes", ",.0f"),
                      cell(row, "quantized_tokens_per_second", ",.0f"))

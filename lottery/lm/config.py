@@ -19,7 +19,7 @@ starts (`budget.check_latency`).
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -54,14 +54,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The dense model (`model.*`): `layers` equal pre-LN blocks, byte vocabulary."""
+    """The dense model (`model.*`): `layers` equal pre-LN blocks, byte vocabulary; or a
+    pretrained model (`path` or `name`, `lottery.llm`), its sizes from its config.json."""
 
     layers: int = 4
     d_model: int = 128
     heads: int = 4
     head_dim: int | None = None  # null: d_model / heads
     ffn: int = 512
-    context: int = 64
+    context: int = 64  # training and evaluation windows (tokens; a pretrained model's too)
+    path: str | None = None  # a pretrained model's folder in the Hugging Face layout
+    name: str | None = None  # or its hub name (downloaded into the Hugging Face cache)
+    revision: str | None = None  # the hub revision (branch, tag or commit)
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,13 @@ class LMConfig:
     #                                       model (finetune.kd_*)
     baselines: tuple[str, ...] = BASELINES  # controls for each target the first variant reached
     quantize: bool = True  # int8 (per output channel) of every result
+    save: str | None = None  # a pretrained model: a folder for the models that meet a target
+    #                          (<save>/<variant>/round-<r>, Hugging Face layout)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     resolved: dict = field(default_factory=dict, metadata=NOT_CONFIG)  # the whole resolved
     #   config as composed, for the record, W&B and the run's identity (lottery.identity)
-    dense_model: gpt.GPTConfig | None = field(default=None, metadata=NOT_CONFIG)  # `model`
+    dense_model: gpt.GPTConfig | None = field(default=None, metadata=NOT_CONFIG)  # `model`;
+    #   a pretrained model's `lottery.llm.spec.ModelSpec` (None until a hub model is fetched)
     budget_kind: str = field(default="params", metadata=NOT_CONFIG)  # or "tokens_per_second"
     targets: tuple[float, ...] = field(default=(), metadata=NOT_CONFIG)  # absolute: parameter
     #   counts (descending) or tokens/s (ascending)
@@ -155,6 +162,65 @@ class LMConfig:
 ConfigStore.instance().store(name="lm_schema", node=schema(LMConfig))
 
 # -------------------------------------------------------------------------------- validate
+
+
+SIZES = ("layers", "d_model", "heads", "head_dim", "ffn")  # the byte model's, not a
+#                                                           pretrained one's
+
+
+def _text(value, key: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{key}={value!r} must be a string (or null)")
+    return value
+
+
+def _pretrained(section: dict, context: int):
+    """(ModelConfig, its `ModelSpec`) of a pretrained model given by model.path (read now),
+    (ModelConfig, None) for one given by model.name (read when the run downloads it), or
+    None for the byte model."""
+    from lottery.llm import hf
+
+    m = filled(ModelConfig, section, "model")
+    path, name = _text(m["path"], "model.path"), _text(m["name"], "model.name")
+    revision = _text(m["revision"], "model.revision")
+    if not path and not name:
+        return None
+    sized = [key for key in SIZES if m[key] != getattr(ModelConfig, key)]
+    if sized:
+        raise ConfigError(f"model.{sized[0]} is read from the pretrained model's config.json; "
+                          f"leave it out with model.{'path' if path else 'name'}",
+                          key=f"model.{sized[0]}")
+    model = replace(ModelConfig(), context=context, path=path, name=name, revision=revision)
+    if not path:
+        return model, None
+    try:
+        return model, hf.read_spec(hf.locate(path))
+    except hf.CheckpointError as error:
+        raise ConfigError(f"model.path: {error}", key="model.path") from None
+
+
+def pretrained_checks(cfg: "LMConfig", spec) -> tuple[str, tuple[float, ...]]:
+    """The budget's (kind, targets) for a pretrained model of `spec`, and what it cannot
+    take: windows longer than its context, head removal from GPT-2, `prune.remove`."""
+    from lottery.llm import compact, model
+
+    if cfg.model.context > spec.context:
+        raise ConfigError(f"model.context={cfg.model.context} exceeds the pretrained model's "
+                          f"context of {spec.context} tokens; give a shorter window",
+                          key="model.context")
+    if spec.family == "gpt2" and "heads" in cfg.prune.structures:
+        raise ConfigError(f"prune.structures: {compact.GPT2_HEADS}; use "
+                          "prune.structures=[ffn,layers]", key="prune.structures")
+    if cfg.prune.remove:
+        raise ConfigError("prune.remove is for the byte model; a pretrained model's rounds "
+                          "choose what they remove", key="prune.remove")
+    smallest = model.param_count(replace(
+        spec, layers=1 if "layers" in cfg.prune.structures else spec.layers,
+        kv_heads=1 if "heads" in cfg.prune.structures else spec.kv_heads,
+        heads=spec.groups if "heads" in cfg.prune.structures else spec.heads,
+        ffn=1 if "ffn" in cfg.prune.structures else spec.ffn))
+    budget = {k: getattr(cfg.budget, k) for k in BUDGETS}
+    return _targets(budget, model.param_count(spec), smallest, cfg.prune.structures)
 
 
 def _model(section: dict) -> tuple[ModelConfig, gpt.GPTConfig]:
@@ -201,7 +267,8 @@ def _remove(remove, model: gpt.GPTConfig):
     return remove
 
 
-def _targets(b: dict, model: gpt.GPTConfig, structures) -> tuple[str, tuple[float, ...]]:
+def _targets(b: dict, dense: int, smallest: int, structures
+             ) -> tuple[str, tuple[float, ...]]:
     given = {k: b[k] for k in BUDGETS if b[k] is not None}
     if len(given) != 1:
         raise ConfigError("set exactly one of budget.params_fraction, budget.max_params, "
@@ -210,7 +277,6 @@ def _targets(b: dict, model: gpt.GPTConfig, structures) -> tuple[str, tuple[floa
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values:
         raise ConfigError(f"budget.{key} is empty; give a number or a list of numbers")
-    dense = gpt.param_count(model)
     if key == "min_tokens_per_second":
         return "tokens_per_second", tuple(sorted(
             float(positive(v, f"budget.{key}", " (tokens/s)")) for v in values))
@@ -229,7 +295,6 @@ def _targets(b: dict, model: gpt.GPTConfig, structures) -> tuple[str, tuple[floa
                 raise ConfigError(f"budget.max_params={count:,} is larger than the model "
                                   f"({dense:,} parameters): nothing to prune; give fewer")
             counts.append(count)
-    smallest = smallest_params(model, structures)
     if min(counts) < smallest:
         raise ConfigError(f"budget of {min(counts):,.0f} parameters cannot be reached by "
                           f"pruning {'+'.join(structures)}: the smallest such model has "
@@ -261,12 +326,16 @@ def validate(cfg: DictConfig | dict) -> LMConfig:
                           "use an LM preset such as experiment=transformer_budget")
     top = filled(LMConfig, raw, "")
     model, dense = _model(section_of(raw, "model", {}))
+    pretrained = _pretrained(section_of(raw, "model", {}), model.context)
+    if pretrained:
+        model, dense = pretrained  # dense: its ModelSpec (None until a hub model is fetched)
     p = filled(PruneConfig, section_of(raw, "prune", {}), "prune")
     structures = names(p["structures"], "prune.structures", prune.STRUCTURES)
     score = choice(p["score"], "prune.score", METHODS)
-    remove = _remove(p["remove"], dense)
+    remove = p["remove"] if pretrained else _remove(p["remove"], dense)
     b = filled(BudgetConfig, section_of(raw, "budget", {}), "budget")
-    kind, targets = _targets(b, dense, structures)
+    kind, targets = ("params", ()) if pretrained else _targets(
+        b, gpt.param_count(dense), smallest_params(dense, structures), structures)
     pretrain = PretrainConfig(**_phase(PretrainConfig, section_of(raw, "pretrain", {}),
                                        "pretrain"))
     f = filled(FinetuneConfig, section_of(raw, "finetune", {}), "finetune")
@@ -285,7 +354,11 @@ def validate(cfg: DictConfig | dict) -> LMConfig:
                                    0.5),
         eval_windows=integer(d["eval_windows"], "data.eval_windows", 1))
     m = filled(MeasureConfig, section_of(raw, "measure", {}), "measure")
-    return LMConfig(
+    save = _text(top["save"], "save")
+    if save and not pretrained:
+        raise ConfigError("save is for a pretrained model (model.path); a byte model is "
+                          "written as a GPT-2 checkpoint by lottery.lm.export", key="save")
+    checked = LMConfig(
         logger=logger_config(section_of(raw, "logger", {"name": "none"})), task="lm",
         name=str(top["name"]), seed=integer(top["seed"], "seed", 0), data=data, model=model,
         pretrain=pretrain,
@@ -298,7 +371,11 @@ def validate(cfg: DictConfig | dict) -> LMConfig:
         budget=BudgetConfig(**{k: _frozen(b[k]) for k in BUDGETS},
                             exact=boolean(b["exact"], "budget.exact")),
         variants=variants, baselines=baselines,
-        quantize=boolean(top["quantize"], "quantize"),
+        quantize=boolean(top["quantize"], "quantize"), save=save,
         measure=MeasureConfig(batch=integer(m["batch"], "measure.batch", 1),
                               repeats=integer(m["repeats"], "measure.repeats", 1)),
         resolved=raw, dense_model=dense, budget_kind=kind, targets=targets)
+    if pretrained and dense is not None:
+        kind, targets = pretrained_checks(checked, dense)
+        checked = replace(checked, budget_kind=kind, targets=targets)
+    return checked

@@ -17,17 +17,21 @@ from lottery.lm import gpt
 from lottery.lm.quantize import QuantizedParams, apply_quantized
 
 
-def forward_seconds(config: gpt.GPTConfig, params, batch: int = 32, context: int | None = None,
-                    repeats: int = 5, masks=None) -> float:
-    """Median wall-clock seconds of one jitted forward pass over (batch, context) tokens."""
+def forward_seconds(config, params, batch: int = 32, context: int | None = None,
+                    repeats: int = 5, masks=None, forward=None) -> float:
+    """Median wall-clock seconds of one jitted forward pass over (batch, context) tokens.
+    `forward(config, params, tokens, masks)`: another model's (a pretrained model's,
+    `lottery.llm.budget.forward`, which takes `QuantizedParams` too)."""
     context = config.context if context is None else context
     if repeats < 1 or batch < 1 or not 1 <= context <= config.context:
         raise ValueError(f"batch={batch}, repeats={repeats} must be positive and context="
                          f"{context} in [1, {config.context}]")
-    run = apply_quantized if isinstance(params, QuantizedParams) else gpt.apply
+    if forward is None:
+        forward = apply_quantized if isinstance(params, QuantizedParams) else gpt.apply
+        masks = gpt.full_masks(config) if masks is None else masks
+    run = forward
     forward = jax.jit(lambda p, m, t: run(config, p, t, m))
     tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, config.vocab)
-    masks = gpt.full_masks(config) if masks is None else masks
     params = jax.device_put(params)
     forward(params, masks, tokens).block_until_ready()  # compile and warm up
     times = []
@@ -38,9 +42,10 @@ def forward_seconds(config: gpt.GPTConfig, params, batch: int = 32, context: int
     return statistics.median(times)
 
 
-def tokens_per_second(config: gpt.GPTConfig, params, batch: int = 32,
-                      context: int | None = None, repeats: int = 5, masks=None) -> float:
+def tokens_per_second(config, params, batch: int = 32, context: int | None = None,
+                      repeats: int = 5, masks=None, forward=None) -> float:
     """Forward throughput in tokens per second (median of `repeats` timed calls; context
     defaults to the model's)."""
     context = config.context if context is None else context
-    return batch * context / forward_seconds(config, params, batch, context, repeats, masks)
+    return batch * context / forward_seconds(config, params, batch, context, repeats, masks,
+                                             forward)

@@ -5,9 +5,11 @@ output channel, symmetric: `scale = max|w| / 127` over the channel's inputs (1 w
 channel is all zeros), `values = round(w / scale)`, in [-127, 127]. Output channels:
 embedding rows (`tokens`, `positions`; a `tokens` row is also an output channel of the tied
 head), the (head, dim) columns of `wq, wk, wv`, the model-width columns of `wo` and `w2`,
-the units of `w1`; any other >= 2-D leaf: its last axis. Biases and LayerNorm parameters stay
-float32. Round-trip error: |w - dequantize(quantize(w))| <= scale / 2 per element (up to
-float32 rounding), as rounding to the nearest integer step is the only loss.
+the units of `w1`; a pretrained model's (`lottery.llm`) embedding rows (`embedding`) and
+the columns of its `kernel`s (stored (in, out)); any other >= 2-D leaf: its last axis.
+Biases and norm parameters stay float32. Round-trip error: |w - dequantize(quantize(w))|
+<= scale / 2 per element (up to float32 rounding), as rounding to the nearest integer step
+is the only loss.
 
 The quantized model is evaluated by dequantizing (under jit, fused with the forward pass):
 `apply_quantized`. A true int8 matmul path (`lax.dot_general` with
@@ -28,7 +30,8 @@ from lottery.lm import gpt
 
 # the input (reduced) axes of each named weight; the other axes index output channels
 INPUT_AXES = {"tokens": (1,), "positions": (1,), "wq": (0,), "wk": (0,), "wv": (0,),
-              "wo": (0, 1), "w1": (0,), "w2": (0,)}
+              "wo": (0, 1), "w1": (0,), "w2": (0,),
+              "embedding": (1,)}  # a pretrained model's (`lottery.llm`) embedding rows
 
 
 @jax.tree_util.register_dataclass

@@ -35,9 +35,10 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 1.0):
 
 
 def objective(config, params, x, y, masks=None, teacher_logits=None, alpha: float = 0.0,
-              temperature: float = 1.0):
-    """LM cross entropy, mixed with the distillation loss by `alpha` when a teacher is given."""
-    logits = gpt.apply(config, params, x, masks)
+              temperature: float = 1.0, forward=gpt.apply):
+    """LM cross entropy, mixed with the distillation loss by `alpha` when a teacher is given.
+    `forward(config, params, x, masks)` gives the logits (default: this package's model)."""
+    logits = forward(config, params, x, masks)
     lm = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     if teacher_logits is None:
         return lm
@@ -56,36 +57,44 @@ def eval_split(inputs, targets):
     return padded_batches(inputs, targets, EVAL_BATCH)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _metrics(params, masks, split, *, config):
-    return batched_metrics(lambda x: gpt.apply(config, params, x, masks), split)
+@functools.partial(jax.jit, static_argnames=("config", "forward"))
+def _metrics(params, masks, split, *, config, forward):
+    return batched_metrics(lambda x: forward(config, params, x, masks), split)
 
 
-def evaluate(config: gpt.GPTConfig, params, split, masks=None):
-    """(mean nats, next-byte accuracy) over a split of fixed windows (`eval_split`), the
-    model gated by `masks` (None: all units)."""
-    masks = gpt.full_masks(config) if masks is None else masks
-    return _metrics(params, masks, split, config=config)
+def evaluate(config, params, split, masks=None, forward=None):
+    """(mean nats, next-token accuracy) over a split of fixed windows (`eval_split`), the
+    model gated by `masks` (None: all units). `forward(config, params, x, masks)`: another
+    model's logits (a pretrained model's: `lottery.llm.budget.forward`, no masks)."""
+    if forward is None:
+        forward, masks = gpt.apply, gpt.full_masks(config) if masks is None else masks
+    return _metrics(params, masks, split, config=config, forward=forward)
 
 
 class Trainer:
     """Trains one model: `run(params, opt_state, masks, key, start, count)` does `count` Adam
-    steps (random windows of the on-device byte array) of the model gated by `masks`,
+    steps (random windows of the on-device token array) of the model gated by `masks`,
     compiled once per chunk length (masks are traced: new masks never recompile). Gated-off
-    units get zero gradients, so from a fresh Adam state they do not move."""
+    units get zero gradients, so from a fresh Adam state they do not move. `forward` and
+    `context`: another model's logits (`objective`) and its training windows' length (a
+    pretrained model's: masks None, the teacher run by the same `forward`)."""
 
-    def __init__(self, config: gpt.GPTConfig, tx: Optimizer, data, batch: int, teacher=None,
-                 alpha: float = 0.0, temperature: float = 1.0):
+    def __init__(self, config, tx: Optimizer, data, batch: int, teacher=None,
+                 alpha: float = 0.0, temperature: float = 1.0, forward=None,
+                 context: int | None = None):
         self.config, self.tx, self.data, self.batch = config, tx, data, batch
         self.teacher = teacher  # (teacher config, teacher params) or None
         self.alpha, self.temperature = float(alpha), float(temperature)
+        self.forward = forward or gpt.apply
+        self.full_masks = None if forward else gpt.full_masks(config)
+        self.context = config.context if context is None else context
         self._chunk = jax.jit(self._steps, static_argnums=6)
 
     def init(self, params):
         return self.tx.init(params)
 
     def _steps(self, params, opt_state, masks, teacher_params, key, start, count):
-        config, context = self.config, self.config.context
+        config, context = self.config, self.context
 
         def step(carry, at):
             params, opt_state = carry
@@ -94,10 +103,10 @@ class Trainer:
             teacher_logits = None
             if self.teacher is not None:
                 teacher_logits = jax.lax.stop_gradient(
-                    gpt.apply(self.teacher[0], teacher_params, x))
+                    self.forward(self.teacher[0], teacher_params, x, None))
             value, grads = jax.value_and_grad(
                 lambda p: objective(config, p, x, y, masks, teacher_logits, self.alpha,
-                                    self.temperature))(params)
+                                    self.temperature, self.forward))(params)
             updates, opt_state = self.tx.update(grads, opt_state, params, at)
             return (optax.apply_updates(params, updates), opt_state), value
 
@@ -110,6 +119,6 @@ class Trainer:
         `start` (the step index feeds the data key and the learning rate, so a chunking
         never changes the run)."""
         teacher_params = self.teacher[1] if self.teacher is not None else None
-        masks = gpt.full_masks(self.config) if masks is None else masks
+        masks = self.full_masks if masks is None else masks
         return self._chunk(params, opt_state, masks, teacher_params, key, jnp.int32(start),
                            count)
