@@ -299,7 +299,7 @@ def test_a_mistyped_group_names_the_nearest(capsys):
         "lottery lm: error: experimnt is not a config key or group (did you mean "
         "experiment=lm_tiny?); the groups are experiment, logger (group=option), the keys "
         "task, name, seed, data, model, pretrain, prune, finetune, budget, variants, "
-        "baselines, quantize, measure\n")
+        "baselines, quantize, save, measure\n")
 
 
 def test_a_bad_sweep_value_stops_before_any_job(monkeypatch, capsys):

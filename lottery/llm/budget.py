@@ -290,3 +290,8 @@ class PretrainedBudgetRun(budget.BudgetRun):
 
 def perplexity(value) -> str:
     return "diverged" if value is None else f"{value:.3f}"
+
+
+def run(cfg: LMConfig, out_dir: Path, data: budget.Data | None = None) -> pd.DataFrame:
+    """Run everything `cfg` asks for; returns the summary rows (also in the record)."""
+    return PretrainedBudgetRun(cfg, out_dir, data).run()

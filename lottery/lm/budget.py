@@ -338,10 +338,5 @@ class BudgetRun:
 
 
 def run(cfg: LMConfig, out_dir: Path, data: Data | None = None) -> pd.DataFrame:
-    """Run everything `cfg` asks for; returns the summary rows (also in the record). A
-    pretrained model (model.path or model.name) runs `lottery.llm.budget`'s loop."""
-    if cfg.model.path or cfg.model.name:
-        from lottery.llm.budget import PretrainedBudgetRun
-
-        return PretrainedBudgetRun(cfg, out_dir, data).run()
+    """Run everything `cfg` asks for; returns the summary rows (also in the record)."""
     return BudgetRun(cfg, out_dir, data).run()

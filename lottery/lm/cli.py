@@ -38,12 +38,15 @@ def compose(args: list[str]) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> None:
-    from lottery.lm import budget
     from lottery.rundir import exclusive
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         run_cfg = validate(cfg)
+        if run_cfg.model.path or run_cfg.model.name:  # a pretrained model's loop
+            from lottery.llm import budget
+        else:
+            from lottery.lm import budget
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         with exclusive(out_dir):  # one writer per run directory, as for `lottery`
             summaries = budget.run(run_cfg, out_dir)

@@ -164,8 +164,8 @@ ConfigStore.instance().store(name="lm_schema", node=schema(LMConfig))
 # -------------------------------------------------------------------------------- validate
 
 
-SIZES = ("layers", "d_model", "heads", "head_dim", "ffn")  # the byte model's, not a
-#                                                           pretrained one's
+SIZES = ("layers", "d_model", "heads", "head_dim", "ffn")  # a pretrained model's come from
+#                                                           its config.json
 
 
 def _text(value, key: str) -> str | None:
@@ -174,10 +174,11 @@ def _text(value, key: str) -> str | None:
     return value
 
 
-def _pretrained(section: dict, context: int):
+def _pretrained(section: dict, sizes: ModelConfig):
     """(ModelConfig, its `ModelSpec`) of a pretrained model given by model.path (read now),
     (ModelConfig, None) for one given by model.name (read when the run downloads it), or
-    None for the byte model."""
+    None for the byte model. `sizes`: the checked byte-model keys (`pretrained_checks`
+    compares them with the checkpoint's)."""
     from lottery.llm import hf
 
     m = filled(ModelConfig, section, "model")
@@ -185,12 +186,7 @@ def _pretrained(section: dict, context: int):
     revision = _text(m["revision"], "model.revision")
     if not path and not name:
         return None
-    sized = [key for key in SIZES if m[key] != getattr(ModelConfig, key)]
-    if sized:
-        raise ConfigError(f"model.{sized[0]} is read from the pretrained model's config.json; "
-                          f"leave it out with model.{'path' if path else 'name'}",
-                          key=f"model.{sized[0]}")
-    model = replace(ModelConfig(), context=context, path=path, name=name, revision=revision)
+    model = replace(sizes, path=path, name=name, revision=revision)
     if not path:
         return model, None
     try:
@@ -201,9 +197,19 @@ def _pretrained(section: dict, context: int):
 
 def pretrained_checks(cfg: "LMConfig", spec) -> tuple[str, tuple[float, ...]]:
     """The budget's (kind, targets) for a pretrained model of `spec`, and what it cannot
-    take: windows longer than its context, head removal from GPT-2, `prune.remove`."""
+    take: sizes other than its own (a size key may keep its default, or say the
+    checkpoint's: a preset written for the same model), windows longer than its context,
+    head removal from GPT-2, `prune.remove`."""
     from lottery.llm import compact, model
 
+    own = {"layers": spec.layers, "d_model": spec.d_model, "heads": spec.heads,
+           "head_dim": spec.head_dim, "ffn": spec.ffn}
+    for key in SIZES:
+        value = getattr(cfg.model, key)
+        if value not in (getattr(ModelConfig, key), own[key]):
+            raise ConfigError(f"model.{key}={value} differs from the pretrained model's "
+                              f"{own[key]} (its config.json); leave model.{key} out",
+                              key=f"model.{key}")
     if cfg.model.context > spec.context:
         raise ConfigError(f"model.context={cfg.model.context} exceeds the pretrained model's "
                           f"context of {spec.context} tokens; give a shorter window",
@@ -326,7 +332,7 @@ def validate(cfg: DictConfig | dict) -> LMConfig:
                           "use an LM preset such as experiment=transformer_budget")
     top = filled(LMConfig, raw, "")
     model, dense = _model(section_of(raw, "model", {}))
-    pretrained = _pretrained(section_of(raw, "model", {}), model.context)
+    pretrained = _pretrained(section_of(raw, "model", {}), model)
     if pretrained:
         model, dense = pretrained  # dense: its ModelSpec (None until a hub model is fetched)
     p = filled(PruneConfig, section_of(raw, "prune", {}), "prune")
