@@ -1,4 +1,5 @@
-"""Pretrained language models (GPT-2, the Llama family) pruned one-shot: `lottery llm`.
+"""Pretrained language models (GPT-2, the Llama family) pruned one-shot (`lottery llm`) or
+structurally to a budget (`lottery lm model.path=`).
 
   spec.py        config.json <-> ModelSpec (the architecture; options not implemented are
                  refused), RoPE's frequencies with its scaling types
@@ -16,6 +17,8 @@
   compact.py     structured removal: whole layers, attention head groups, FFN channels cut
                  out, giving a smaller model that transformers' config.json can describe
   unit_scores.py importance of those units (weight norm, Taylor, Wanda), for compact
+  budget.py      `lottery lm`'s budget loop on a pretrained model: rounds of scoring and
+                 compaction, fine-tuning or distillation, int8, the models saved
   config.py      the `lottery llm` config: schema and validate() -> LLMConfig
   run.py         one run: dense and pruned perplexity, record rows, the saved model
   cli.py         `lottery llm ...` (Hydra app, conf/llm.yaml)

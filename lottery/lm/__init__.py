@@ -12,6 +12,7 @@
   train.py     the LM and knowledge-distillation objectives, compiled training chunks
                (lottery.optim's optimizer), evaluation (lottery.train.batched_metrics)
   budget.py    the prune / fine-tune / evaluate loop until the deployment budget is met
+               (a pretrained model's: its subclass in lottery/llm/budget.py)
   baselines.py same-size dense model from scratch, and the rewound ticket
   config.py    the `lottery lm` config: its schema (Hydra structured configs, registered
                as lm_schema) and validate() -> LMConfig, on lottery.config's floor

@@ -20,6 +20,7 @@ Evaluation: the corpus's held-out tail is cut in two contiguous halves, the firs
 (`lottery.record`): eval rows (step = total training steps of the model since its
 initialisation) and one summary row per round and branch; density = parameters / the dense
 model's parameters; accuracy = next-byte accuracy; losses in nats; bits_per_byte = test.
+A pretrained model (model.path) runs this loop's subclass in `lottery.llm.budget`.
 """
 
 import sys
