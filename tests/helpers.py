@@ -239,3 +239,24 @@ def two_processes(out: Path, args: list[str], devices: int = 1, crash_second_at:
             cwd=out.parent, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate())
             for p in started]
+
+
+def run_hydra_command(main, args: list[str], cwd: Path) -> None:
+    """A Hydra command (`main(args)`, e.g. `lottery.llm.cli.main`) in this process, in the
+    folder `cwd`; the log handlers Hydra's job adds (a file in the run folder) are taken off
+    again, so later tests' log lines do not go there."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("lottery")]
+    before = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        try:
+            main(args)
+        finally:
+            for logger, (handlers, level, propagate) in zip(loggers, before):
+                for handler in logger.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                logger.handlers[:] = handlers
+                logger.level, logger.propagate = level, propagate

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from lottery.llm import hf, model, oneshot, rules, text
 from lottery.lm import corpus, gpt, train
 from lottery.lm.export import export
@@ -190,31 +192,17 @@ def test_reconstruction_error_ordering_on_a_trained_model(trained_byte_model, sp
             assert e["spread"] > 2 and e["wanda"] < e["magnitude"], (layer, path, e)
 
 
-def run_cli(args: list[str], tmp_path, monkeypatch):
-    """The command in this process; the log handlers Hydra's job adds (a file in the run
-    folder) are taken off again, so later tests' log lines do not go there."""
-    import logging
-
+def run_cli(args: list[str], tmp_path):
+    """The command in this process (`helpers.run_hydra_command`); its record's rows."""
     from lottery.llm import cli
 
-    monkeypatch.chdir(tmp_path)
-    loggers = [logging.getLogger(), logging.getLogger("lottery")]
-    before = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
-    try:
-        cli.main(args)
-    finally:
-        for logger, (handlers, level, propagate) in zip(loggers, before):
-            for handler in logger.handlers:
-                if handler not in handlers:
-                    handler.close()
-            logger.handlers[:] = handlers
-            logger.level, logger.propagate = level, propagate
+    helpers.run_hydra_command(cli.main, args, tmp_path)
     records = list(tmp_path.glob("outputs/llm/*/*/record.jsonl"))
     assert len(records) == 1
     return [json.loads(line) for line in records[0].read_text().splitlines()]
 
 
-def test_the_command_prunes_evaluates_records_and_saves(tmp_path, monkeypatch):
+def test_the_command_prunes_evaluates_records_and_saves(tmp_path):
     corpus_file = tmp_path / "text.txt"
     words = "the gardener pruned the old pear tree and the lottery of spring began".split()
     rng = np.random.default_rng(0)
@@ -223,7 +211,7 @@ def test_the_command_prunes_evaluates_records_and_saves(tmp_path, monkeypatch):
                     "prune.sparsity=4:8", f"calibration.path={corpus_file}",
                     "calibration.samples=8", "calibration.length=32",
                     f"eval.path={corpus_file}", "eval.max_windows=4",
-                    f"save={tmp_path / 'pruned'}", "save_dtype=bfloat16"], tmp_path, monkeypatch)
+                    f"save={tmp_path / 'pruned'}", "save_dtype=bfloat16"], tmp_path)
     summaries = {r["branch"]: r for r in rows if r["kind"] == "summary"}
     assert set(summaries) == {"dense", "wanda"}
     assert summaries["wanda"]["sparsity"] == "4:8" and summaries["wanda"]["density"] == 0.5

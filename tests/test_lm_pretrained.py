@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from lottery import identity
 from lottery.analysis.report import write_report
 from lottery.llm import budget as llm_budget
@@ -209,13 +211,15 @@ def test_int8_scales_per_output_channel_of_a_pretrained_model(llama):
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
-    """Two targets, heads and FFN channels, distilled, two fine-tuning steps a round."""
-    out = tmp_path_factory.mktemp("pretrained")
-    cfg = config("budget.params_fraction=[0.85,0.7]", "prune.fraction=0.5",
-                 "variants=[prune_kd]", "finetune.steps=2", "finetune.eval_every=1",
-                 f"save={out / 'saved'}")
-    summaries = llm_budget.run(cfg, out)
-    return SimpleNamespace(cfg=cfg, out=out, summaries=summaries)
+    """The command (`lottery lm model.path=...`, in this process): two targets, heads and
+    FFN channels, distilled, two fine-tuning steps a round."""
+    top = tmp_path_factory.mktemp("pretrained")
+    args = [f"model.path={LLAMA}", *QUICK, "budget.params_fraction=[0.85,0.7]",
+            "prune.fraction=0.5", "variants=[prune_kd]", "finetune.steps=2",
+            "finetune.eval_every=1", f"save={top / 'saved'}"]
+    helpers.run_hydra_command(lm_cli.main, [*args, f"hydra.run.dir={top / 'run'}"], top)
+    return SimpleNamespace(cfg=validate(lm_cli.compose(args)), out=top / "run", top=top,
+                           summaries=load(top / "run", kind="summary"))
 
 
 def test_the_loop_stops_under_the_last_target_with_hand_counted_sizes(looped):
@@ -227,9 +231,9 @@ def test_the_loop_stops_under_the_last_target_with_hand_counted_sizes(looped):
     met = []
     for previous, row in zip(rows, rows[1:]):
         assert row["branch"] == "prune_kd"
-        groups = row["kv_heads"]
-        assert row["heads"] == [2 * groups] * row["layers"]
-        assert row["params"] == hand_count("llama", row["layers"], groups, row["ffn"][0])
+        groups, layers = int(row["kv_heads"]), int(row["layers"])  # (float columns)
+        assert row["heads"] == [2 * groups] * layers
+        assert row["params"] == hand_count("llama", layers, groups, row["ffn"][0])
         assert row["density"] == pytest.approx(row["params"] / dense)
         assert row["params"] < previous["params"]
         assert row["final_step"] == row["level"] * 2
@@ -247,7 +251,7 @@ def test_the_models_that_meet_a_target_are_quantized_and_saved(looped):
             continue
         assert row["quantized_bytes"] < row["bytes"] / 3
         saved = Path(row["saved"])
-        assert saved == looped.out / "saved" / "prune_kd" / f"round-{row['level']}"
+        assert saved == looped.top / "saved" / "prune_kd" / f"round-{row['level']}"
         config = json.loads((saved / "config.json").read_text())
         assert (config["num_hidden_layers"], config["num_key_value_heads"],
                 config["intermediate_size"]) == (row["layers"], row["kv_heads"], row["ffn"][0])
