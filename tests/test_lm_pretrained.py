@@ -349,6 +349,29 @@ def test_a_hub_model_that_cannot_be_downloaded_is_one_line(monkeypatch):
         llm_budget.PretrainedBudgetRun(cfg, Path("unused"))
 
 
+def test_a_hub_models_budget_is_checked_once_it_is_fetched(monkeypatch, tmp_path):
+    """model.name: the config cannot read the model before the run fetches it; the run then
+    computes the targets (and refuses what the checkpoint cannot take) as for model.path."""
+    monkeypatch.setattr(hf, "locate", lambda path, name, revision: LLAMA)
+    args = ["model.name=someone/tiny-llama", *QUICK]
+    cfg = validate(lm_cli.compose([*args, "budget.params_fraction=0.8"]))
+    assert cfg.targets == () and cfg.dense_model is None
+    run = llm_budget.PretrainedBudgetRun(cfg, tmp_path)
+    assert run.cfg.targets == (0.8 * hand_count("llama", 2, 2, 64),)
+    assert run.spec == hf.read_spec(LLAMA)
+    too_far = validate(lm_cli.compose([*args, "budget.params_fraction=0.1"]))
+    with pytest.raises(ConfigError, match="cannot be reached by pruning"):
+        llm_budget.PretrainedBudgetRun(too_far, tmp_path)
+
+
+def test_a_latency_budget_the_checkpoint_meets_is_refused_before_any_record(tmp_path):
+    cfg = config("budget.params_fraction=null", "budget.min_tokens_per_second=1")
+    assert cfg.budget_kind == "tokens_per_second" and cfg.targets == (1.0,)
+    with pytest.raises(ConfigError, match="already met by the dense model"):
+        llm_budget.run(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_byte_models_run_ids_are_unchanged_by_the_new_keys():
     """The keys added for pretrained models count only when set, so every byte-model run
     keeps the id it had before they existed."""
