@@ -97,6 +97,7 @@ def removal(spec, structures, fraction: float, scale: float = 1.0) -> tuple[int,
 
 
 def compacted_spec(spec, counts: tuple[int, int, int]):
+    """The sizes of `spec` after a removal (`removal`'s counts): what its model counts."""
     groups, channels, dropped = counts
     return replace(spec, layers=spec.layers - dropped, kv_heads=groups,
                    heads=groups * spec.groups, ffn=channels)
