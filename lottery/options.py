@@ -34,6 +34,13 @@ def integer(value, key: str, low: int, why: str = "") -> int:
     return value
 
 
+def optional_text(value, key: str, what: str = "a string") -> str | None:
+    """A non-empty string, or None."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{key}={value!r} must be {what} (or null)")
+    return value
+
+
 def boolean(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false")

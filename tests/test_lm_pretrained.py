@@ -23,7 +23,7 @@ import helpers
 from lottery import identity
 from lottery.analysis.report import write_report
 from lottery.llm import budget as llm_budget
-from lottery.llm import hf, model
+from lottery.llm import compact, hf, model
 from lottery.lm import budget, corpus, quantize, train
 from lottery.lm import cli as lm_cli
 from lottery.lm.config import ConfigError, validate
@@ -62,7 +62,7 @@ def test_parameter_counts_by_hand(name, counts):
     spec = hf.read_spec(FIXTURES / name)
     groups = counts[0] if name != "gpt2" else spec.kv_heads  # GPT-2 keeps its heads
     counts = (groups, *counts[1:])
-    assert model.param_count(llm_budget.compacted_spec(spec, counts)) == hand_count(
+    assert model.param_count(compact.resized(spec, *counts)) == hand_count(
         name, 2 - counts[2], groups, counts[1])
 
 

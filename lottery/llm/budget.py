@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from lottery.history import recorded_evaluation
-from lottery.lm import budget, corpus, gpt, measure, quantize, train
+from lottery.lm import budget, corpus, prune, quantize, train
 from lottery.lm.config import ConfigError, LMConfig, pretrained_checks
 from lottery.llm import compact, hf, model, text, unit_scores
 from lottery.terminal import say
@@ -96,40 +96,24 @@ def removal(spec, structures, fraction: float, scale: float = 1.0) -> tuple[int,
             removed(spec.layers) if "layers" in structures else 0)
 
 
-def compacted_spec(spec, counts: tuple[int, int, int]):
-    """The sizes of `spec` after a removal (`removal`'s counts): what its model counts."""
-    groups, channels, dropped = counts
-    return replace(spec, layers=spec.layers - dropped, kv_heads=groups,
-                   heads=groups * spec.groups, ffn=channels)
-
-
 def to_target(spec, structures, fraction: float, target: float) -> tuple[int, int, int]:
     """The round's removal (`removal`), unless its model meets `target` (parameters): then
     the smallest removal that does. The largest scale whose model is still over the target
     is found by bisection; from there FFN channels go (when `ffn` is a chosen kind), as
     many per layer as needed, so the model lands within one channel per layer of it."""
     def fits(counts) -> bool:
-        return model.param_count(compacted_spec(spec, counts)) <= target
+        return model.param_count(compact.resized(spec, *counts)) <= target
 
     full = removal(spec, structures, fraction)
     if not fits(full):
         return full
-    low, high, result, below = 0.0, 1.0, full, removal(spec, structures, fraction, 0.0)
-    for _ in range(30):
-        middle = (low + high) / 2
-        trial = removal(spec, structures, fraction, middle)
-        if fits(trial):
-            high, result = middle, trial
-        else:
-            low, below = middle, trial
+    below, result = prune.last_over(lambda x: removal(spec, structures, fraction, x), fits, 1.0,
+                                    removal(spec, structures, fraction, 0.0), full, 30)
     groups, channels, dropped = below
     if "ffn" not in structures or not fits((groups, 1, dropped)):
         return result
-    few, many = 1, channels  # fits with `few` channels, not with `many`
-    while many - few > 1:
-        middle = (few + many) // 2
-        few, many = (middle, many) if fits((groups, middle, dropped)) else (few, middle)
-    return groups, few, dropped
+    cut = prune.first_fitting(lambda n: fits((groups, channels - n, dropped)), 0, channels - 1)
+    return groups, channels - cut, dropped
 
 
 class PretrainedBudgetRun(budget.BudgetRun):
@@ -137,6 +121,8 @@ class PretrainedBudgetRun(budget.BudgetRun):
 
     METRICS = METRICS
     HEADLINE = ("test_loss", "test_accuracy", "perplexity")
+    forward = staticmethod(forward)  # the model's own logits; `speed`, `trainer` use them
+    param_count = staticmethod(model.param_count)
 
     def __init__(self, cfg: LMConfig, out_dir: Path, data: budget.Data | None = None):
         try:
@@ -149,37 +135,19 @@ class PretrainedBudgetRun(budget.BudgetRun):
             cfg = replace(cfg, dense_model=spec, budget_kind=kind, targets=targets)
         self.cfg, self.out_dir, self.spec = cfg, Path(out_dir), cfg.dense_model
         self.data = data or load_tokens(cfg, self.folder)
-        self.dense_params = model.param_count(self.spec)
+        self.dense_params = self.param_count(self.spec)
         self.record, self.summaries = None, []
 
     # -- the pieces the byte model's loop calls, for a pretrained model --------------------
-    def speed(self, config, params) -> float:
-        return measure.tokens_per_second(config, params, self.cfg.measure.batch,
-                                         self.cfg.model.context, self.cfg.measure.repeats,
-                                         forward=forward)
-
     def evaluate(self, config, params, masks=None) -> dict:
         values = {}
         for split, prefix in ((self.data.val, "val_"), (self.data.test, "test_")):
             loss, accuracy = (float(v) for v in train.evaluate(config, params, split,
-                                                               forward=forward))
+                                                               forward=self.forward))
             values.update({f"{prefix}loss": loss, f"{prefix}accuracy": accuracy})
         values["val_perplexity"] = float(np.exp(values["val_loss"]))
         values["perplexity"] = float(np.exp(values["test_loss"]))
         return recorded_evaluation(values)  # all None once diverged
-
-    def size(self, config, params) -> dict:
-        count = model.param_count(config)
-        nbytes = (quantize.quantized_bytes(params)
-                  if isinstance(params, quantize.QuantizedParams) else gpt.param_bytes(params))
-        return {"params": count, "density": count / self.dense_params, "bytes": nbytes,
-                "tokens_per_second": self.speed(config, params)}
-
-    def trainer(self, config, phase, teacher=None, alpha: float = 0.0):
-        tx = train.optimizer(phase.lr, phase.steps, phase.warmup)
-        return train.Trainer(config, tx, self.data.train, phase.batch_size, teacher, alpha,
-                             self.cfg.finetune.kd_temperature, forward=forward,
-                             context=self.cfg.model.context)
 
     # -- phases ---------------------------------------------------------------------------
     def dense(self, params) -> dict:
@@ -238,31 +206,25 @@ class PretrainedBudgetRun(budget.BudgetRun):
             summary = self.summarise(history, {
                 **row, **self.shape(spec), "pruned_val_loss": pruned["val_loss"],
                 "pruned_perplexity": pruned["perplexity"]})
-            newly = [i for i in pending if self.met(size, cfg.targets[i])]
-            if newly:
-                summary["budget_targets"] = [cfg.targets[i] for i in newly]
-                if cfg.quantize:
-                    summary.update(self.quantized(spec, params, summary))
-                if cfg.save:
-                    folder = Path(cfg.save) / variant / f"round-{level}"
-                    summary["saved"] = str(hf.save(folder, spec, params, self.folder))
-            self.write_summary(summary)
-            log(f"{variant} round {level}: {size['params']:,} parameters "
-                f"({100 * size['density']:.1f}%), {size['tokens_per_second']:,.0f} tokens/s, "
-                f"test perplexity {perplexity(summary['perplexity'])} (after removal, before "
-                f"fine-tuning: {perplexity(pruned['perplexity'])})"
-                + (f"; budget {', '.join(f'{cfg.targets[i]:,.0f}' for i in newly)} met"
-                   if newly else "") + (f"; saved to {summary['saved']}" if "saved" in summary
-                                        else ""))
-            for i in newly:
-                reached[i] = (level, spec)
-                pending.remove(i)
+            self.finish_round(variant, level, (spec, params), size, summary, pruned, pending,
+                              reached, spec)
             if not pending:
                 break
         if pending:
-            log(f"{variant}: budget {', '.join(f'{cfg.targets[i]:,.0f}' for i in pending)} "
-                f"not met after {level} round(s)")
+            log(f"{variant}: budget {self.targets_text(pending)} not met after {level} "
+                "round(s)")
         return reached
+
+    def result_words(self, summary: dict, pruned: dict) -> str:
+        return (f"test perplexity {perplexity(summary['perplexity'])} (after removal, before "
+                f"fine-tuning: {perplexity(pruned['perplexity'])})")
+
+    def on_target(self, variant: str, level: int, spec, params) -> dict:
+        """The model saved under `save` (Hugging Face layout)."""
+        if not self.cfg.save:
+            return {}
+        folder = Path(self.cfg.save) / variant / f"round-{level}"
+        return {"saved": str(hf.save(folder, spec, params, self.folder))}
 
     def run(self) -> pd.DataFrame:
         cfg, spec = self.cfg, self.spec

@@ -69,10 +69,17 @@ def compact(spec: ModelSpec, params: dict, request: Request) -> tuple[ModelSpec,
     a, b = model.block_path(spec)
     outer = model.outer(spec, params)
     new_params = {**outer, a: {**outer[a], b: new_blocks}}
-    g, c = len(groups[kept[0]]), len(channels[kept[0]])
-    new_spec = replace(spec, layers=len(kept), heads=g * spec.groups, kv_heads=g, ffn=c,
-                       raw=_raw(spec, kept))
-    return new_spec, new_params
+    new_spec = resized(spec, len(groups[kept[0]]), len(channels[kept[0]]),
+                       spec.layers - len(kept))
+    return replace(new_spec, raw=_raw(spec, kept)), new_params
+
+
+def resized(spec: ModelSpec, groups: int, channels: int, dropped: int = 0) -> ModelSpec:
+    """`spec` with `groups` head groups and `channels` FFN channels per layer and `dropped`
+    layers fewer: the sizes of a compacted model (what it counts; `compact` also cuts
+    config.json's per-layer lists)."""
+    return replace(spec, layers=spec.layers - dropped, kv_heads=groups,
+                   heads=groups * spec.groups, ffn=channels)
 
 
 def uniform_request(scores: dict, keep_groups: int, keep_channels: int,

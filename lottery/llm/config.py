@@ -17,7 +17,7 @@ from lottery.config import (NOT_CONFIG, OPEN, NoLogger, WandbLogger, filled, log
                             resolved, schema, section_of)
 from lottery.llm import rules
 from lottery.llm.oneshot import METHODS
-from lottery.options import ConfigError, boolean, choice, integer, number
+from lottery.options import ConfigError, boolean, choice, integer, number, optional_text
 
 __all__ = ["ConfigError", "LLMConfig", "validate"]
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
@@ -88,9 +88,7 @@ ConfigStore.instance().store(name="llm_schema", node=schema(LLMConfig))
 
 
 def _text(value, key: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{key}={value!r} must be a path (or null)")
-    return value
+    return optional_text(value, key, "a path")
 
 
 def _length(value, key: str) -> int | None:

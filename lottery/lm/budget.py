@@ -90,11 +90,13 @@ class BudgetRun:
     METRICS = METRICS  # what each evaluation records (`summarise` keeps each at its ends)
     HEADLINE = ("test_loss", "bits_per_byte", "test_accuracy", "perplexity")  # the summary's
     #                                                     plain columns: the final values
+    forward = None  # the logits, forward(config, params, tokens, masks); None: lm/gpt.py's
+    param_count = staticmethod(gpt.param_count)  # parameters of a model of `config`
 
     def __init__(self, cfg: LMConfig, out_dir: Path, data: Data | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.data = data or load_data(cfg)
-        self.dense_params = gpt.param_count(cfg.dense_model)
+        self.dense_params = self.param_count(cfg.dense_model)
         self.record = None  # opened by `run` once the request is known to be feasible
         self.summaries: list[dict] = []
 
@@ -116,7 +118,8 @@ class BudgetRun:
     def speed(self, config, params) -> float:
         """Measured forward tokens/s of a model (`measure.tokens_per_second`)."""
         return measure.tokens_per_second(config, params, self.cfg.measure.batch,
-                                         repeats=self.cfg.measure.repeats)
+                                         self.cfg.model.context, self.cfg.measure.repeats,
+                                         forward=self.forward)
 
     def evaluate(self, config, params, masks=None) -> dict:
         masks = None if masks is None else _device_masks(masks)
@@ -133,7 +136,7 @@ class BudgetRun:
     def size(self, config, params) -> dict:
         """Parameters, bytes and measured tokens/s of a compacted (or quantized) model."""
         tps = self.speed(config, params)
-        count = gpt.param_count(config)
+        count = self.param_count(config)
         nbytes = (quantize.quantized_bytes(params) if isinstance(params, quantize.QuantizedParams)
                   else gpt.param_bytes(params))
         return {"params": count, "density": count / self.dense_params, "bytes": nbytes,
@@ -190,7 +193,8 @@ class BudgetRun:
     def trainer(self, config, phase, teacher=None, alpha: float = 0.0):
         tx = train.optimizer(phase.lr, phase.steps, phase.warmup)
         return train.Trainer(config, tx, self.data.train, phase.batch_size, teacher, alpha,
-                             self.cfg.finetune.kd_temperature)
+                             self.cfg.finetune.kd_temperature, self.forward,
+                             self.cfg.model.context)
 
     def met(self, size: dict, target: float) -> bool:
         if self.cfg.budget_kind == "params":
@@ -267,27 +271,48 @@ class BudgetRun:
                 **row, "heads": list(small[0].heads), "ffn": list(small[0].ffn),
                 "layers": small[0].layers, "pruned_val_loss": pruned["val_loss"],
                 "pruned_bits_per_byte": pruned["bits_per_byte"]})
-            newly = [i for i in pending if self.met(size, cfg.targets[i])]
-            if newly:
-                summary["budget_targets"] = [cfg.targets[i] for i in newly]
-                if cfg.quantize:
-                    summary.update(self.quantized(*small, summary))
-            self.write_summary(summary)
-            log(f"{variant} round {level}: {size['params']:,} parameters "
-                f"({100 * size['density']:.1f}%), {size['tokens_per_second']:,.0f} tokens/s, "
-                f"test {bits(summary['bits_per_byte'])} bits/byte (after removal, before "
-                f"fine-tuning: {bits(pruned['bits_per_byte'])})"
-                + (f"; budget {', '.join(f'{cfg.targets[i]:,.0f}' for i in newly)} met"
-                   if newly else ""))
-            for i in newly:
-                reached[i] = (level, jax.tree.map(np.copy, masks))
-                pending.remove(i)
+            self.finish_round(variant, level, small, size, summary, pruned, pending, reached,
+                              jax.tree.map(np.copy, masks))
             if not pending:
                 break
         if pending:
-            log(f"{variant}: budget {', '.join(f'{cfg.targets[i]:,.0f}' for i in pending)} "
-                f"not met after {level} round(s)")
+            log(f"{variant}: budget {self.targets_text(pending)} not met after {level} "
+                "round(s)")
         return reached
+
+    def finish_round(self, variant: str, level: int, model: tuple, size: dict, summary: dict,
+                     pruned: dict, pending: list, reached: dict, kept) -> None:
+        """A round's end: the targets its model (`model`: (config, params)) meets first get
+        `budget_targets`, int8 (`quantize`) and `on_target`'s columns; the summary row and
+        the round's log line are written; `reached[i] = (level, kept)` for each, taken off
+        `pending`."""
+        newly = [i for i in pending if self.met(size, self.cfg.targets[i])]
+        if newly:
+            summary["budget_targets"] = [self.cfg.targets[i] for i in newly]
+            if self.cfg.quantize:
+                summary.update(self.quantized(*model, summary))
+            summary.update(self.on_target(variant, level, *model))
+        self.write_summary(summary)
+        log(f"{variant} round {level}: {size['params']:,} parameters "
+            f"({100 * size['density']:.1f}%), {size['tokens_per_second']:,.0f} tokens/s, "
+            f"{self.result_words(summary, pruned)}"
+            + (f"; budget {self.targets_text(newly)} met" if newly else "")
+            + (f"; saved to {summary['saved']}" if "saved" in summary else ""))
+        for i in newly:
+            reached[i] = (level, kept)
+            pending.remove(i)
+
+    def targets_text(self, indices) -> str:
+        return ", ".join(f"{self.cfg.targets[i]:,.0f}" for i in indices)
+
+    def result_words(self, summary: dict, pruned: dict) -> str:
+        """A round's test result in its log line, after fine-tuning and right after removal."""
+        return (f"test {bits(summary['bits_per_byte'])} bits/byte (after removal, before "
+                f"fine-tuning: {bits(pruned['bits_per_byte'])})")
+
+    def on_target(self, variant: str, level: int, config, params) -> dict:
+        """More for a model that meets a target (a pretrained model's: saved); columns."""
+        return {}
 
     def control(self, branch: str, level: int, config, params):
         """Train a scratch or ticket control for the steps its pruned model had."""

@@ -29,7 +29,8 @@ from lottery.config import (NOT_CONFIG, OPEN, NoLogger, WandbLogger, filled, log
 from lottery.lm import gpt, prune
 from lottery.lm.compact import check_masks
 from lottery.lm.scores import METHODS
-from lottery.options import ConfigError, boolean, choice, integer, names, number, positive
+from lottery.options import (ConfigError, boolean, choice, integer, names, number,
+                             optional_text, positive)
 
 __all__ = ["ConfigError", "LMConfig", "validate"]  # ConfigError lives in lottery.options
 
@@ -168,12 +169,6 @@ SIZES = ("layers", "d_model", "heads", "head_dim", "ffn")  # a pretrained model'
 #                                                           its config.json
 
 
-def _text(value, key: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{key}={value!r} must be a string (or null)")
-    return value
-
-
 def _pretrained(section: dict, sizes: ModelConfig):
     """(ModelConfig, its `ModelSpec`) of a pretrained model given by model.path (read now),
     (ModelConfig, None) for one given by model.name (read when the run downloads it), or
@@ -182,8 +177,9 @@ def _pretrained(section: dict, sizes: ModelConfig):
     from lottery.llm import hf
 
     m = filled(ModelConfig, section, "model")
-    path, name = _text(m["path"], "model.path"), _text(m["name"], "model.name")
-    revision = _text(m["revision"], "model.revision")
+    path = optional_text(m["path"], "model.path")
+    name, revision = optional_text(m["name"], "model.name"), optional_text(m["revision"],
+                                                                           "model.revision")
     if not path and not name:
         return None
     model = replace(sizes, path=path, name=name, revision=revision)
@@ -220,11 +216,10 @@ def pretrained_checks(cfg: "LMConfig", spec) -> tuple[str, tuple[float, ...]]:
     if cfg.prune.remove:
         raise ConfigError("prune.remove is for the byte model; a pretrained model's rounds "
                           "choose what they remove", key="prune.remove")
-    smallest = model.param_count(replace(
-        spec, layers=1 if "layers" in cfg.prune.structures else spec.layers,
-        kv_heads=1 if "heads" in cfg.prune.structures else spec.kv_heads,
-        heads=spec.groups if "heads" in cfg.prune.structures else spec.heads,
-        ffn=1 if "ffn" in cfg.prune.structures else spec.ffn))
+    chosen = cfg.prune.structures
+    smallest = model.param_count(compact.resized(
+        spec, 1 if "heads" in chosen else spec.kv_heads, 1 if "ffn" in chosen else spec.ffn,
+        spec.layers - 1 if "layers" in chosen else 0))
     budget = {k: getattr(cfg.budget, k) for k in BUDGETS}
     return _targets(budget, model.param_count(spec), smallest, cfg.prune.structures)
 
@@ -360,7 +355,7 @@ def validate(cfg: DictConfig | dict) -> LMConfig:
                                    0.5),
         eval_windows=integer(d["eval_windows"], "data.eval_windows", 1))
     m = filled(MeasureConfig, section_of(raw, "measure", {}), "measure")
-    save = _text(top["save"], "save")
+    save = optional_text(top["save"], "save")
     if save and not pretrained:
         raise ConfigError("save is for a pretrained model (model.path); a byte model is "
                           "written as a GPT-2 checkpoint by lottery.lm.export", key="save")

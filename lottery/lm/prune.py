@@ -55,6 +55,30 @@ def remove_lowest(scores: dict, masks, structures, fraction: float) -> dict:
     return masks
 
 
+def last_over(trial, fits, high: float, below, above, iterations: int = 40) -> tuple:
+    """(below, above): `trial(x)` at the largest x in [0, high] found whose result does not
+    `fit`, and at the smallest found that does, by bisection (removal grows with x, so
+    fitting does too); `below` and `above` are the results at 0 and `high`."""
+    low = 0.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        result = trial(middle)
+        if fits(result):
+            high, above = middle, result
+        else:
+            low, below = middle, result
+    return below, above
+
+
+def first_fitting(fits, low: int, high: int) -> int:
+    """The smallest n in (low, high] with `fits(n)`, given not `fits(low)`, `fits(high)` and
+    fitting growing with n (bisection)."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 def remove_to_target(scores: dict, masks, structures, fraction: float, fits) -> dict:
     """`remove_lowest` with `fraction`, unless its result `fits` (a predicate on masks, e.g.
     "at most N parameters"): then only what reaching the target needs, so that a round
@@ -65,27 +89,18 @@ def remove_to_target(scores: dict, masks, structures, fraction: float, fits) -> 
     result = remove_lowest(scores, masks, structures, fraction)
     if not fits(result):
         return result
-    low, high, below = 0.0, fraction, masks  # below: the result at `low` (does not fit)
-    for _ in range(40):
-        middle = (low + high) / 2
-        trial = remove_lowest(scores, masks, structures, middle)
-        if fits(trial):
-            high, result = middle, trial
-        else:
-            low, below = middle, trial
+    below, result = last_over(lambda x: remove_lowest(scores, masks, structures, x), fits,
+                              fraction, masks, result)  # below: does not fit
     if "ffn" not in structures:
         return result
     if not fits(remove_lowest(scores, below, ("ffn",), 1.0)):  # all the FFN units it can
         return result
-    few, many = 0, sum(int(np.count_nonzero(m)) for m in below["ffn"])  # extra units: bisect
-    alive = many
-    while many - few > 1:
-        middle = (few + many) // 2
-        if fits(remove_lowest(scores, below, ("ffn",), middle / alive)):
-            many = middle
-        else:
-            few = middle
-    return remove_lowest(scores, below, ("ffn",), many / alive)
+    alive = sum(int(np.count_nonzero(m)) for m in below["ffn"])  # extra units: bisect
+
+    def extra(count: int) -> dict:
+        return remove_lowest(scores, below, ("ffn",), count / alive)
+
+    return extra(first_fitting(lambda count: fits(extra(count)), 0, alive))
 
 
 def request_masks(config: gpt.GPTConfig, remove) -> dict:
